@@ -1,0 +1,202 @@
+//! Shared vocabulary of qud's backend plugins: device strings, capabilities, the plugin record.
+//!
+//! Burn 0.22 tensors carry their backend in their [`Device`], so nothing else in qud is generic
+//! over a backend: a plugin only has to turn on its Burn feature and turn a device string such as
+//! `cpu`, `cuda:1` or `wgpu:0` into a `Device`.
+
+pub use burn::tensor::Device;
+use std::fmt;
+use std::str::FromStr;
+
+/// Why a backend or a device could not be had.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    #[error("backend `{requested}` is not compiled into this build; compiled in: {}", available.join(", "))]
+    NotCompiled {
+        requested: String,
+        available: Vec<&'static str>,
+    },
+    #[error("device `{text}`: {reason}")]
+    BadDevice { text: String, reason: String },
+    #[error("backend `{backend}` has no device `{device}`; it accepts: {accepted}")]
+    UnsupportedDevice {
+        backend: &'static str,
+        device: String,
+        accepted: &'static str,
+    },
+}
+
+/// A parsed device string: `kind` or `kind:index`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSpec {
+    pub kind: String,
+    pub index: Option<usize>,
+}
+
+impl FromStr for DeviceSpec {
+    type Err = BackendError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = |reason: &str| BackendError::BadDevice {
+            text: text.into(),
+            reason: reason.into(),
+        };
+        let trimmed = text.trim();
+        let (kind, index) = match trimmed.split_once(':') {
+            Some((kind, index)) => {
+                let index = index
+                    .parse::<usize>()
+                    .map_err(|_| bad("the part after `:` must be a device index (0, 1, ...)"))?;
+                (kind, Some(index))
+            }
+            None => (trimmed, None),
+        };
+        if kind.is_empty() || !kind.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(bad(
+                "expected `kind` or `kind:index`, e.g. `cpu`, `cuda:0`, `wgpu:1`",
+            ));
+        }
+        Ok(Self {
+            kind: kind.to_ascii_lowercase(),
+            index,
+        })
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.index {
+            Some(i) => write!(f, "{}:{i}", self.kind),
+            None => f.write_str(&self.kind),
+        }
+    }
+}
+
+/// What a backend can do; decides what the trainer may ask of it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Runs on an accelerator.
+    pub gpu: bool,
+    /// Half precision storage and arithmetic (on a GPU: where the adapter reports it).
+    pub f16: bool,
+    pub bf16: bool,
+    /// Several devices of this backend can be used in one process.
+    pub multi_device: bool,
+    /// Burn's `all_reduce` collective works (NCCL on CUDA only).
+    pub all_reduce: bool,
+}
+
+/// One backend plugin: its name, how it parses devices and what it can do.
+#[derive(Clone, Copy)]
+pub struct BackendPlugin {
+    pub name: &'static str,
+    pub summary: &'static str,
+    /// The device strings it accepts, for error messages and `--help`.
+    pub accepted_devices: &'static str,
+    pub capabilities: Capabilities,
+    device: fn(&DeviceSpec) -> Option<Device>,
+}
+
+impl BackendPlugin {
+    /// `device` returns `None` for a spec the backend has no device for.
+    pub const fn new(
+        name: &'static str,
+        summary: &'static str,
+        accepted_devices: &'static str,
+        capabilities: Capabilities,
+        device: fn(&DeviceSpec) -> Option<Device>,
+    ) -> Self {
+        Self {
+            name,
+            summary,
+            accepted_devices,
+            capabilities,
+            device,
+        }
+    }
+
+    /// Parse `text` (`cpu`, `cuda:1`, ...) into a device of this backend.
+    pub fn device(&self, text: &str) -> Result<Device, BackendError> {
+        let spec: DeviceSpec = text.parse()?;
+        (self.device)(&spec).ok_or_else(|| BackendError::UnsupportedDevice {
+            backend: self.name,
+            device: text.into(),
+            accepted: self.accepted_devices,
+        })
+    }
+}
+
+impl fmt::Debug for BackendPlugin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BackendPlugin")
+            .field("name", &self.name)
+            .field("capabilities", &self.capabilities)
+            .finish()
+    }
+}
+
+/// The smoke test every plugin runs on its device: a matmul, a reduction and a gradient.
+/// Returns a description of what was wrong, if anything.
+pub fn smoke_test(device: &Device) -> Result<(), String> {
+    use burn::tensor::Tensor;
+    let a = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0]], device);
+    let b = Tensor::<2>::from_floats([[0.5, -1.0], [2.0, 0.25]], device);
+    let product: Vec<f32> = a
+        .clone()
+        .matmul(b)
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .map_err(|e| format!("{e:?}"))?;
+    if product != [4.5, -0.5, 9.5, -2.0] {
+        return Err(format!("matmul gave {product:?}"));
+    }
+    let x = Tensor::<2>::from_floats([[1.0, -2.0], [3.0, 0.5]], &device.clone().autodiff())
+        .require_grad();
+    let grads = x.clone().powi_scalar(2).sum().backward();
+    let grad: Vec<f32> = x
+        .grad(&grads)
+        .ok_or("no gradient")?
+        .into_data()
+        .convert::<f32>()
+        .try_into_vec()
+        .map_err(|e| format!("{e:?}"))?;
+    if grad != [2.0, -4.0, 6.0, 1.0] {
+        return Err(format!("d(sum x^2)/dx gave {grad:?}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_strings() {
+        let spec: DeviceSpec = "cuda:1".parse().unwrap();
+        assert_eq!(
+            spec,
+            DeviceSpec {
+                kind: "cuda".into(),
+                index: Some(1)
+            }
+        );
+        assert_eq!(spec.to_string(), "cuda:1");
+        let spec: DeviceSpec = " CPU ".parse().unwrap();
+        assert_eq!(
+            spec,
+            DeviceSpec {
+                kind: "cpu".into(),
+                index: None
+            }
+        );
+        for bad in ["", "cuda:", "cuda:x", ":0", "cu da", "cuda:-1"] {
+            let err = bad.parse::<DeviceSpec>().unwrap_err();
+            assert!(
+                matches!(err, BackendError::BadDevice { .. }),
+                "{bad}: {err}"
+            );
+            assert!(err.to_string().contains(&format!("`{bad}`")), "{err}");
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! Backend plugin for Burn's CUDA backend (NVIDIA GPUs; NCCL all-reduce across devices).
+//!
+//! Building it needs more than a CUDA toolkit: burn-cuda 0.22 depends on cubecl-llvm, whose build
+//! script downloads a prebuilt LLVM bundle. See this crate's README for the offline options.
+//! Devices: `cuda` (the default device), `cuda:N`.
+
+use qud_backend_core::{BackendPlugin, Capabilities, Device, DeviceSpec};
+
+pub const CAPABILITIES: Capabilities = Capabilities {
+    gpu: true,
+    f16: true,
+    bf16: true,
+    multi_device: true,
+    all_reduce: true,
+};
+
+fn parse(spec: &DeviceSpec) -> Option<Device> {
+    match (spec.kind.as_str(), spec.index) {
+        ("cuda" | "gpu", None) => Some(Device::cuda(burn::tensor::DeviceIndex::Default)),
+        ("cuda" | "gpu", Some(i)) => Some(Device::cuda(i)),
+        _ => None,
+    }
+}
+
+pub fn plugin() -> BackendPlugin {
+    BackendPlugin::new(
+        "cuda",
+        "Burn's CUDA backend (NVIDIA GPUs, NCCL collectives)",
+        "cuda, cuda:N",
+        CAPABILITIES,
+        parse,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    /// Needs an NVIDIA GPU: run by `cargo xtask gpu-check`, which sets QUD_CUDA_DEVICE.
+    #[test]
+    fn smoke() {
+        let Ok(text) = std::env::var("QUD_CUDA_DEVICE") else {
+            eprintln!("QUD_CUDA_DEVICE unset: CUDA smoke test not run");
+            return;
+        };
+        let device = super::plugin().device(&text).unwrap();
+        qud_backend_core::smoke_test(&device).unwrap();
+    }
+}

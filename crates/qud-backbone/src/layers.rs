@@ -1,0 +1,186 @@
+//! Layers with PyTorch's semantics, parameter names and tensor layouts.
+//!
+//! Burn's `BatchNorm` names its affine parameters `gamma`/`beta` and feeds its running variance
+//! the *biased* batch variance; Burn's `Linear` stores its weight as `[in, out]`; its `PRelu`
+//! calls its slope `alpha`. Face-recognition weights come from PyTorch, so the layers here keep
+//! PyTorch's names (`weight`, `bias`, `running_mean`, `running_var`), layouts (`[out, in]`) and
+//! update rules (unbiased running variance), and a `state_dict` maps onto them key for key with
+//! no adapter. (They are deliberately not named `BatchNorm`/`Linear`/`PRelu`: burn-store's
+//! PyTorch adapter renames and transposes tensors of modules with those names.)
+
+use burn::module::{Param, RunningState};
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::nn::{Initializer, PaddingConfig2d};
+use burn::prelude::*;
+use burn::tensor::module::batch_norm_train;
+
+/// `torch.nn.BatchNorm1d/2d`: eps 1e-5, momentum 0.1, running variance from the unbiased batch
+/// variance; `affine = false` has no `weight`/`bias`.
+#[derive(Module, Debug)]
+pub struct TorchBatchNorm {
+    pub weight: Option<Param<Tensor<1>>>,
+    pub bias: Option<Param<Tensor<1>>>,
+    pub running_mean: RunningState<Tensor<1>>,
+    pub running_var: RunningState<Tensor<1>>,
+    pub training: Param<burn::module::Flag>,
+    pub num_features: usize,
+    pub momentum: f64,
+    pub epsilon: f64,
+}
+
+impl TorchBatchNorm {
+    /// Affine batch norm with weight 1 and bias 0, as PyTorch initialises it.
+    pub fn new(num_features: usize, device: &Device) -> Self {
+        Self::build(num_features, true, device)
+    }
+
+    /// `affine=False`: normalisation only.
+    pub fn without_affine(num_features: usize, device: &Device) -> Self {
+        Self::build(num_features, false, device)
+    }
+
+    fn build(num_features: usize, affine: bool, device: &Device) -> Self {
+        let weight = affine.then(|| Initializer::Ones.init([num_features], device));
+        let bias = affine.then(|| Initializer::Zeros.init([num_features], device));
+        Self {
+            weight,
+            bias,
+            running_mean: RunningState::new(Tensor::zeros([num_features], device)),
+            running_var: RunningState::new(Tensor::ones([num_features], device)),
+            training: Param::from_bool(true),
+            num_features,
+            momentum: 0.1,
+            epsilon: 1e-5,
+        }
+    }
+
+    /// Keep the weight at its value and out of training (insightface's `features` layer).
+    pub fn with_frozen_weight(mut self) -> Self {
+        self.weight = self.weight.map(|w| w.set_require_grad(false));
+        self
+    }
+
+    fn affine(&self, device: &Device) -> (Tensor<1>, Tensor<1>) {
+        let n = self.num_features;
+        let weight = match &self.weight {
+            Some(w) => w.val(),
+            None => Tensor::ones([n], device),
+        };
+        let bias = match &self.bias {
+            Some(b) => b.val(),
+            None => Tensor::zeros([n], device),
+        };
+        (weight, bias)
+    }
+
+    /// `[N, C]` or `[N, C, H, W]`. Batch statistics (and a running-stat update) on an autodiff
+    /// device in training mode, running statistics otherwise, as Burn decides train/eval.
+    pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        let device = input.device();
+        let (weight, bias) = self.affine(&device);
+        if !(device.is_autodiff() && self.training.is_enabled()) {
+            let mean = self.running_mean.value().to_device(&device);
+            let var = self.running_var.value().to_device(&device);
+            return burn::tensor::module::batch_norm(input, weight, bias, mean, var, self.epsilon);
+        }
+        let per_channel = input.shape().num_elements() / self.num_features;
+        let result = batch_norm_train(input, weight, bias, self.epsilon);
+        // PyTorch feeds the running variance the unbiased estimate.
+        let unbias = per_channel as f64 / (per_channel.max(2) - 1) as f64;
+        let m = self.momentum;
+        let running_mean = self.running_mean.value_sync().to_device(&device);
+        let running_var = self.running_var.value_sync().to_device(&device);
+        let running_mean = running_mean.mul_scalar(1.0 - m) + result.mean.detach().mul_scalar(m);
+        let running_var =
+            running_var.mul_scalar(1.0 - m) + result.variance.detach().mul_scalar(m * unbias);
+        self.running_mean.update(running_mean.detach());
+        self.running_var.update(running_var.detach());
+        result.output
+    }
+}
+
+/// `torch.nn.PReLU(num_parameters)`: one slope per channel, named `weight`, initialised 0.25.
+#[derive(Module, Debug)]
+pub struct TorchPRelu {
+    pub weight: Param<Tensor<1>>,
+}
+
+impl TorchPRelu {
+    pub fn new(channels: usize, device: &Device) -> Self {
+        Self {
+            weight: Initializer::Constant { value: 0.25 }.init([channels], device),
+        }
+    }
+
+    /// Channels on dimension 1.
+    pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        burn::tensor::activation::prelu(input, self.weight.val())
+    }
+}
+
+/// `torch.nn.Linear`: weight `[out, in]` as PyTorch stores it, optional bias.
+#[derive(Module, Debug)]
+pub struct TorchLinear {
+    pub weight: Param<Tensor<2>>,
+    pub bias: Option<Param<Tensor<1>>>,
+}
+
+impl TorchLinear {
+    /// PyTorch's default initialisation: U(-1/sqrt(in), 1/sqrt(in)) for weight and bias.
+    pub fn new(input: usize, output: usize, bias: bool, device: &Device) -> Self {
+        let bound = 1.0 / (input as f64).sqrt();
+        let uniform = Initializer::Uniform {
+            min: -bound,
+            max: bound,
+        };
+        Self {
+            weight: uniform.init([output, input], device),
+            bias: bias.then(|| uniform.init([output], device)),
+        }
+    }
+
+    /// `kaiming_normal_(mode="fan_out", nonlinearity="relu")`: N(0, 2 / out).
+    pub fn kaiming_fan_out(mut self) -> Self {
+        let [out, input] = self.weight.dims();
+        let std = (2.0 / out as f64).sqrt();
+        let device = self.weight.device();
+        self.weight = Initializer::Normal { mean: 0.0, std }.init([out, input], &device);
+        self
+    }
+
+    pub fn forward(&self, input: Tensor<2>) -> Tensor<2> {
+        let y = input.matmul(self.weight.val().transpose());
+        match &self.bias {
+            Some(b) => y + b.val().unsqueeze(),
+            None => y,
+        }
+    }
+}
+
+/// A bias-free `torch.nn.Conv2d` with square kernel, stride, padding and groups; weights drawn
+/// N(0, std) (kaiming fan_out: `std = sqrt(2 / (out * k * k))`).
+pub fn conv2d(
+    channels: [usize; 2],
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    groups: usize,
+    std: f64,
+    device: &Device,
+) -> Conv2d {
+    Conv2dConfig::new(channels, [kernel, kernel])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(
+            padding, padding, padding, padding,
+        ))
+        .with_groups(groups)
+        .with_bias(false)
+        .with_initializer(Initializer::Normal { mean: 0.0, std })
+        .init(device)
+}
+
+/// `nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")` std for a conv weight
+/// `[out, in/groups, k, k]`: PyTorch's fan_out is `out * k * k`, independent of groups.
+pub fn kaiming_fan_out_std(out_channels: usize, kernel: usize) -> f64 {
+    (2.0 / (out_channels * kernel * kernel) as f64).sqrt()
+}

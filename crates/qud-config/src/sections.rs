@@ -1,0 +1,324 @@
+//! The sections of a run's configuration, with the paper's values as defaults.
+//!
+//! Defaults are the training setup of QUD (Kolf, Damer, Boutros, BMVC 2024): tau 0.1, n 1024, SGD
+//! lr 0.1 at batch 512, momentum 0.9, weight decay 5e-4, clip 5, MS1MV2 schedule of 26 epochs with
+//! milestones 8, 14, 20, 25.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// A whole run: every section the trainer, the data pipeline and the evaluator read.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub data: DataConfig,
+    pub teacher: TeacherConfig,
+    pub student: StudentConfig,
+    pub method: MethodConfig,
+    pub optim: OptimConfig,
+    pub eval: EvalConfig,
+    pub run: RunConfig,
+}
+
+/// Where the training faces come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DataFormat {
+    /// Decide from `root`: a `.rec` file or a prefix with `.rec`/`.idx` is RecordIO, a directory
+    /// is an image folder.
+    Auto,
+    /// insightface RecordIO (`train.rec` + `train.idx`).
+    Recordio,
+    /// `root/<identity>/*.jpg|png`, or a flat folder of unlabelled images.
+    Folder,
+    /// Procedurally generated faces (no files needed): the embedded demo.
+    Synthetic,
+}
+
+/// `[data]`: the training set and its augmentation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    pub format: DataFormat,
+    /// File or directory of the training set; unused for `synthetic`.
+    pub root: Option<PathBuf>,
+    /// Resize images that are not 112x112 instead of refusing them.
+    pub resize: bool,
+    /// Probability of a horizontal flip per sample (the paper's only augmentation).
+    pub flip_prob: f64,
+    /// Decoding worker threads; 0 = one per core.
+    pub workers: usize,
+    /// Batches decoded ahead of the training step.
+    pub prefetch: usize,
+    /// Identities of the synthetic set.
+    pub synthetic_identities: usize,
+    /// Images per identity of the synthetic set.
+    pub synthetic_images_per_identity: usize,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            format: DataFormat::Auto,
+            root: None,
+            resize: false,
+            flip_prob: 0.5,
+            workers: 0,
+            prefetch: 4,
+            synthetic_identities: 64,
+            synthetic_images_per_identity: 16,
+        }
+    }
+}
+
+/// Format of a teacher's weight file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// From the file extension.
+    Auto,
+    /// A PyTorch `state_dict` saved with `torch.save`.
+    Pth,
+    Safetensors,
+    Onnx,
+}
+
+/// Use of the teacher-feature cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheMode {
+    /// Build on first use, reuse afterwards.
+    Auto,
+    Off,
+    /// Refuse to train without a matching cache.
+    Require,
+}
+
+/// Storage precision of cached teacher features.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheDtype {
+    F32,
+    F16,
+}
+
+/// `[teacher]`: the frozen, pretrained network.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TeacherConfig {
+    /// Registry name of the architecture (ignored for ONNX teachers).
+    pub arch: String,
+    pub weights: Option<PathBuf>,
+    pub format: WeightFormat,
+    pub embedding_dim: usize,
+    /// Permit a randomly initialised teacher (tests only).
+    pub allow_random: bool,
+    pub cache: CacheMode,
+    pub cache_dtype: CacheDtype,
+}
+
+impl Default for TeacherConfig {
+    fn default() -> Self {
+        Self {
+            arch: "iresnet50".into(),
+            weights: None,
+            format: WeightFormat::Auto,
+            embedding_dim: 512,
+            allow_random: false,
+            cache: CacheMode::Auto,
+            cache_dtype: CacheDtype::F32,
+        }
+    }
+}
+
+/// `[student]`: the network being trained.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StudentConfig {
+    pub arch: String,
+    pub embedding_dim: usize,
+    /// Start from these weights instead of a fresh initialisation.
+    pub init_weights: Option<PathBuf>,
+}
+
+impl Default for StudentConfig {
+    fn default() -> Self {
+        Self {
+            arch: "mobilefacenet".into(),
+            embedding_dim: 512,
+            init_weights: None,
+        }
+    }
+}
+
+/// The training objective.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MethodKind {
+    /// InfoNCE against the teacher's feature and a queue of earlier teacher features.
+    Qud,
+    /// MSE between normalised student and teacher features (feature-KD baseline).
+    Mse,
+    /// Supervised additive angular margin (teachers and no-KD baselines).
+    Arcface,
+}
+
+/// How the queue replaces rows once it is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueKind {
+    /// Overwrite the oldest row.
+    Fifo,
+    /// Replace the most cosine-similar row.
+    Simq,
+    /// Replace the least cosine-similar row.
+    Dissimq,
+}
+
+/// `[method]`: what is optimised.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MethodConfig {
+    pub kind: MethodKind,
+    /// InfoNCE temperature.
+    pub tau: f64,
+    /// Number of negatives held in the queue.
+    pub queue_size: usize,
+    pub queue_kind: QueueKind,
+    /// ArcFace additive angular margin.
+    pub margin: f64,
+    /// ArcFace logit scale.
+    pub scale: f64,
+}
+
+impl Default for MethodConfig {
+    fn default() -> Self {
+        Self {
+            kind: MethodKind::Qud,
+            tau: 0.1,
+            queue_size: 1024,
+            queue_kind: QueueKind::Fifo,
+            margin: 0.5,
+            scale: 64.0,
+        }
+    }
+}
+
+/// `[optim]`: SGD and its schedule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Learning rate at `lr_batch_size`; the run uses `lr * batch_size / lr_batch_size`.
+    pub lr: f64,
+    pub lr_batch_size: usize,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// Total batch over all devices.
+    pub batch_size: usize,
+    pub epochs: usize,
+    /// Epochs (counted from 1) after which the LR is divided by 10.
+    pub lr_milestones: Vec<usize>,
+    pub warmup_epochs: f64,
+    /// Global gradient L2-norm bound; 0 disables clipping.
+    pub grad_clip: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self {
+            lr: 0.1,
+            lr_batch_size: 512,
+            momentum: 0.9,
+            weight_decay: 5e-4,
+            batch_size: 512,
+            epochs: 26,
+            lr_milestones: vec![8, 14, 20, 25],
+            warmup_epochs: 0.0,
+            grad_clip: 5.0,
+        }
+    }
+}
+
+impl OptimConfig {
+    /// The learning rate actually used at epoch 0: `lr` scaled linearly with the batch.
+    pub fn scaled_lr(&self) -> f64 {
+        self.lr * self.batch_size as f64 / self.lr_batch_size as f64
+    }
+
+    /// Step decay as the reference: `lr0 * 0.1^(#milestones m with m - 1 <= epoch)`, epoch from 0.
+    pub fn lr_at_epoch(&self, epoch: usize) -> f64 {
+        let passed = self
+            .lr_milestones
+            .iter()
+            .filter(|&&m| m as i64 - 1 <= epoch as i64)
+            .count();
+        self.scaled_lr() * 0.1f64.powi(passed as i32)
+    }
+}
+
+/// `[eval]`: verification during and after training.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvalConfig {
+    /// Directory holding `lfw.bin`, `cfp_fp.bin`, ...
+    pub dir: Option<PathBuf>,
+    pub targets: Vec<String>,
+    /// Evaluate every this many steps (and at each epoch end); 0 = epoch ends only.
+    pub every_steps: usize,
+    pub batch_size: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self {
+            dir: None,
+            targets: ["lfw", "cfp_fp", "agedb_30", "calfw", "cplfw"]
+                .map(String::from)
+                .to_vec(),
+            every_steps: 2000,
+            batch_size: 128,
+        }
+    }
+}
+
+/// Numeric precision of training.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// `[run]`: where outputs go and how the run is executed.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub output_dir: PathBuf,
+    pub seed: u64,
+    /// Backend plugin name: `flex`, `ndarray`, `wgpu`, `cuda`.
+    pub backend: String,
+    /// Devices of that backend: `cpu`, `cuda:0`, `wgpu:1`, ...
+    pub devices: Vec<String>,
+    pub precision: Precision,
+    /// Write a checkpoint every this many steps (and at each epoch end); 0 = epoch ends only.
+    pub checkpoint_every: usize,
+    pub keep_checkpoints: usize,
+    /// Append to `metrics.jsonl` every this many steps.
+    pub log_every: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            output_dir: PathBuf::from("runs/qud"),
+            seed: 42,
+            backend: "flex".into(),
+            devices: vec!["cpu".into()],
+            precision: Precision::F32,
+            checkpoint_every: 2000,
+            keep_checkpoints: 3,
+            log_every: 50,
+        }
+    }
+}

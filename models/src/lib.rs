@@ -1,0 +1,146 @@
+//! The backbone registry: architecture name -> constructor, and [`AnyBackbone`], one enum over
+//! every backbone, so the trainer and the CLI handle any of them by name.
+//!
+//! Adding a backbone: a crate under `models/` whose network implements
+//! `qud_backbone::Backbone`, then one line in [`REGISTRY`] (and one variant of [`AnyBackbone`]
+//! if it is a new type).
+
+use burn::prelude::*;
+use qud_backbone::Backbone;
+pub use qud_iresnet::IResNet;
+pub use qud_mobilefacenet::MobileFaceNet;
+
+/// What a constructor needs besides the device.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BackboneSpec {
+    pub embedding_dim: usize,
+    /// Dropout before the embedding layer, where the architecture has one.
+    pub dropout: f64,
+}
+
+impl Default for BackboneSpec {
+    fn default() -> Self {
+        Self {
+            embedding_dim: 512,
+            dropout: 0.0,
+        }
+    }
+}
+
+/// Every backbone type. (Variants differ in size; a model is built once and moved rarely.)
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
+pub enum AnyBackbone {
+    MobileFaceNet(MobileFaceNet),
+    IResNet(IResNet),
+}
+
+type Constructor = fn(&str, &BackboneSpec, &Device) -> AnyBackbone;
+
+/// Name -> constructor. One line per architecture.
+pub const REGISTRY: &[(&str, Constructor)] = &[
+    ("mobilefacenet", |_, s, d| {
+        AnyBackbone::MobileFaceNet(MobileFaceNet::new(s.embedding_dim, d))
+    }),
+    ("iresnet18", iresnet),
+    ("iresnet34", iresnet),
+    ("iresnet50", iresnet),
+    ("iresnet100", iresnet),
+    ("iresnet200", iresnet),
+];
+
+fn iresnet(name: &str, spec: &BackboneSpec, device: &Device) -> AnyBackbone {
+    AnyBackbone::IResNet(
+        IResNet::new(name, spec.embedding_dim, spec.dropout, device).expect("registered depth"),
+    )
+}
+
+/// An architecture name that is not registered.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown backbone `{name}`; known: {}", known.join(", "))]
+pub struct UnknownBackbone {
+    pub name: String,
+    pub known: Vec<&'static str>,
+}
+
+/// Names of every registered backbone.
+pub fn names() -> Vec<&'static str> {
+    REGISTRY.iter().map(|(name, _)| *name).collect()
+}
+
+/// A freshly initialised backbone called `name`.
+pub fn create(
+    name: &str,
+    spec: &BackboneSpec,
+    device: &Device,
+) -> Result<AnyBackbone, UnknownBackbone> {
+    let wanted = name.trim().to_ascii_lowercase();
+    let (registered, build) =
+        REGISTRY
+            .iter()
+            .find(|(n, _)| *n == wanted)
+            .ok_or_else(|| UnknownBackbone {
+                name: name.into(),
+                known: names(),
+            })?;
+    Ok(build(registered, spec, device))
+}
+
+impl Backbone for AnyBackbone {
+    fn forward(&self, images: Tensor<4>) -> Tensor<2> {
+        match self {
+            Self::MobileFaceNet(m) => m.forward(images),
+            Self::IResNet(m) => m.forward(images),
+        }
+    }
+
+    fn embedding_dim(&self) -> usize {
+        match self {
+            Self::MobileFaceNet(m) => m.embedding_dim(),
+            Self::IResNet(m) => m.embedding_dim(),
+        }
+    }
+
+    fn arch(&self) -> &str {
+        match self {
+            Self::MobileFaceNet(m) => m.arch(),
+            Self::IResNet(m) => m.arch(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_every_registered_backbone_by_name() {
+        let device = qud_backend_flex::device();
+        let spec = BackboneSpec {
+            embedding_dim: 64,
+            dropout: 0.0,
+        };
+        for name in ["mobilefacenet", "iresnet18", "IResNet34"] {
+            let model = create(name, &spec, &device).unwrap();
+            assert_eq!(model.arch(), name.to_ascii_lowercase());
+            assert_eq!(model.embedding_dim(), 64);
+        }
+    }
+
+    #[test]
+    fn unknown_names_list_the_known_ones() {
+        let err = create(
+            "resnet9000",
+            &BackboneSpec::default(),
+            &qud_backend_flex::device(),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("resnet9000")
+                && text.contains("mobilefacenet")
+                && text.contains("iresnet100"),
+            "{text}"
+        );
+    }
+}
