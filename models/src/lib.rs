@@ -144,3 +144,6 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod parity;

@@ -1,0 +1,227 @@
+//! Parity with PyTorch on fixtures written by `models/fixtures/make_fixtures.py` (torch 2.15,
+//! seeds and formula in that script).
+
+use super::*;
+use burn::module::Module;
+use qud_backbone::{load_weights, save_safetensors};
+use safetensors::{tensor::TensorView, Dtype, SafeTensors};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+fn read_tensors(path: &Path) -> BTreeMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            assert_eq!(view.dtype(), Dtype::F32, "{name}");
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, (view.shape().to_vec(), values))
+        })
+        .collect()
+}
+
+fn tensor<const D: usize>(shape: &[usize], values: Vec<f32>, device: &Device) -> Tensor<D> {
+    let shape: [usize; D] = shape.try_into().unwrap();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+fn values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_into_vec_as::<f32>().unwrap()
+}
+
+/// ||a - b|| / ||b||
+fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let diff: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).powi(2))
+        .sum();
+    let norm: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+/// The script's `formula(key, shape)`, value for value.
+fn formula(key: &str, shape: &[usize]) -> Vec<f32> {
+    let n: usize = shape.iter().product();
+    let phase = crc32fast::hash(key.as_bytes()) as f64 / 2f64.powi(32) * 2.0 * std::f64::consts::PI;
+    let leaf = key.rsplit('.').next().unwrap();
+    let is_prelu = key.contains(".prelu.") || key.starts_with("prelu");
+    (0..n)
+        .map(|i| {
+            let v = (0.7 * i as f64 + phase).sin();
+            let v = if leaf == "running_var" {
+                1.0 + 0.5 * v * v
+            } else if shape.len() == 1 {
+                0.2 * v
+                    + if leaf == "weight" && !is_prelu {
+                        1.0
+                    } else {
+                        0.0
+                    }
+            } else if key != "input" {
+                v * (1.0 / (n / shape[0]) as f64).sqrt()
+            } else {
+                v
+            };
+            v as f32
+        })
+        .collect()
+}
+
+/// Export `model` to learn its keys and shapes, then load formula values for every key.
+fn load_formula_weights<M: Module>(model: M, dir: &Path) -> M {
+    let names = dir.join("names.safetensors");
+    save_safetensors(&model, &names).unwrap();
+    let shapes: Vec<(String, Vec<usize>)> = read_tensors(&names)
+        .into_iter()
+        .map(|(k, (shape, _))| (k, shape))
+        .collect();
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = shapes
+        .into_iter()
+        .map(|(k, shape)| {
+            let bytes = formula(&k, &shape)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect();
+            (k, shape, bytes)
+        })
+        .collect();
+    let views = data.iter().map(|(k, shape, bytes)| {
+        (
+            k.clone(),
+            TensorView::new(Dtype::F32, shape.clone(), bytes).unwrap(),
+        )
+    });
+    let path = dir.join("formula.safetensors");
+    std::fs::write(&path, safetensors::tensor::serialize(views, None).unwrap()).unwrap();
+    load_weights(model, &path).unwrap()
+}
+
+#[test]
+fn pytorch_fixture_mobilefacenet_eval_train_and_export() {
+    let device = qud_backend_flex::device();
+    let io = read_tensors(&fixture("mobilefacenet_d128_io.safetensors"));
+    let (shape, x) = io["input"].clone();
+    let pth = fixture("mobilefacenet_d128.pth");
+
+    // Eval mode: a real torch.save file, running statistics.
+    let model = load_weights(MobileFaceNet::new(128, &device), &pth).unwrap();
+    let eval = model.valid();
+    let y = values(eval.forward(tensor(&shape, x.clone(), &device)));
+    let err = relative_l2(&y, &io["eval_output"].1);
+    assert!(
+        err < 1e-4,
+        "eval output differs from PyTorch: relative L2 {err}"
+    );
+
+    // Train mode: batch statistics and PyTorch's running-statistics update.
+    let train = device.clone().autodiff();
+    let model = load_weights(MobileFaceNet::new(128, &train), &pth).unwrap();
+    let y = values(model.forward(tensor(&shape, x.clone(), &train)));
+    let err = relative_l2(&y, &io["train_output"].1);
+    assert!(
+        err < 1e-4,
+        "train output differs from PyTorch: relative L2 {err}"
+    );
+    for (name, stat) in [
+        ("conv1.bn.running_var", &model.conv1.bn.running_var),
+        ("conv1.bn.running_mean", &model.conv1.bn.running_mean),
+        (
+            "output_layer.bn.running_var",
+            &model.output_layer.bn.running_var,
+        ),
+    ] {
+        let err = relative_l2(&values(stat.value_sync()), &io[name].1);
+        assert!(err < 1e-4, "{name} after one train step: relative L2 {err}");
+    }
+
+    // Export with PyTorch names; it loads back here strictly and gives the same output.
+    // `make_fixtures.py --verify-export` loads the same file into PyTorch.
+    let dir = tempfile::tempdir().unwrap();
+    let out_dir = std::env::var_os("QUD_EXPORT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(dir.path().into());
+    let exported = out_dir.join("mobilefacenet_d128.safetensors");
+    save_safetensors(&eval, &exported).unwrap();
+    let keys: Vec<String> = read_tensors(&exported).into_keys().collect();
+    assert!(
+        keys.contains(&"conv_3.model.0.conv_dw.prelu.weight".to_string()),
+        "{keys:?}"
+    );
+    assert!(keys.contains(&"output_layer.bn.running_var".to_string()));
+    let reloaded = load_weights(MobileFaceNet::new(128, &device), &exported).unwrap();
+    let y2 = values(reloaded.valid().forward(tensor(&shape, x, &device)));
+    assert_eq!(y2, y_eval(&eval, &io));
+}
+
+fn y_eval(model: &MobileFaceNet, io: &BTreeMap<String, (Vec<usize>, Vec<f32>)>) -> Vec<f32> {
+    let (shape, x) = io["input"].clone();
+    values(model.forward(tensor(&shape, x, &qud_backend_flex::device())))
+}
+
+#[test]
+fn pytorch_fixture_iresnets_from_the_weight_formula() {
+    let device = qud_backend_flex::device();
+    let io = read_tensors(&fixture("iresnet_formula_io.safetensors"));
+    let x = formula("input", &[2, 3, 112, 112]);
+    let dir = tempfile::tempdir().unwrap();
+    for arch in ["iresnet18", "iresnet50", "iresnet100"] {
+        let model = IResNet::new(arch, 512, 0.0, &device).unwrap();
+        let model = load_formula_weights(model, dir.path()).valid();
+        let y = values(model.forward(tensor(&[2, 3, 112, 112], x.clone(), &device)));
+        let err = relative_l2(&y, &io[arch].1);
+        assert!(err < 1e-4, "{arch}: relative L2 {err} against PyTorch");
+    }
+}
+
+#[test]
+fn strict_import_lists_every_problem() {
+    let device = qud_backend_flex::device();
+    let dir = tempfile::tempdir().unwrap();
+    // A MobileFaceNet file loaded into another architecture: missing and unexpected keys.
+    let err = load_weights(
+        IResNet::new("iresnet18", 128, 0.0, &device).unwrap(),
+        &fixture("mobilefacenet_d128.pth"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("mobilefacenet_d128.pth"), "{err}");
+    assert!(
+        err.contains("missing from the file: layer1.0.bn1.weight"),
+        "{err}"
+    );
+    assert!(
+        err.contains("not in the model: conv_23.conv.conv.weight"),
+        "{err}"
+    );
+    assert!(!err.contains("num_batches_tracked"), "{err}");
+
+    // Same keys, another embedding size: a shape mismatch names the tensor.
+    let err = load_weights(
+        MobileFaceNet::new(256, &device),
+        &fixture("mobilefacenet_d128.pth"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("output_layer.linear.weight"), "{err}");
+
+    let missing = dir.path().join("nope.pth");
+    let err = load_weights(MobileFaceNet::new(128, &device), &missing).unwrap_err();
+    assert!(err.to_string().contains("nope.pth"), "{err}");
+    let odd = dir.path().join("weights.onnx");
+    std::fs::write(&odd, b"x").unwrap();
+    let err = load_weights(MobileFaceNet::new(128, &device), &odd).unwrap_err();
+    assert!(err.to_string().contains("cannot tell the format"), "{err}");
+}
