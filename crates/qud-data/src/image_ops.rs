@@ -1,0 +1,81 @@
+//! Decoding to 112x112 RGB, horizontal flip, and normalisation to the networks' input.
+
+use crate::DataError;
+use image::imageops::FilterType;
+
+/// Side of the aligned face crops every network here takes.
+pub const FACE_SIZE: usize = 112;
+
+/// A 112x112 RGB face, row-major HWC bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FaceImage {
+    pub rgb: Vec<u8>,
+}
+
+impl FaceImage {
+    pub fn from_rgb(rgb: Vec<u8>) -> Self {
+        assert_eq!(
+            rgb.len(),
+            FACE_SIZE * FACE_SIZE * 3,
+            "a face is 112x112x3 bytes"
+        );
+        Self { rgb }
+    }
+}
+
+/// Decode JPEG or PNG bytes (grayscale and RGBA become RGB). Another size than 112x112 is an
+/// error naming `origin`, unless `resize` (bilinear, as insightface's `cv2.resize`).
+pub fn decode_face(bytes: &[u8], origin: &str, resize: bool) -> Result<FaceImage, DataError> {
+    let decoded = image::load_from_memory(bytes).map_err(|e| DataError::Decode {
+        origin: origin.to_string(),
+        reason: e.to_string(),
+    })?;
+    let mut rgb = decoded.to_rgb8();
+    let (w, h) = rgb.dimensions();
+    if (w as usize, h as usize) != (FACE_SIZE, FACE_SIZE) {
+        if !resize {
+            return Err(DataError::Size {
+                origin: origin.to_string(),
+                width: w,
+                height: h,
+            });
+        }
+        rgb = image::imageops::resize(
+            &rgb,
+            FACE_SIZE as u32,
+            FACE_SIZE as u32,
+            FilterType::Triangle,
+        );
+    }
+    Ok(FaceImage::from_rgb(rgb.into_raw()))
+}
+
+/// Mirror left and right.
+pub fn flip_horizontal(face: &FaceImage) -> FaceImage {
+    let mut out = vec![0u8; face.rgb.len()];
+    for y in 0..FACE_SIZE {
+        for x in 0..FACE_SIZE {
+            let src = (y * FACE_SIZE + x) * 3;
+            let dst = (y * FACE_SIZE + FACE_SIZE - 1 - x) * 3;
+            out[dst..dst + 3].copy_from_slice(&face.rgb[src..src + 3]);
+        }
+    }
+    FaceImage { rgb: out }
+}
+
+/// Write `face` (optionally flipped) as CHW floats `(x / 255 - 0.5) / 0.5` into `out`
+/// (`3 * 112 * 112` values).
+pub fn normalize_into(face: &FaceImage, flip: bool, out: &mut [f32]) {
+    let plane = FACE_SIZE * FACE_SIZE;
+    assert_eq!(out.len(), 3 * plane);
+    for y in 0..FACE_SIZE {
+        for x in 0..FACE_SIZE {
+            let sx = if flip { FACE_SIZE - 1 - x } else { x };
+            let src = (y * FACE_SIZE + sx) * 3;
+            let dst = y * FACE_SIZE + x;
+            for c in 0..3 {
+                out[c * plane + dst] = (face.rgb[src + c] as f32 / 255.0 - 0.5) / 0.5;
+            }
+        }
+    }
+}

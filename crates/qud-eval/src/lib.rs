@@ -1,0 +1,208 @@
+//! Face verification as insightface scores it: `.bin` pair sets (LFW, CFP-FP, AgeDB-30, CALFW,
+//! CPLFW, ...), flip test-time augmentation, 10-fold accuracy, VAL@FAR=1e-3, XNorm and ROC.
+//!
+//! The reference is insightface `recognition/arcface_torch/eval/verification.py`: embeddings of
+//! each image and of its horizontal flip are summed, L2-normalised, and scored by [`verify`].
+
+pub mod metrics;
+pub mod pickle;
+
+pub use metrics::{kfold, mean_std, roc, verify, Verification};
+
+use burn::prelude::*;
+use qud_backbone::Backbone;
+use qud_data::{decode_face, normalize_into, FaceImage, FACE_SIZE};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Why a verification set could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {reason}", path.display())]
+pub struct BinError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// A verification set: `2 * P` faces (pair `p` is faces `2p`, `2p + 1`) and `P` labels.
+#[derive(Clone, Debug)]
+pub struct PairSet {
+    pub name: String,
+    pub faces: Vec<FaceImage>,
+    pub issame: Vec<bool>,
+}
+
+fn as_bytes(value: &pickle::Value) -> Option<Vec<u8>> {
+    pickle::bytes_of(value).or_else(|| match pickle::numpy_array(value) {
+        Some((code, _, raw)) if code == "u1" || code == "|u1" => Some(raw),
+        _ => None,
+    })
+}
+
+fn as_bools(value: &pickle::Value) -> Option<Vec<bool>> {
+    match value {
+        pickle::Value::List(items) => items
+            .iter()
+            .map(|v| match v {
+                pickle::Value::Bool(b) => Some(*b),
+                pickle::Value::Int(i) => Some(*i != 0),
+                _ => None,
+            })
+            .collect(),
+        other => match pickle::numpy_array(other) {
+            Some((code, _, raw)) if code == "b1" || code == "?" => {
+                Some(raw.iter().map(|b| *b != 0).collect())
+            }
+            _ => None,
+        },
+    }
+}
+
+impl PairSet {
+    /// Read an insightface `.bin`; faces whose short side is not 112 are resized.
+    pub fn load(path: &Path) -> Result<Self, BinError> {
+        let fail = |reason: String| BinError {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let data = std::fs::read(path).map_err(|e| fail(e.to_string()))?;
+        let value = pickle::load(&data).map_err(|e| fail(format!("not a readable pickle: {e}")))?;
+        let pickle::Value::Tuple(parts) = value else {
+            return Err(fail("expected a pickled (bins, issame_list) tuple".into()));
+        };
+        let [bins, issame] = parts.as_slice() else {
+            return Err(fail(format!(
+                "expected a 2-tuple (bins, issame_list), got {} items",
+                parts.len()
+            )));
+        };
+        let pickle::Value::List(bins) = bins else {
+            return Err(fail("bins is not a list".into()));
+        };
+        let issame =
+            as_bools(issame).ok_or_else(|| fail("issame_list is not a list of bools".into()))?;
+        if bins.len() % 2 != 0 {
+            return Err(fail(format!(
+                "{} images: pairs need an even count",
+                bins.len()
+            )));
+        }
+        if bins.len() != 2 * issame.len() {
+            return Err(fail(format!(
+                "{} images for {} pairs",
+                bins.len(),
+                issame.len()
+            )));
+        }
+        let faces = bins
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let bytes = as_bytes(v)
+                    .ok_or_else(|| fail(format!("element {i} of bins is not image bytes")))?;
+                decode_face(&bytes, &format!("{} image {i}", path.display()), true)
+                    .map_err(|e| fail(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("set")
+            .to_string();
+        Ok(Self {
+            name,
+            faces,
+            issame,
+        })
+    }
+}
+
+/// Embeddings of a set plus insightface's XNorm (mean L2 norm of raw embeddings, both flips).
+#[derive(Clone, Debug)]
+pub struct Embedded {
+    /// Flip-summed (or plain) embeddings, L2-normalised.
+    pub normalized: Vec<Vec<f32>>,
+    pub xnorm: f64,
+}
+
+/// Embed faces in eval mode, `batch` at a time; with `flip`, embedding(x) + embedding(flip x).
+pub fn embed<M: Backbone>(
+    model: &M,
+    faces: &[FaceImage],
+    batch: usize,
+    flip: bool,
+    device: &Device,
+) -> Embedded {
+    let plane = 3 * FACE_SIZE * FACE_SIZE;
+    let mut sums: Vec<Vec<f32>> = Vec::with_capacity(faces.len());
+    let (mut norm_total, mut norm_count) = (0f64, 0usize);
+    for chunk in faces.chunks(batch.max(1)) {
+        let mut acc: Option<Vec<f32>> = None;
+        for flipped in [false, true].into_iter().take(if flip { 2 } else { 1 }) {
+            let mut input = vec![0f32; chunk.len() * plane];
+            for (face, out) in chunk.iter().zip(input.chunks_mut(plane)) {
+                normalize_into(face, flipped, out);
+            }
+            let x = Tensor::<4>::from_data(
+                TensorData::new(input, [chunk.len(), 3, FACE_SIZE, FACE_SIZE]),
+                device,
+            );
+            let y = model
+                .forward(x)
+                .into_data()
+                .try_into_vec_as::<f32>()
+                .expect("f32 embeddings");
+            let dim = y.len() / chunk.len();
+            for row in y.chunks(dim) {
+                norm_total += row.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt();
+                norm_count += 1;
+            }
+            acc = Some(match acc {
+                None => y,
+                Some(a) => a.iter().zip(&y).map(|(p, q)| p + q).collect(),
+            });
+        }
+        let acc = acc.expect("at least one pass");
+        let dim = acc.len() / chunk.len();
+        sums.extend(acc.chunks(dim).map(<[f32]>::to_vec));
+    }
+    let normalized = sums
+        .into_iter()
+        .map(|row| {
+            let n = row
+                .iter()
+                .map(|v| (*v as f64).powi(2))
+                .sum::<f64>()
+                .sqrt()
+                .max(1e-12);
+            row.into_iter().map(|v| (v as f64 / n) as f32).collect()
+        })
+        .collect();
+    Embedded {
+        normalized,
+        xnorm: norm_total / norm_count.max(1) as f64,
+    }
+}
+
+/// One row of an evaluation table.
+#[derive(Clone, Debug, Serialize)]
+pub struct SetScore {
+    pub name: String,
+    pub pairs: usize,
+    pub xnorm: f64,
+    #[serde(flatten)]
+    pub scores: Verification,
+}
+
+/// Embed (with flip TTA) and score one set with an eval-mode model.
+pub fn evaluate<M: Backbone>(model: &M, set: &PairSet, batch: usize, device: &Device) -> SetScore {
+    let embedded = embed(model, &set.faces, batch, true, device);
+    SetScore {
+        name: set.name.clone(),
+        pairs: set.issame.len(),
+        xnorm: embedded.xnorm,
+        scores: verify(&embedded.normalized, &set.issame, 10),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,215 @@
+//! Verification metrics exactly as insightface's `eval/verification.py` computes them.
+//!
+//! Embeddings (flip-summed, then L2-normalised by the caller) come in pair order: rows `2p` and
+//! `2p + 1` are pair `p`. Distance = squared L2 in f64. Ten contiguous folds over pair indices
+//! (sklearn `KFold(shuffle=False)`: the first `P % 10` folds take one extra pair). Accuracy: per
+//! fold, the threshold in `i * 0.01, i < 400` with the best train-fold accuracy (the first best),
+//! then its test-fold accuracy; a pair is predicted "same" when `dist < threshold`.
+//! VAL@FAR: thresholds `i * 0.001, i < 4000`; per fold, the threshold with train-fold FAR 1e-3
+//! by linear interpolation of threshold over FAR (scipy `interp1d(kind="slinear")`), or 0 when
+//! the train folds never reach FAR 1e-3; then VAL and FAR on the test fold.
+
+use serde::Serialize;
+
+/// Scores of one verification set.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Verification {
+    /// Mean test-fold accuracy, in [0, 1].
+    pub accuracy: f64,
+    /// Population standard deviation of the fold accuracies.
+    pub accuracy_std: f64,
+    pub val: f64,
+    pub val_std: f64,
+    pub far: f64,
+    pub fold_accuracies: Vec<f64>,
+    pub fold_thresholds: Vec<f64>,
+}
+
+/// `[start, end)` of each of `folds` contiguous folds over `n` items, as sklearn's KFold.
+pub fn kfold(n: usize, folds: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::with_capacity(folds);
+    let mut start = 0;
+    for f in 0..folds {
+        let size = n / folds + usize::from(f < n % folds);
+        out.push((start, start + size));
+        start += size;
+    }
+    out
+}
+
+/// Squared L2 distance of each pair of rows `(2p, 2p + 1)`.
+pub fn pair_distances(embeddings: &[Vec<f32>]) -> Vec<f64> {
+    embeddings
+        .chunks_exact(2)
+        .map(|p| {
+            p[0].iter()
+                .zip(&p[1])
+                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+                .sum()
+        })
+        .collect()
+}
+
+fn accuracy_at(threshold: f64, dist: &[f64], same: &[bool]) -> f64 {
+    let correct = dist
+        .iter()
+        .zip(same)
+        .filter(|(d, s)| (**d < threshold) == **s)
+        .count();
+    correct as f64 / dist.len() as f64
+}
+
+/// (VAL, FAR) at a threshold: accepted same pairs / same pairs, accepted different / different.
+fn val_far(threshold: f64, dist: &[f64], same: &[bool]) -> (f64, f64) {
+    let (mut ta, mut fa, mut n_same, mut n_diff) = (0usize, 0usize, 0usize, 0usize);
+    for (d, s) in dist.iter().zip(same) {
+        let accept = *d < threshold;
+        if *s {
+            n_same += 1;
+            ta += usize::from(accept);
+        } else {
+            n_diff += 1;
+            fa += usize::from(accept);
+        }
+    }
+    (ta as f64 / n_same as f64, fa as f64 / n_diff as f64)
+}
+
+fn train_split<T: Copy>(values: &[T], test: (usize, usize)) -> Vec<T> {
+    values[..test.0]
+        .iter()
+        .chain(&values[test.1..])
+        .copied()
+        .collect()
+}
+
+/// scipy `interp1d(x, y, kind="slinear")(target)` for `target` within `[min x, max x]`: points
+/// sorted stably by x; the segment is the one whose right end is the first x above the target
+/// (the last non-degenerate segment when the target is the maximum).
+fn interpolate(x: &[f64], y: &[f64], target: f64) -> f64 {
+    let mut order: Vec<usize> = (0..x.len()).collect();
+    order.sort_by(|&a, &b| x[a].total_cmp(&x[b]));
+    let xs: Vec<f64> = order.iter().map(|&i| x[i]).collect();
+    let ys: Vec<f64> = order.iter().map(|&i| y[i]).collect();
+    let right = match xs.iter().position(|&v| v > target) {
+        Some(i) => i,
+        None => (1..xs.len())
+            .rev()
+            .find(|&i| xs[i - 1] < xs[i])
+            .unwrap_or(0),
+    };
+    if right == 0 {
+        return ys[0];
+    }
+    let (x0, x1, y0, y1) = (xs[right - 1], xs[right], ys[right - 1], ys[right]);
+    y0 + (target - x0) * (y1 - y0) / (x1 - x0)
+}
+
+/// Score normalised embeddings in pair order against the pair labels.
+pub fn verify(embeddings: &[Vec<f32>], issame: &[bool], folds: usize) -> Verification {
+    assert_eq!(
+        embeddings.len(),
+        2 * issame.len(),
+        "two embeddings per pair"
+    );
+    let dist = pair_distances(embeddings);
+    let splits = kfold(issame.len(), folds);
+    let thresholds: Vec<f64> = (0..400).map(|i| i as f64 * 0.01).collect();
+    let mut fold_accuracies = Vec::new();
+    let mut fold_thresholds = Vec::new();
+    for &test in &splits {
+        let (train_d, train_s) = (train_split(&dist, test), train_split(issame, test));
+        let mut best = 0;
+        let mut best_acc = f64::MIN;
+        for (i, &t) in thresholds.iter().enumerate() {
+            let acc = accuracy_at(t, &train_d, &train_s);
+            if acc > best_acc {
+                (best, best_acc) = (i, acc);
+            }
+        }
+        fold_thresholds.push(thresholds[best]);
+        fold_accuracies.push(accuracy_at(
+            thresholds[best],
+            &dist[test.0..test.1],
+            &issame[test.0..test.1],
+        ));
+    }
+    let far_target = 1e-3;
+    let fine: Vec<f64> = (0..4000).map(|i| i as f64 * 0.001).collect();
+    let (mut vals, mut fars) = (Vec::new(), Vec::new());
+    for &test in &splits {
+        let (train_d, train_s) = (train_split(&dist, test), train_split(issame, test));
+        let far_train: Vec<f64> = fine
+            .iter()
+            .map(|&t| val_far(t, &train_d, &train_s).1)
+            .collect();
+        let reached = far_train.iter().cloned().fold(f64::MIN, f64::max) >= far_target;
+        let threshold = if reached {
+            interpolate(&far_train, &fine, far_target)
+        } else {
+            0.0
+        };
+        let (val, far) = val_far(threshold, &dist[test.0..test.1], &issame[test.0..test.1]);
+        vals.push(val);
+        fars.push(far);
+    }
+    let (accuracy, accuracy_std) = mean_std(&fold_accuracies);
+    let (val, val_std) = mean_std(&vals);
+    let (far, _) = mean_std(&fars);
+    Verification {
+        accuracy,
+        accuracy_std,
+        val,
+        val_std,
+        far,
+        fold_accuracies,
+        fold_thresholds,
+    }
+}
+
+/// Mean and population standard deviation (numpy's `std`).
+pub fn mean_std(values: &[f64]) -> (f64, f64) {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    let var = values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+    (mean, var.sqrt())
+}
+
+/// ROC over all pairs by cosine similarity: `(far, tar)` points from the strictest threshold
+/// down, and TAR at each requested FAR (the largest TAR whose FAR does not exceed it).
+pub fn roc(
+    embeddings: &[Vec<f32>],
+    issame: &[bool],
+    fars: &[f64],
+) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+    let dist = pair_distances(embeddings);
+    let mut order: Vec<usize> = (0..dist.len()).collect();
+    order.sort_by(|&a, &b| dist[a].total_cmp(&dist[b]));
+    let n_same = issame.iter().filter(|s| **s).count().max(1) as f64;
+    let n_diff = issame.iter().filter(|s| !**s).count().max(1) as f64;
+    let (mut tp, mut fp) = (0.0, 0.0);
+    let mut curve = vec![(0.0, 0.0)];
+    for (k, &i) in order.iter().enumerate() {
+        if issame[i] {
+            tp += 1.0;
+        } else {
+            fp += 1.0;
+        }
+        let tied_with_next = order.get(k + 1).is_some_and(|&j| dist[j] == dist[i]);
+        if !tied_with_next {
+            curve.push((fp / n_diff, tp / n_same));
+        }
+    }
+    let tar_at = fars
+        .iter()
+        .map(|&target| {
+            let tar = curve
+                .iter()
+                .filter(|(f, _)| *f <= target)
+                .map(|p| p.1)
+                .fold(0.0, f64::max);
+            (target, tar)
+        })
+        .collect();
+    (curve, tar_at)
+}

@@ -1,0 +1,222 @@
+use crate::*;
+use std::path::Path;
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+#[test]
+fn kfold_matches_sklearn_sizes() {
+    let sizes = |n| kfold(n, 10).iter().map(|(a, b)| b - a).collect::<Vec<_>>();
+    assert_eq!(sizes(6000), vec![600; 10]);
+    assert_eq!(sizes(13), vec![2, 2, 2, 1, 1, 1, 1, 1, 1, 1]);
+    let folds = kfold(1003, 10);
+    assert_eq!((folds[0], folds[9]), ((0, 101), (903, 1003)));
+}
+
+/// Against the protocol as written in fixtures/make_fixtures.py (sklearn KFold, numpy).
+#[test]
+fn verification_matches_the_reference_to_the_last_digit() {
+    let text = std::fs::read_to_string(fixture("verification_reference.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(cases.len(), 4);
+    for case in cases {
+        let dim = case["dim"].as_u64().unwrap() as usize;
+        let raw = std::fs::read(fixture(case["file"].as_str().unwrap())).unwrap();
+        let values: Vec<f32> = raw
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        let embeddings: Vec<Vec<f32>> = values.chunks(dim).map(<[f32]>::to_vec).collect();
+        let issame: Vec<bool> = case["issame"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_bool().unwrap())
+            .collect();
+        let got = verify(&embeddings, &issame, 10);
+        let want = &case["expected"];
+        let close = |a: f64, key: &str| {
+            let b = want[key].as_f64().unwrap();
+            assert!(
+                (a - b).abs() <= 1e-12,
+                "{} pairs, {key}: {a} vs reference {b}",
+                issame.len()
+            );
+        };
+        close(got.accuracy, "accuracy");
+        close(got.accuracy_std, "accuracy_std");
+        close(got.val, "val");
+        close(got.val_std, "val_std");
+        close(got.far, "far");
+        let thresholds: Vec<f64> = want["fold_thresholds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.fold_thresholds, thresholds);
+    }
+}
+
+#[test]
+fn reads_bins_from_every_python_writer() {
+    for name in [
+        "tiny_py3_protocol2.bin",
+        "tiny_py3_protocol4.bin",
+        "tiny_py3_protocol5.bin",
+        "tiny_py2_protocol2.bin",
+        "tiny_numpy.bin",
+    ] {
+        let set = PairSet::load(&fixture(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(set.issame, vec![true, false], "{name}");
+        assert_eq!(set.faces.len(), 4, "{name}");
+        assert_eq!(&set.faces[0].rgb[..3], &[200, 10, 10], "{name}");
+        assert_eq!(&set.faces[2].rgb[..3], &[10, 10, 200], "{name}");
+        assert_eq!(
+            &set.faces[3].rgb[..3],
+            &[90, 90, 90],
+            "{name}: 120x120 is resized"
+        );
+    }
+}
+
+#[test]
+fn written_bins_read_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = std::fs::read(fixture("tiny_py3_protocol4.bin")).unwrap();
+    let set = PairSet::load(&fixture("tiny_py3_protocol4.bin")).unwrap();
+    let _ = png;
+    let encoded: Vec<Vec<u8>> = set
+        .faces
+        .iter()
+        .map(|f| {
+            let mut out = std::io::Cursor::new(Vec::new());
+            image::RgbImage::from_raw(112, 112, f.rgb.clone())
+                .unwrap()
+                .write_to(&mut out, image::ImageFormat::Png)
+                .unwrap();
+            out.into_inner()
+        })
+        .collect();
+    let path = dir.path().join("mine.bin");
+    std::fs::write(&path, pickle::dump_bin(&encoded, &set.issame)).unwrap();
+    let back = PairSet::load(&path).unwrap();
+    assert_eq!(back.faces, set.faces);
+    assert_eq!(back.issame, set.issame);
+    assert_eq!(back.name, "mine");
+}
+
+#[test]
+fn malformed_bins_name_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, bytes: &[u8]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        p
+    };
+    let png = {
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::RgbImage::new(112, 112)
+            .write_to(&mut out, image::ImageFormat::Png)
+            .unwrap();
+        out.into_inner()
+    };
+    let cases: Vec<(std::path::PathBuf, &str)> = vec![
+        (write("text.bin", b"hello"), "not a readable pickle"),
+        (
+            write(
+                "odd.bin",
+                &pickle::dump_bin(&[png.clone(), png.clone(), png.clone()], &[true]),
+            ),
+            "even count",
+        ),
+        (
+            write(
+                "count.bin",
+                &pickle::dump_bin(&[png.clone(), png.clone()], &[true, false]),
+            ),
+            "2 images for 2 pairs",
+        ),
+        (
+            write(
+                "garbage.bin",
+                &pickle::dump_bin(&[png.clone(), b"junk".to_vec()], &[true]),
+            ),
+            "image 1",
+        ),
+        (
+            write(
+                "cut.bin",
+                &pickle::dump_bin(&[png.clone(), png.clone()], &[true])[..100],
+            ),
+            "truncated",
+        ),
+    ];
+    for (path, needle) in cases {
+        let err = PairSet::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(path.file_name().unwrap().to_str().unwrap()),
+            "{err}"
+        );
+        assert!(err.contains(needle), "{}: {err}", path.display());
+    }
+}
+
+#[test]
+fn flip_tta_sums_both_views_and_reports_xnorm() {
+    let device = qud_backend_flex::device();
+    let spec = qud_models::BackboneSpec {
+        embedding_dim: 16,
+        dropout: 0.0,
+    };
+    let model =
+        burn::module::Module::valid(&qud_models::create("mobilefacenet", &spec, &device).unwrap());
+    let faces: Vec<_> = (0..3)
+        .map(|i| {
+            qud_data::FaceDataset::get(&qud_data::SyntheticFaces::new(3, 1, 5), i)
+                .unwrap()
+                .image
+        })
+        .collect();
+    let plain = embed(&model, &faces, 2, false, &device);
+    let flipped_faces: Vec<_> = faces.iter().map(qud_data::flip_horizontal).collect();
+    let mirror = embed(&model, &flipped_faces, 3, false, &device);
+    let both = embed(&model, &faces, 2, true, &device);
+    for i in 0..3 {
+        let n = |v: &Vec<f32>| v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((n(&both.normalized[i]) - 1.0).abs() < 1e-5);
+        // normalize(a + b) is parallel to normalized(a) * |a| + normalized(b) * |b|; check the
+        // direction lies between the two views.
+        let dot = |a: &Vec<f32>, b: &Vec<f32>| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+        let (ab, aa, bb) = (
+            dot(&plain.normalized[i], &mirror.normalized[i]),
+            dot(&both.normalized[i], &plain.normalized[i]),
+            dot(&both.normalized[i], &mirror.normalized[i]),
+        );
+        assert!(aa >= ab - 1e-5 && bb >= ab - 1e-5, "{aa} {bb} {ab}");
+    }
+    assert!(
+        both.xnorm > 0.0
+            && (both.xnorm - (plain.xnorm + mirror.xnorm) / 2.0).abs() < 1e-3 * both.xnorm
+    );
+}
+
+/// The real LFW set from ../shared (present in development and CI, absent for users).
+#[test]
+fn reads_the_real_lfw_bin_when_present() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/lfw.bin");
+    if !path.exists() {
+        eprintln!(
+            "{} not present: real-LFW read check skipped",
+            path.display()
+        );
+        return;
+    }
+    let set = PairSet::load(&path).unwrap();
+    assert_eq!(set.issame.len(), 6000);
+    assert_eq!(set.faces.len(), 12000);
+    assert_eq!(set.issame.iter().filter(|s| **s).count(), 3000);
+}
