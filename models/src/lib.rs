@@ -147,3 +147,28 @@ mod tests {
 
 #[cfg(test)]
 mod parity;
+
+/// Load a PyTorch `state_dict` (`.pth`/`.pt`/`.bin`) or safetensors file into `model`, strictly;
+/// keys are those of the architecture's PyTorch module.
+pub fn load_weights(
+    model: AnyBackbone,
+    path: &std::path::Path,
+) -> Result<AnyBackbone, qud_backbone::WeightError> {
+    Ok(match model {
+        AnyBackbone::MobileFaceNet(m) => {
+            AnyBackbone::MobileFaceNet(qud_backbone::load_weights(m, path)?)
+        }
+        AnyBackbone::IResNet(m) => AnyBackbone::IResNet(qud_backbone::load_weights(m, path)?),
+    })
+}
+
+/// Export `model` as safetensors with PyTorch key names (atomic write).
+pub fn save_safetensors(
+    model: &AnyBackbone,
+    path: &std::path::Path,
+) -> Result<(), qud_backbone::WeightError> {
+    match model {
+        AnyBackbone::MobileFaceNet(m) => qud_backbone::save_safetensors(m, path),
+        AnyBackbone::IResNet(m) => qud_backbone::save_safetensors(m, path),
+    }
+}

@@ -5,6 +5,8 @@
 //!   skipped). `--wgpu` also runs the wgpu smoke test on a Vulkan adapter (see README).
 //! - `lint`: `cargo fmt --check` and clippy with `-D warnings` over every crate, GPU ones included.
 //! - `ci`: `lint`, then `test`; what `.ci/run` runs.
+//! - `train [--config FILE] [--set k=v]... [--resume] [--max-steps N]`: without arguments the
+//!   embedded demo (`qud demo`), otherwise `qud train` with those arguments.
 
 use anyhow::{bail, Context, Result};
 use std::process::Command;
@@ -21,6 +23,7 @@ fn main() -> Result<()> {
         .unwrap_or(("help", &[]));
     match command {
         "test" => test(rest),
+        "train" => train(rest),
         "lint" => lint(),
         "ci" => {
             lint()?;
@@ -40,7 +43,10 @@ usage: cargo xtask <command>
   test [--wgpu]   workspace tests on the CPU backends + type-check of the GPU plugins
                   (--wgpu: also the wgpu smoke test; needs a Vulkan driver, see README)
   lint            cargo fmt --check, clippy -D warnings on every crate
-  ci              lint, then test (what .ci/run runs)";
+  ci              lint, then test (what .ci/run runs)
+  train [ARGS]    no ARGS: the embedded demo (synthetic faces, ArcFace teacher, QUD student);
+                  otherwise `qud train ARGS`, e.g. --config configs/paper/ms1mv2_r50_qud.toml
+                  --set data.root=/data/ms1m --set teacher.weights=r50.pth";
 
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -106,6 +112,18 @@ fn test(args: &[String]) -> Result<()> {
         run("wgpu smoke test", smoke)?;
     }
     Ok(())
+}
+
+fn train(args: &[String]) -> Result<()> {
+    let mut qud = cargo();
+    // The dev profile: dependencies are optimised (see Cargo.toml) and shared with the tests.
+    qud.args(["run", "--quiet", "-p", "qud-cli", "--bin", "qud", "--"]);
+    if args.is_empty() {
+        qud.arg("demo");
+    } else {
+        qud.arg("train").args(args);
+    }
+    run("qud", qud)
 }
 
 fn lint() -> Result<()> {

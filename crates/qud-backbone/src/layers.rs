@@ -95,6 +95,10 @@ impl TorchBatchNorm {
             running_var.mul_scalar(1.0 - m) + result.variance.detach().mul_scalar(m * unbias);
         self.running_mean.update(running_mean.detach());
         self.running_var.update(running_var.detach());
+        // `update` parks the value per thread until the next read; commit it now so that a
+        // checkpoint or export written right after this step holds it.
+        self.running_mean.value_sync();
+        self.running_var.value_sync();
         result.output
     }
 }

@@ -220,3 +220,20 @@ fn reads_the_real_lfw_bin_when_present() {
     assert_eq!(set.faces.len(), 12000);
     assert_eq!(set.issame.iter().filter(|s| **s).count(), 3000);
 }
+
+#[test]
+fn roc_reads_tar_at_far() {
+    // Pair distances 0.0, 0.5, 1.0, 1.5 with labels same, diff, same, diff.
+    let e = |x: f32| vec![x.cos(), x.sin()];
+    let embeddings: Vec<Vec<f32>> = [0.0f32, 0.5, 1.0, 1.5]
+        .iter()
+        .flat_map(|d| {
+            let angle = 2.0 * (d / 2.0).sqrt().asin(); // |a - b|^2 = d for unit vectors
+            vec![e(0.0), e(angle)]
+        })
+        .collect();
+    let (curve, tar) = roc(&embeddings, &[true, false, true, false], &[0.0, 0.5, 1.0]);
+    assert_eq!(curve.first(), Some(&(0.0, 0.0)));
+    assert_eq!(curve.last(), Some(&(1.0, 1.0)));
+    assert_eq!(tar, vec![(0.0, 0.5), (0.5, 1.0), (1.0, 1.0)]);
+}

@@ -1,0 +1,188 @@
+//! The embedded default run (`qud demo`, `cargo xtask train`): a teacher trained with ArcFace on
+//! synthetic identities (cached), a QUD student distilled from it without labels, and both
+//! scored on held-out synthetic identities written as an insightface `.bin`.
+
+use anyhow::{Context, Result};
+use burn::module::Module;
+use qud_config::{Config, ConfigLoader};
+use qud_data::{FaceDataset, SyntheticFaces};
+use qud_eval::SetScore;
+use std::path::Path;
+
+/// configs/demo.toml, compiled in so the demo needs no file.
+pub const DEMO_TOML: &str = include_str!("../../../configs/demo.toml");
+
+/// Seed of the held-out identities: disjoint from the training identities' seed.
+const EVAL_SEED: u64 = 7_777;
+
+/// An evaluation table: one row per model, one column per set (accuracy % and its std).
+pub fn table(rows: &[(&str, &Vec<SetScore>)]) -> String {
+    let Some((_, first)) = rows.first() else {
+        return String::new();
+    };
+    let mut out = format!("{:<10}", "model");
+    for s in first.iter() {
+        out += &format!(" | {:>18}", s.name);
+    }
+    out += " |    VAL@FAR1e-3 | XNorm\n";
+    for (name, scores) in rows {
+        out += &format!("{name:<10}");
+        for s in scores.iter() {
+            out += &format!(
+                " | {:>9.2} +- {:>5.2}",
+                100.0 * s.scores.accuracy,
+                100.0 * s.scores.accuracy_std
+            );
+        }
+        let val = scores.first().map_or(0.0, |s| s.scores.val);
+        let xnorm = scores.first().map_or(0.0, |s| s.xnorm);
+        out += &format!(" | {:>14.4} | {xnorm:.3}\n", val);
+    }
+    out
+}
+
+/// `identities x 4` held-out faces as 2 same and 2 different pairs per identity.
+fn write_eval_set(path: &Path, identities: usize) -> Result<()> {
+    let faces = SyntheticFaces::new(identities, 4, EVAL_SEED);
+    let png = |identity: usize, image: usize| -> Result<Vec<u8>> {
+        let face = faces.get(identity * 4 + image)?.image;
+        let mut out = std::io::Cursor::new(Vec::new());
+        image::RgbImage::from_raw(112, 112, face.rgb)
+            .context("face buffer")?
+            .write_to(&mut out, image::ImageFormat::Png)?;
+        Ok(out.into_inner())
+    };
+    let (mut images, mut issame) = (Vec::new(), Vec::new());
+    for id in 0..identities {
+        let other = (id + 1 + id % (identities - 1)) % identities;
+        for (a, b) in [
+            ((id, 0), (id, 1)),
+            ((id, 2), (other, 3)),
+            ((id, 3), (id, 2)),
+            ((id, 1), ((other + 1) % identities, 0)),
+        ] {
+            images.push(png(a.0, a.1)?);
+            images.push(png(b.0, b.1)?);
+            issame.push(a.0 == b.0);
+        }
+    }
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    let tmp = path.with_extension("bin.tmp");
+    std::fs::write(&tmp, qud_eval::pickle::dump_bin(&images, &issame))?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn teacher_config(student: &Config, dir: &Path, user: &[String]) -> Result<Config> {
+    let mut sets = vec![
+        "method.kind=arcface".to_string(),
+        "method.margin=0.3".into(),
+        "method.scale=32.0".into(),
+        "optim.epochs=10".into(),
+        "optim.lr_milestones=[8]".into(),
+        format!("student.embedding_dim={}", student.teacher.embedding_dim),
+        format!("student.arch={}", student.teacher.arch),
+        format!("run.output_dir={}", dir.display()),
+    ];
+    sets.extend(user.iter().cloned());
+    Ok(ConfigLoader::new()
+        .embedded("configs/demo.toml", DEMO_TOML)
+        .set_all(sets)
+        .load()?)
+}
+
+pub fn run(user_sets: &[String]) -> Result<()> {
+    let config = ConfigLoader::new()
+        .embedded("configs/demo.toml", DEMO_TOML)
+        .set_all(user_sets.iter().cloned())
+        .load()?;
+    let root = config
+        .run
+        .output_dir
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    crate::init_logging(Some(&root.join("demo.log")));
+    let started = std::time::Instant::now();
+
+    let eval_dir = config
+        .eval
+        .dir
+        .clone()
+        .context("the demo config names eval.dir")?;
+    let eval_bin = eval_dir.join("synthetic_pairs.bin");
+    if !eval_bin.is_file() {
+        write_eval_set(&eval_bin, 25)?;
+        tracing::info!("wrote the held-out evaluation set {}", eval_bin.display());
+    }
+
+    let teacher_dir = root.join("teacher");
+    let teacher_weights = teacher_dir.join("student.safetensors");
+    let teacher_cfg = teacher_config(&config, &teacher_dir, user_sets)?;
+    if teacher_weights.is_file() {
+        tracing::info!("reusing the cached teacher {}", teacher_weights.display());
+    } else {
+        tracing::info!("stage 1: training the teacher with ArcFace on labelled synthetic faces");
+        if teacher_dir.exists() {
+            std::fs::remove_dir_all(&teacher_dir)?;
+        }
+        qud_trainer::train(&teacher_cfg, &Default::default())?;
+    }
+
+    tracing::info!("stage 2: distilling the student with QUD (no labels)");
+    let mut student_cfg = config.clone();
+    student_cfg.teacher.weights = Some(teacher_weights.clone());
+    if student_cfg.run.output_dir.exists() {
+        std::fs::remove_dir_all(&student_cfg.run.output_dir)?;
+    }
+    let report = qud_trainer::train(&student_cfg, &Default::default())?;
+
+    let device = qud_backends::device(&config.run.backend, &config.run.devices[0])?;
+    let spec = qud_models::BackboneSpec {
+        embedding_dim: config.teacher.embedding_dim,
+        dropout: 0.0,
+    };
+    let teacher = qud_models::load_weights(
+        qud_models::create(&config.teacher.arch, &spec, &device)?,
+        &teacher_weights,
+    )?
+    .valid();
+    let set = qud_eval::PairSet::load(&eval_bin)?;
+    let teacher_scores = vec![qud_eval::evaluate(
+        &teacher,
+        &set,
+        config.eval.batch_size,
+        &device,
+    )];
+    let student_scores = match report.final_eval.is_empty() {
+        true => {
+            let student = qud_models::load_weights(
+                qud_models::create(&config.student.arch, &spec, &device)?,
+                &report.student_weights,
+            )?
+            .valid();
+            vec![qud_eval::evaluate(
+                &student,
+                &set,
+                config.eval.batch_size,
+                &device,
+            )]
+        }
+        false => report.final_eval.clone(),
+    };
+    println!(
+        "\nHeld-out synthetic identities ({} pairs), accuracy % (10 folds, flip TTA):\n{}",
+        set.issame.len(),
+        table(&[("teacher", &teacher_scores), ("student", &student_scores)])
+    );
+    println!(
+        "student weights (PyTorch names): {}",
+        report.student_weights.display()
+    );
+    println!(
+        "run directory: {} ({:.0} s)",
+        root.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

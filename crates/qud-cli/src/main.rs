@@ -1,0 +1,199 @@
+//! `qud`: train (any config, or the embedded demo), evaluate and inspect face models.
+
+mod demo;
+
+use anyhow::{bail, Context, Result};
+use burn::module::Module;
+use clap::{Parser, Subcommand};
+use qud_backbone::Backbone;
+use qud_config::ConfigLoader;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "qud",
+    version,
+    about = "Unsupervised knowledge distillation for face recognition (QUD)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train as a config says (defaults < --config < QUD_* environment < --set).
+    Train {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// `section.key=value`, repeatable.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Continue the run in run.output_dir from its newest checkpoint.
+        #[arg(long)]
+        resume: bool,
+        /// Stop after this many steps (a checkpoint is written).
+        #[arg(long)]
+        max_steps: Option<usize>,
+    },
+    /// The embedded default: synthetic faces, an ArcFace teacher, a QUD student, evaluation.
+    Demo {
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Score a backbone on verification .bin sets (flip TTA, 10 folds, as insightface).
+    Eval {
+        #[arg(long)]
+        arch: String,
+        #[arg(long)]
+        weights: PathBuf,
+        #[arg(long)]
+        bins: PathBuf,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "lfw,cfp_fp,agedb_30,calfw,cplfw"
+        )]
+        targets: Vec<String>,
+        #[arg(long, default_value_t = 512)]
+        embedding_dim: usize,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Also write the scores as JSON.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Parameter count of an architecture, as PyTorch counts it.
+    Inspect {
+        #[arg(long)]
+        arch: String,
+        #[arg(long, default_value_t = 512)]
+        embedding_dim: usize,
+    },
+    /// The compiled backends and the registered architectures.
+    List,
+}
+
+fn init_logging(log_file: Option<&std::path::Path>) {
+    use tracing_subscriber::prelude::*;
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let stderr = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let file = log_file.and_then(|p| {
+        std::fs::create_dir_all(p.parent()?).ok()?;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .ok()?;
+        Some(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::sync::Mutex::new(f))
+                .with_ansi(false)
+                .with_target(false),
+        )
+    });
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(stderr)
+        .with(file)
+        .try_init();
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Train {
+            config,
+            set,
+            resume,
+            max_steps,
+        } => {
+            let mut loader = ConfigLoader::new();
+            if let Some(path) = config {
+                loader = loader.file(path);
+            }
+            let config = loader.set_all(set).load()?;
+            init_logging(Some(&config.run.output_dir.join("train.log")));
+            let options = qud_trainer::TrainOptions { max_steps, resume };
+            let report = qud_trainer::train(&config, &options)?;
+            println!("{}", demo::table(&[("student", &report.final_eval)]));
+            println!(
+                "student weights (PyTorch names): {}",
+                report.student_weights.display()
+            );
+            Ok(())
+        }
+        Command::Demo { set } => demo::run(&set),
+        Command::Eval {
+            arch,
+            weights,
+            bins,
+            targets,
+            embedding_dim,
+            batch_size,
+            backend,
+            device,
+            json,
+        } => {
+            init_logging(None);
+            let device = qud_backends::device(&backend, &device)?;
+            let spec = qud_models::BackboneSpec {
+                embedding_dim,
+                dropout: 0.0,
+            };
+            let model = qud_models::create(&arch, &spec, &device)?;
+            let model = qud_models::load_weights(model, &weights)?.valid();
+            let mut scores = Vec::new();
+            for target in &targets {
+                let path = bins.join(format!("{target}.bin"));
+                if !path.is_file() {
+                    tracing::warn!("{} not found, skipped", path.display());
+                    continue;
+                }
+                let set = qud_eval::PairSet::load(&path)?;
+                scores.push(qud_eval::evaluate(&model, &set, batch_size, &device));
+            }
+            if scores.is_empty() {
+                bail!("none of {} found in {}", targets.join(", "), bins.display());
+            }
+            println!("{}", demo::table(&[(model.arch(), &scores)]));
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&scores)?)
+                    .with_context(|| path.display().to_string())?;
+            }
+            Ok(())
+        }
+        Command::Inspect {
+            arch,
+            embedding_dim,
+        } => {
+            let device = qud_backends::device("flex", "cpu")?;
+            let spec = qud_models::BackboneSpec {
+                embedding_dim,
+                dropout: 0.0,
+            };
+            let model = qud_models::create(&arch, &spec, &device)?;
+            println!(
+                "{arch}: {} parameters, embedding {embedding_dim}",
+                qud_backbone::num_parameters(&model)
+            );
+            Ok(())
+        }
+        Command::List => {
+            for p in qud_backends::compiled() {
+                println!(
+                    "backend {:8} devices: {:40} {}",
+                    p.name, p.accepted_devices, p.summary
+                );
+            }
+            println!("architectures: {}", qud_models::names().join(", "));
+            Ok(())
+        }
+    }
+}

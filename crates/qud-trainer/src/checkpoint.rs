@@ -1,0 +1,195 @@
+//! Checkpoints: `<out>/checkpoints/step-N/` holding the student (burnpack, with its parameter ids
+//! so the optimizer state re-attaches), the optimizer state, the queue and the loop position.
+//! Written to `step-N.tmp/` and renamed, so a checkpoint directory is always complete.
+
+use crate::{io_error, Student, TrainError};
+use burn::module::Module;
+use burn::optim::ModuleOptimizer;
+use burn::prelude::*;
+use qud_config::Config;
+use qud_queue::FeatureQueue;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where the loop stands, and the settings a resumed run must share.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Position {
+    /// Optimisation steps done.
+    pub step: usize,
+    /// Epoch and batch of the next step.
+    pub epoch: usize,
+    pub batch: usize,
+    pub student_arch: String,
+    pub embedding_dim: usize,
+    pub method: String,
+    pub queue_size: usize,
+    pub batch_size: usize,
+    pub seed: u64,
+}
+
+impl Position {
+    pub fn new(config: &Config, step: usize, epoch: usize, batch: usize) -> Self {
+        Self {
+            step,
+            epoch,
+            batch,
+            student_arch: config.student.arch.clone(),
+            embedding_dim: config.student.embedding_dim,
+            method: format!("{:?}", config.method.kind).to_lowercase(),
+            queue_size: config.method.queue_size,
+            batch_size: config.optim.batch_size,
+            seed: config.run.seed,
+        }
+    }
+
+    /// A config that would change the meaning of the resumed run is refused, naming the field.
+    pub fn check_resumable(&self, config: &Config) -> Result<(), String> {
+        let now = Position::new(config, self.step, self.epoch, self.batch);
+        let fields = [
+            ("student.arch", &self.student_arch, &now.student_arch),
+            ("method.kind", &self.method, &now.method),
+        ];
+        for (field, was, is) in fields {
+            if was != is {
+                return Err(format!("{field} was {was} in the checkpoint, is {is} now"));
+            }
+        }
+        let numbers = [
+            (
+                "student.embedding_dim",
+                self.embedding_dim,
+                now.embedding_dim,
+            ),
+            ("method.queue_size", self.queue_size, now.queue_size),
+            ("optim.batch_size", self.batch_size, now.batch_size),
+            ("run.seed", self.seed as usize, now.seed as usize),
+        ];
+        for (field, was, is) in numbers {
+            if was != is {
+                return Err(format!("{field} was {was} in the checkpoint, is {is} now"));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn directory(out: &Path) -> PathBuf {
+    out.join("checkpoints")
+}
+
+/// Write a checkpoint and keep only the newest `keep`.
+pub fn save(
+    out: &Path,
+    position: &Position,
+    student: &Student,
+    optim: &ModuleOptimizer,
+    queue: Option<&FeatureQueue>,
+    keep: usize,
+) -> Result<PathBuf, TrainError> {
+    let root = directory(out);
+    let final_dir = root.join(format!("step-{}", position.step));
+    let tmp = root.join(format!("step-{}.tmp", position.step));
+    let fail = |reason: String| TrainError::Checkpoint {
+        path: final_dir.clone(),
+        reason,
+    };
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io_error(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io_error(&tmp))?;
+    student
+        .clone()
+        .save_file(tmp.join("student.bpk"))
+        .map_err(|e| fail(format!("student: {e}")))?;
+    optim
+        .save(tmp.join("optim.bpk"))
+        .map_err(|e| fail(format!("optimizer: {e:?}")))?;
+    if let Some(queue) = queue {
+        queue.save(&tmp.join("queue.bin"))?;
+    }
+    let state = serde_json::to_string_pretty(position).expect("position serializes");
+    std::fs::write(tmp.join("position.json"), state).map_err(io_error(&tmp))?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).map_err(io_error(&final_dir))?;
+    }
+    std::fs::rename(&tmp, &final_dir).map_err(io_error(&final_dir))?;
+    let mut all = list(out)?;
+    while all.len() > keep {
+        let (_, oldest) = all.remove(0);
+        std::fs::remove_dir_all(&oldest).map_err(io_error(&oldest))?;
+    }
+    Ok(final_dir)
+}
+
+/// Complete checkpoints, oldest first.
+pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>, TrainError> {
+    let root = directory(out);
+    if !root.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&root)
+        .map_err(io_error(&root))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let step = p
+                .file_name()?
+                .to_str()?
+                .strip_prefix("step-")?
+                .parse()
+                .ok()?;
+            p.join("position.json").is_file().then_some((step, p))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Restored state of a checkpoint.
+pub struct Restored {
+    pub position: Position,
+    pub student: Student,
+    pub optim: ModuleOptimizer,
+    pub queue: Option<FeatureQueue>,
+}
+
+/// Load the newest checkpoint of `out` into `student` / `optim` built for the same config.
+pub fn load_latest(
+    out: &Path,
+    config: &Config,
+    student: Student,
+    optim: ModuleOptimizer,
+    queue_device: &Device,
+) -> Result<Restored, TrainError> {
+    let (_, dir) = list(out)?.pop().ok_or_else(|| TrainError::Checkpoint {
+        path: directory(out),
+        reason: "no checkpoint to resume from".into(),
+    })?;
+    let fail = |reason: String| TrainError::Checkpoint {
+        path: dir.clone(),
+        reason,
+    };
+    let text = std::fs::read_to_string(dir.join("position.json")).map_err(io_error(&dir))?;
+    let position: Position =
+        serde_json::from_str(&text).map_err(|e| fail(format!("position.json: {e}")))?;
+    position
+        .check_resumable(config)
+        .map_err(|e| fail(format!("cannot resume: {e}")))?;
+    let student = student
+        .try_load_file(dir.join("student.bpk"))
+        .map_err(|e| fail(format!("student: {e}")))?;
+    let optim = optim
+        .load(dir.join("optim.bpk"))
+        .map_err(|e| fail(format!("optimizer: {e:?}")))?;
+    let queue_path = dir.join("queue.bin");
+    let queue = if queue_path.is_file() {
+        Some(FeatureQueue::load(&queue_path, queue_device)?)
+    } else {
+        None
+    };
+    Ok(Restored {
+        position,
+        student,
+        optim,
+        queue,
+    })
+}

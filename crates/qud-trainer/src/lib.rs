@@ -1,0 +1,60 @@
+//! The qud training loop: one loop for every method (QUD, feature MSE, ArcFace), the SGD schedule
+//! of the paper, evaluation during training, checkpoints and exact resume.
+//!
+//! QUD (Kolf, Damer, Boutros, BMVC 2024), step by step as ../shared/DESIGN.md section 2:
+//! student features in train mode, teacher features from the frozen eval-mode teacher, InfoNCE
+//! against the queue *before* this batch, enqueue the teacher features, backward, global
+//! gradient-norm clip, SGD step.
+
+mod checkpoint;
+pub mod objective;
+pub mod optim;
+mod run;
+mod setup;
+
+pub use run::{train, TrainOptions, TrainReport};
+pub use setup::{open_dataset, seeded, Student};
+
+use std::path::PathBuf;
+
+/// Why a run could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Data(#[from] qud_data::DataError),
+    #[error(transparent)]
+    Weights(#[from] qud_backbone::WeightError),
+    #[error(transparent)]
+    Backend(#[from] qud_backends::BackendError),
+    #[error(transparent)]
+    Eval(#[from] qud_eval::BinError),
+    #[error(transparent)]
+    Queue(#[from] qud_queue::QueueError),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("checkpoint {}: {reason}", path.display())]
+    Checkpoint { path: PathBuf, reason: String },
+    #[error(
+        "the loss became {value} at step {step}; the last good checkpoint is {last_checkpoint}"
+    )]
+    NonFinite {
+        step: usize,
+        value: f32,
+        last_checkpoint: String,
+    },
+}
+
+pub(crate) fn io_error(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+#[cfg(test)]
+mod tests;

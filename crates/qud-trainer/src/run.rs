@@ -1,0 +1,302 @@
+//! The loop, top to bottom: set up, then for every batch one step of the configured method.
+
+use crate::checkpoint::{self, Position};
+use crate::optim::{clip_global_norm, learning_rate, sgd};
+use crate::setup::{build_student, build_teacher, eval_sets, open_dataset};
+use crate::{io_error, TrainError};
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use qud_backbone::Backbone;
+use qud_config::{Config, MethodKind};
+use qud_data::{Loader, LoaderOptions};
+use qud_eval::SetScore;
+use qud_loss::{feature_mse, info_nce, l2_normalize};
+use qud_queue::FeatureQueue;
+use serde_json::json;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// How far to run, and whether to continue an earlier run in the same output directory.
+#[derive(Clone, Debug, Default)]
+pub struct TrainOptions {
+    /// Stop after this many optimisation steps in total (for tests and smoke runs).
+    pub max_steps: Option<usize>,
+    pub resume: bool,
+}
+
+/// What a finished (or stopped) run produced.
+#[derive(Clone, Debug)]
+pub struct TrainReport {
+    pub output_dir: PathBuf,
+    pub steps: usize,
+    /// Loss of every step run by this call.
+    pub losses: Vec<f32>,
+    pub final_eval: Vec<SetScore>,
+    pub student_weights: PathBuf,
+}
+
+struct JsonLines(std::fs::File);
+
+impl JsonLines {
+    fn open(path: &std::path::Path) -> Result<Self, TrainError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(io_error(path))?;
+        Ok(Self(file))
+    }
+
+    fn write(&mut self, value: serde_json::Value) {
+        let _ = writeln!(self.0, "{value}");
+    }
+}
+
+/// Train as `config` says, writing everything under `config.run.output_dir`.
+pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, TrainError> {
+    config
+        .validate()
+        .map_err(|e| TrainError::Config(qud_config::ConfigError::Invalid(e).to_string()))?;
+    let out = config.run.output_dir.clone();
+    std::fs::create_dir_all(&out).map_err(io_error(&out))?;
+    if !options.resume && !checkpoint::list(&out)?.is_empty() {
+        return Err(TrainError::Config(format!(
+            "{} already holds checkpoints: resume it (--resume) or choose another run.output_dir",
+            out.display()
+        )));
+    }
+    config
+        .write_toml(&out.join("config.toml"))
+        .map_err(|e| TrainError::Config(e.to_string()))?;
+
+    let device_name = config
+        .run
+        .devices
+        .first()
+        .map(String::as_str)
+        .unwrap_or("cpu");
+    let device = qud_backends::device(&config.run.backend, device_name)?;
+    let train_device = device.clone().autodiff();
+
+    let dataset = open_dataset(config)?;
+    tracing::info!("data: {}", dataset.describe());
+    let loader = Loader::new(
+        dataset.clone(),
+        LoaderOptions {
+            batch_size: config.optim.batch_size,
+            shuffle: true,
+            flip_prob: config.data.flip_prob,
+            seed: config.run.seed,
+            drop_last: true,
+            workers: config.data.workers,
+            prefetch: config.data.prefetch,
+        },
+    );
+    let steps_per_epoch = loader.batches_per_epoch();
+    if steps_per_epoch == 0 {
+        return Err(TrainError::Config(format!(
+            "optim.batch_size = {} exceeds the {} training samples",
+            config.optim.batch_size,
+            dataset.len()
+        )));
+    }
+    let method = config.method.kind;
+    let (teacher, student) =
+        crate::setup::seeded(&device, config.run.seed, || -> Result<_, TrainError> {
+            let teacher = match method {
+                MethodKind::Qud | MethodKind::Mse => Some(crate::setup::initialize_now(
+                    build_teacher(config, &device)?,
+                )),
+                MethodKind::Arcface => None,
+            };
+            Ok((
+                teacher,
+                crate::setup::initialize_now(build_student(
+                    config,
+                    dataset.num_identities(),
+                    &train_device,
+                )?),
+            ))
+        })?;
+    tracing::info!(
+        "student {} ({} parameters), method {:?}, {} steps per epoch",
+        student.backbone.arch(),
+        qud_backbone::num_parameters(&student.backbone),
+        method,
+        steps_per_epoch
+    );
+    let queue = (method == MethodKind::Qud).then(|| {
+        FeatureQueue::new(
+            config.method.queue_size,
+            config.student.embedding_dim,
+            config.method.queue_kind,
+            config.run.seed,
+            &device,
+        )
+    });
+    let (mut student, mut optim, mut queue, mut position) = if options.resume {
+        let restored = checkpoint::load_latest(&out, config, student, sgd(&config.optim), &device)?;
+        tracing::info!("resuming at step {}", restored.position.step);
+        (
+            restored.student,
+            restored.optim,
+            restored.queue.or(queue),
+            restored.position,
+        )
+    } else {
+        (
+            student,
+            sgd(&config.optim),
+            queue,
+            Position::new(config, 0, 0, 0),
+        )
+    };
+    let eval_sets = eval_sets(config)?;
+    let mut metrics = JsonLines::open(&out.join("metrics.jsonl"))?;
+    let mut eval_log = JsonLines::open(&out.join("eval.jsonl"))?;
+    let mut last_checkpoint = String::from("(none yet)");
+    let mut losses = Vec::new();
+    let mut final_eval = Vec::new();
+    let run_eval = |student: &crate::Student, step: usize, epoch: usize, log: &mut JsonLines| {
+        let model = student.backbone.valid();
+        let scores: Vec<SetScore> = eval_sets
+            .iter()
+            .map(|set| qud_eval::evaluate(&model, set, config.eval.batch_size, &device))
+            .collect();
+        for s in &scores {
+            tracing::info!(
+                "eval step {step}: {} accuracy {:.2}% (+-{:.2}) xnorm {:.3}",
+                s.name,
+                100.0 * s.scores.accuracy,
+                100.0 * s.scores.accuracy_std,
+                s.xnorm
+            );
+            log.write(json!({"step": step, "epoch": epoch, "set": s.name, "accuracy": s.scores.accuracy,
+                "accuracy_std": s.scores.accuracy_std, "val": s.scores.val, "far": s.scores.far, "xnorm": s.xnorm}));
+        }
+        scores
+    };
+
+    let start_epoch = position.epoch;
+    let mut timer = Instant::now();
+    let mut since_log = 0usize;
+    'epochs: for epoch in start_epoch..config.optim.epochs {
+        let first_batch = if epoch == start_epoch {
+            position.batch
+        } else {
+            0
+        };
+        for (b, batch) in loader.epoch(epoch, first_batch).into_iter().enumerate() {
+            let batch = batch?;
+            let step = position.step;
+            let lr = learning_rate(&config.optim, epoch, step, steps_per_epoch);
+            let x = batch.tensor(&device);
+
+            // One step of the method: loss on the student's features.
+            let features = student.backbone.forward(x.clone().autodiff());
+            let (loss, similarities) = match method {
+                MethodKind::Qud => {
+                    let teacher = teacher.as_ref().expect("distillation has a teacher");
+                    let k = l2_normalize(teacher.forward(x));
+                    let queue = queue.as_mut().expect("QUD has a queue");
+                    let out = info_nce(
+                        l2_normalize(features),
+                        k.clone(),
+                        queue.negatives(),
+                        config.method.tau,
+                    );
+                    queue.enqueue(k)?;
+                    let sims = (since_log + 1 >= config.run.log_every)
+                        .then(|| (out.positive_similarity(), out.negative_similarity()));
+                    (out.loss, sims)
+                }
+                MethodKind::Mse => {
+                    let teacher = teacher.as_ref().expect("distillation has a teacher");
+                    let k = l2_normalize(teacher.forward(x));
+                    (feature_mse(l2_normalize(features), k), None)
+                }
+                MethodKind::Arcface => {
+                    let labels = batch.labels().ok_or_else(|| {
+                        TrainError::Config("arcface needs labelled samples".into())
+                    })?;
+                    let head = student.head.as_ref().expect("arcface has a head");
+                    (
+                        head.loss(features, &labels, config.method.margin, config.method.scale),
+                        None,
+                    )
+                }
+            };
+            let loss_value = loss.clone().without_autodiff().into_scalar::<f32>();
+            if !loss_value.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step,
+                    value: loss_value,
+                    last_checkpoint: last_checkpoint.clone(),
+                });
+            }
+            let grads = GradientsParams::from_grads(loss.backward(), &student);
+            let (grads, grad_norm) = clip_global_norm(&student, grads, config.optim.grad_clip);
+            student = optim.step(lr, student, grads);
+            losses.push(loss_value);
+
+            position = Position::new(config, step + 1, epoch, first_batch + b + 1);
+            since_log += 1;
+            if since_log >= config.run.log_every {
+                let rate = (since_log * batch.len()) as f64 / timer.elapsed().as_secs_f64();
+                let (pos, neg) = similarities.unzip();
+                tracing::info!("epoch {epoch} step {} loss {loss_value:.4} lr {lr:.5} |g| {grad_norm:.3} {rate:.1} img/s", step + 1);
+                metrics.write(json!({"step": step + 1, "epoch": epoch, "lr": lr, "loss": loss_value,
+                    "grad_norm": grad_norm, "positive_similarity": pos, "negative_similarity": neg, "samples_per_s": rate}));
+                timer = Instant::now();
+                since_log = 0;
+            }
+            let epoch_done = first_batch + b + 1 == steps_per_epoch;
+            if epoch_done {
+                position = Position::new(config, step + 1, epoch + 1, 0);
+            }
+            let every = |n: usize| n > 0 && (step + 1) % n == 0;
+            if epoch_done || every(config.run.checkpoint_every) {
+                let dir = checkpoint::save(
+                    &out,
+                    &position,
+                    &student,
+                    &optim,
+                    queue.as_ref(),
+                    config.run.keep_checkpoints,
+                )?;
+                last_checkpoint = dir.display().to_string();
+            }
+            if !eval_sets.is_empty() && (epoch_done || every(config.eval.every_steps)) {
+                final_eval = run_eval(&student, step + 1, epoch, &mut eval_log);
+            }
+            if options.max_steps.is_some_and(|m| step + 1 >= m) {
+                if !epoch_done {
+                    let dir = checkpoint::save(
+                        &out,
+                        &position,
+                        &student,
+                        &optim,
+                        queue.as_ref(),
+                        config.run.keep_checkpoints,
+                    )?;
+                    last_checkpoint = dir.display().to_string();
+                }
+                tracing::info!(
+                    "stopping after step {} as asked; checkpoint {last_checkpoint}",
+                    step + 1
+                );
+                break 'epochs;
+            }
+        }
+    }
+    let student_weights = out.join("student.safetensors");
+    qud_models::save_safetensors(&student.backbone.valid(), &student_weights)?;
+    Ok(TrainReport {
+        output_dir: out,
+        steps: position.step,
+        losses,
+        final_eval,
+        student_weights,
+    })
+}

@@ -1,0 +1,179 @@
+//! Everything a run is built from: the dataset, the student, the frozen teacher, the eval sets.
+
+use crate::objective::ArcFaceHead;
+use crate::TrainError;
+use burn::module::Module;
+use burn::prelude::*;
+use qud_backbone::Backbone;
+use qud_config::{Config, DataFormat, MethodKind, WeightFormat};
+use qud_data::{FaceDataset, ImageFolder, SyntheticFaces};
+use qud_eval::PairSet;
+use qud_models::{AnyBackbone, BackboneSpec};
+use std::sync::Arc;
+
+/// The trained network: the backbone, plus the class centres when the method is ArcFace.
+#[derive(Module, Debug)]
+pub struct Student {
+    pub backbone: AnyBackbone,
+    pub head: Option<ArcFaceHead>,
+}
+
+/// Burn's random initialisers draw from one generator per backend, shared by every thread of the
+/// process. Seeding it and building the models happen under this lock, so that a run's initial
+/// weights depend on `run.seed` only, also when several runs share a process (tests).
+static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Seed `device`'s generator and run `build` with nobody else drawing from it meanwhile.
+pub fn seeded<T>(device: &Device, seed: u64, build: impl FnOnce() -> T) -> T {
+    let _guard = INIT_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    device.seed(seed);
+    build()
+}
+
+/// Burn parameters initialise lazily, on first use; draw every value now (under [`seeded`]).
+pub fn initialize_now<M: Module>(module: M) -> M {
+    struct Touch;
+    impl burn::module::ModuleVisitor for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+            let _ = param.val();
+        }
+    }
+    module.visit(&mut Touch);
+    module
+}
+
+/// The training set the config names.
+pub fn open_dataset(config: &Config) -> Result<Arc<dyn FaceDataset>, TrainError> {
+    let data = &config.data;
+    let root = || {
+        data.root.clone().ok_or_else(|| {
+            TrainError::Config("data.root is required unless data.format = \"synthetic\"".into())
+        })
+    };
+    let format = match data.format {
+        DataFormat::Auto => match &data.root {
+            Some(r) if r.is_dir() => DataFormat::Folder,
+            Some(r) if r.extension().is_some_and(|e| e == "rec" || e == "idx") => {
+                DataFormat::Recordio
+            }
+            Some(r) => {
+                return Err(TrainError::Config(format!(
+                    "data.root {}: neither a folder nor a .rec file",
+                    r.display()
+                )))
+            }
+            None => DataFormat::Synthetic,
+        },
+        f => f,
+    };
+    Ok(match format {
+        DataFormat::Synthetic => Arc::new(SyntheticFaces::new(
+            data.synthetic_identities,
+            data.synthetic_images_per_identity,
+            config.run.seed,
+        )),
+        DataFormat::Folder => Arc::new(ImageFolder::open(&root()?, data.resize)?),
+        DataFormat::Recordio | DataFormat::Auto => return Err(TrainError::Config(
+            "RecordIO training sets are not readable yet (issue 4); unpack them to an image folder"
+                .into(),
+        )),
+    })
+}
+
+fn spec(embedding_dim: usize) -> BackboneSpec {
+    BackboneSpec {
+        embedding_dim,
+        dropout: 0.0,
+    }
+}
+
+/// A fresh student (and ArcFace head) on the training device.
+pub(crate) fn build_student(
+    config: &Config,
+    classes: Option<usize>,
+    device: &Device,
+) -> Result<Student, TrainError> {
+    let backbone = qud_models::create(
+        &config.student.arch,
+        &spec(config.student.embedding_dim),
+        device,
+    )
+    .map_err(|e| TrainError::Config(format!("student.arch: {e}")))?;
+    let backbone = match &config.student.init_weights {
+        Some(path) => qud_models::load_weights(backbone, path)?,
+        None => backbone,
+    };
+    let head = match config.method.kind {
+        MethodKind::Arcface => {
+            let classes = classes.ok_or_else(|| {
+                TrainError::Config(
+                    "method.kind = \"arcface\" needs identity labels; the training set has none"
+                        .into(),
+                )
+            })?;
+            Some(ArcFaceHead::new(
+                classes,
+                config.student.embedding_dim,
+                device,
+            ))
+        }
+        _ => None,
+    };
+    Ok(Student { backbone, head })
+}
+
+/// The frozen teacher in eval mode on the plain (non-autodiff) device.
+pub(crate) fn build_teacher(config: &Config, device: &Device) -> Result<AnyBackbone, TrainError> {
+    let t = &config.teacher;
+    if t.format == WeightFormat::Onnx {
+        return Err(TrainError::Config(
+            "teacher.format = \"onnx\" is not supported yet (issue 10)".into(),
+        ));
+    }
+    let model = qud_models::create(&t.arch, &spec(t.embedding_dim), device)
+        .map_err(|e| TrainError::Config(format!("teacher.arch: {e}")))?;
+    let model = match (&t.weights, t.allow_random) {
+        (Some(path), _) => qud_models::load_weights(model, path)?,
+        (None, true) => model,
+        (None, false) => {
+            return Err(TrainError::Config(
+                "teacher.weights is required: a randomly initialised teacher teaches nothing (set teacher.allow_random = true only in tests)".into(),
+            ))
+        }
+    };
+    if model.embedding_dim() != config.student.embedding_dim {
+        return Err(TrainError::Config(format!(
+            "teacher embedding size {} differs from the student's {}",
+            model.embedding_dim(),
+            config.student.embedding_dim
+        )));
+    }
+    Ok(model.valid())
+}
+
+/// The verification sets of `eval.targets` found in `eval.dir`; missing ones are named in a warning.
+pub(crate) fn eval_sets(config: &Config) -> Result<Vec<PairSet>, TrainError> {
+    let Some(dir) = &config.eval.dir else {
+        return Ok(Vec::new());
+    };
+    let mut sets = Vec::new();
+    let mut missing = Vec::new();
+    for target in &config.eval.targets {
+        let path = dir.join(format!("{target}.bin"));
+        if path.is_file() {
+            sets.push(PairSet::load(&path)?);
+        } else {
+            missing.push(target.as_str());
+        }
+    }
+    if !missing.is_empty() {
+        tracing::warn!(
+            "eval sets not found in {}: {}",
+            dir.display(),
+            missing.join(", ")
+        );
+    }
+    Ok(sets)
+}
