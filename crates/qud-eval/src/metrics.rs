@@ -180,11 +180,7 @@ pub type RocPoints = Vec<(f64, f64)>;
 
 /// ROC over all pairs by distance: `(far, tar)` points from the strictest threshold
 /// down, and TAR at each requested FAR (the largest TAR whose FAR does not exceed it).
-pub fn roc(
-    embeddings: &[Vec<f32>],
-    issame: &[bool],
-    fars: &[f64],
-) -> (RocPoints, RocPoints) {
+pub fn roc(embeddings: &[Vec<f32>], issame: &[bool], fars: &[f64]) -> (RocPoints, RocPoints) {
     let dist = pair_distances(embeddings);
     let mut order: Vec<usize> = (0..dist.len()).collect();
     order.sort_by(|&a, &b| dist[a].total_cmp(&dist[b]));

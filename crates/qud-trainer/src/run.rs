@@ -256,32 +256,17 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                 position = Position::new(config, step + 1, epoch + 1, 0);
             }
             let every = |n: usize| n > 0 && (step + 1) % n == 0;
-            if epoch_done || every(config.run.checkpoint_every) {
-                let dir = checkpoint::save(
-                    &out,
-                    &position,
-                    &student,
-                    &optim,
-                    queue.as_ref(),
-                    config.run.keep_checkpoints,
-                )?;
+            let stop = options.max_steps.is_some_and(|m| step + 1 >= m);
+            if epoch_done || stop || every(config.run.checkpoint_every) {
+                let keep = config.run.keep_checkpoints;
+                let dir =
+                    checkpoint::save(&out, &position, &student, &optim, queue.as_ref(), keep)?;
                 last_checkpoint = dir.display().to_string();
             }
             if !eval_sets.is_empty() && (epoch_done || every(config.eval.every_steps)) {
                 final_eval = run_eval(&student, step + 1, epoch, &mut eval_log);
             }
-            if options.max_steps.is_some_and(|m| step + 1 >= m) {
-                if !epoch_done {
-                    let dir = checkpoint::save(
-                        &out,
-                        &position,
-                        &student,
-                        &optim,
-                        queue.as_ref(),
-                        config.run.keep_checkpoints,
-                    )?;
-                    last_checkpoint = dir.display().to_string();
-                }
+            if stop {
                 tracing::info!(
                     "stopping after step {} as asked; checkpoint {last_checkpoint}",
                     step + 1
