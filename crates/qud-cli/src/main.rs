@@ -67,6 +67,32 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Embed faces (an image folder or a .bin) and write float32 [N, D] rows in input order (.npy).
+    Embed {
+        #[arg(long)]
+        arch: String,
+        #[arg(long)]
+        weights: PathBuf,
+        /// A folder of images (sorted; identity sub-folders allowed) or a verification .bin.
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Write embedding(image) + embedding(flipped image).
+        #[arg(long)]
+        flip_sum: bool,
+        /// Resize images that are not 112x112 instead of refusing them.
+        #[arg(long)]
+        resize: bool,
+        #[arg(long, default_value_t = 512)]
+        embedding_dim: usize,
+        #[arg(long, default_value_t = 64)]
+        batch_size: usize,
+        #[arg(long, default_value = "flex")]
+        backend: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Parameter count of an architecture, as PyTorch counts it.
     Inspect {
         #[arg(long)]
@@ -167,6 +193,51 @@ fn main() -> Result<()> {
                 std::fs::write(&path, serde_json::to_string_pretty(&scores)?)
                     .with_context(|| path.display().to_string())?;
             }
+            Ok(())
+        }
+        Command::Embed {
+            arch,
+            weights,
+            input,
+            out,
+            flip_sum,
+            resize,
+            embedding_dim,
+            batch_size,
+            backend,
+            device,
+        } => {
+            init_logging(None);
+            let device = qud_backends::device(&backend, &device)?;
+            let spec = qud_models::BackboneSpec {
+                embedding_dim,
+                dropout: 0.0,
+            };
+            let model =
+                qud_models::load_weights(qud_models::create(&arch, &spec, &device)?, &weights)?
+                    .valid();
+            let faces = if input.is_dir() {
+                use qud_data::FaceDataset;
+                let folder = qud_data::ImageFolder::open(&input, resize)?;
+                tracing::info!("{}", folder.describe());
+                (0..folder.len())
+                    .map(|i| folder.get(i).map(|s| s.image))
+                    .collect::<Result<Vec<_>, _>>()?
+            } else if input.extension().is_some_and(|e| e == "bin") {
+                qud_eval::PairSet::load(&input)?.faces
+            } else {
+                bail!(
+                    "{}: expected an image folder or a .bin (RecordIO input arrives with issue 4)",
+                    input.display()
+                );
+            };
+            let embedded = qud_eval::embed(&model, &faces, batch_size, flip_sum, &device);
+            qud_eval::write_npy(&out, &embedded.raw).with_context(|| out.display().to_string())?;
+            println!(
+                "{} embeddings of size {embedding_dim} -> {}",
+                embedded.raw.len(),
+                out.display()
+            );
             Ok(())
         }
         Command::Inspect {

@@ -119,7 +119,9 @@ impl PairSet {
 /// Embeddings of a set plus insightface's XNorm (mean L2 norm of raw embeddings, both flips).
 #[derive(Clone, Debug)]
 pub struct Embedded {
-    /// Flip-summed (or plain) embeddings, L2-normalised.
+    /// Flip-summed (or plain) embeddings as the network gives them.
+    pub raw: Vec<Vec<f32>>,
+    /// The same, L2-normalised.
     pub normalized: Vec<Vec<f32>>,
     pub xnorm: f64,
 }
@@ -166,7 +168,7 @@ pub fn embed<M: Backbone>(
         sums.extend(acc.chunks(dim).map(<[f32]>::to_vec));
     }
     let normalized = sums
-        .into_iter()
+        .iter()
         .map(|row| {
             let n = row
                 .iter()
@@ -174,13 +176,42 @@ pub fn embed<M: Backbone>(
                 .sum::<f64>()
                 .sqrt()
                 .max(1e-12);
-            row.into_iter().map(|v| (v as f64 / n) as f32).collect()
+            row.iter().map(|v| (*v as f64 / n) as f32).collect()
         })
         .collect();
     Embedded {
+        raw: sums,
         normalized,
         xnorm: norm_total / norm_count.max(1) as f64,
     }
+}
+
+/// Write `[N, D]` float32 rows as a NumPy `.npy` file (format 1.0), atomically.
+pub fn write_npy(path: &Path, rows: &[Vec<f32>]) -> std::io::Result<()> {
+    let dim = rows.first().map_or(0, Vec::len);
+    let mut header = format!(
+        "{{'descr': '<f4', 'fortran_order': False, 'shape': ({}, {dim}), }}",
+        rows.len()
+    );
+    // magic (6) + version (2) + header length (2) + header, padded with spaces, ends in '\n',
+    // total a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + rows.len() * dim * 4);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for row in rows {
+        assert_eq!(row.len(), dim, "every row has the same width");
+        for v in row {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+    }
+    let tmp = path.with_extension("npy.tmp");
+    std::fs::write(&tmp, out)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// One row of an evaluation table.

@@ -237,3 +237,26 @@ fn roc_reads_tar_at_far() {
     assert_eq!(curve.last(), Some(&(1.0, 1.0)));
     assert_eq!(tar, vec![(0.0, 0.5), (0.5, 1.0), (1.0, 1.0)]);
 }
+
+#[test]
+fn npy_files_have_numpys_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("emb.npy");
+    write_npy(&path, &[vec![1.0, -2.0, 0.5], vec![3.0, 4.0, 5.0]]).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(&bytes[..8], b"\x93NUMPY\x01\x00");
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    assert_eq!((10 + header_len) % 64, 0);
+    let header = std::str::from_utf8(&bytes[10..10 + header_len]).unwrap();
+    assert!(
+        header.contains("'descr': '<f4'")
+            && header.contains("'shape': (2, 3)")
+            && header.ends_with('\n'),
+        "{header}"
+    );
+    let data: Vec<f32> = bytes[10 + header_len..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    assert_eq!(data, vec![1.0, -2.0, 0.5, 3.0, 4.0, 5.0]);
+}
