@@ -20,13 +20,13 @@ pub fn table(rows: &[(&str, &Vec<SetScore>)]) -> String {
     let Some((_, first)) = rows.first() else {
         return String::new();
     };
-    let mut out = format!("{:<10}", "model");
+    let mut out = format!("{:<14}", "model");
     for s in first.iter() {
         out += &format!(" | {:>18}", s.name);
     }
     out += " |    VAL@FAR1e-3 | XNorm\n";
     for (name, scores) in rows {
-        out += &format!("{name:<10}");
+        out += &format!("{name:<14}");
         for s in scores.iter() {
             out += &format!(
                 " | {:>9.2} +- {:>5.2}",

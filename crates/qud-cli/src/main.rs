@@ -43,10 +43,8 @@ enum Command {
     },
     /// Score a backbone on verification .bin sets (flip TTA, 10 folds, as insightface).
     Eval {
-        #[arg(long)]
-        arch: String,
-        #[arg(long)]
-        weights: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         #[arg(long)]
         bins: PathBuf,
         #[arg(
@@ -55,24 +53,14 @@ enum Command {
             default_value = "lfw,cfp_fp,agedb_30,calfw,cplfw"
         )]
         targets: Vec<String>,
-        #[arg(long, default_value_t = 512)]
-        embedding_dim: usize,
-        #[arg(long, default_value_t = 64)]
-        batch_size: usize,
-        #[arg(long, default_value = "flex")]
-        backend: String,
-        #[arg(long, default_value = "cpu")]
-        device: String,
         /// Also write the scores as JSON.
         #[arg(long)]
         json: Option<PathBuf>,
     },
     /// Embed faces (an image folder or a .bin) and write float32 [N, D] rows in input order (.npy).
     Embed {
-        #[arg(long)]
-        arch: String,
-        #[arg(long)]
-        weights: PathBuf,
+        #[command(flatten)]
+        model: ModelArgs,
         /// A folder of images (sorted; identity sub-folders allowed) or a verification .bin.
         #[arg(long)]
         input: PathBuf,
@@ -84,14 +72,6 @@ enum Command {
         /// Resize images that are not 112x112 instead of refusing them.
         #[arg(long)]
         resize: bool,
-        #[arg(long, default_value_t = 512)]
-        embedding_dim: usize,
-        #[arg(long, default_value_t = 64)]
-        batch_size: usize,
-        #[arg(long, default_value = "flex")]
-        backend: String,
-        #[arg(long, default_value = "cpu")]
-        device: String,
     },
     /// Parameter count of an architecture, as PyTorch counts it.
     Inspect {
@@ -102,6 +82,41 @@ enum Command {
     },
     /// The compiled backends and the registered architectures.
     List,
+}
+
+/// A backbone with its weights, on a backend, for `eval` and `embed`.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Registered architecture (`qud list`).
+    #[arg(long)]
+    arch: String,
+    /// PyTorch state_dict (.pth/.pt) or safetensors with the architecture's PyTorch key names.
+    #[arg(long)]
+    weights: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    embedding_dim: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    #[arg(long, default_value = "flex")]
+    backend: String,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl ModelArgs {
+    /// The model in eval mode and its device.
+    fn load(&self) -> Result<(qud_models::AnyBackbone, burn::tensor::Device)> {
+        let device = qud_backends::device(&self.backend, &self.device)?;
+        let spec = qud_models::BackboneSpec {
+            embedding_dim: self.embedding_dim,
+            dropout: 0.0,
+        };
+        let model = qud_models::create(&self.arch, &spec, &device)?;
+        Ok((
+            qud_models::load_weights(model, &self.weights)?.valid(),
+            device,
+        ))
+    }
 }
 
 fn init_logging(log_file: Option<&std::path::Path>) {
@@ -157,24 +172,14 @@ fn main() -> Result<()> {
         }
         Command::Demo { set } => demo::run(&set),
         Command::Eval {
-            arch,
-            weights,
+            model,
             bins,
             targets,
-            embedding_dim,
-            batch_size,
-            backend,
-            device,
             json,
         } => {
             init_logging(None);
-            let device = qud_backends::device(&backend, &device)?;
-            let spec = qud_models::BackboneSpec {
-                embedding_dim,
-                dropout: 0.0,
-            };
-            let model = qud_models::create(&arch, &spec, &device)?;
-            let model = qud_models::load_weights(model, &weights)?.valid();
+            let batch_size = model.batch_size;
+            let (model, device) = model.load()?;
             let mut scores = Vec::new();
             for target in &targets {
                 let path = bins.join(format!("{target}.bin"));
@@ -196,26 +201,15 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Embed {
-            arch,
-            weights,
+            model,
             input,
             out,
             flip_sum,
             resize,
-            embedding_dim,
-            batch_size,
-            backend,
-            device,
         } => {
             init_logging(None);
-            let device = qud_backends::device(&backend, &device)?;
-            let spec = qud_models::BackboneSpec {
-                embedding_dim,
-                dropout: 0.0,
-            };
-            let model =
-                qud_models::load_weights(qud_models::create(&arch, &spec, &device)?, &weights)?
-                    .valid();
+            let (batch_size, embedding_dim) = (model.batch_size, model.embedding_dim);
+            let (model, device) = model.load()?;
             let faces = if input.is_dir() {
                 use qud_data::FaceDataset;
                 let folder = qud_data::ImageFolder::open(&input, resize)?;
