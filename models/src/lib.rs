@@ -107,6 +107,13 @@ impl Backbone for AnyBackbone {
             Self::IResNet(m) => m.arch(),
         }
     }
+
+    fn macs(&self) -> u64 {
+        match self {
+            Self::MobileFaceNet(m) => m.macs(),
+            Self::IResNet(m) => m.macs(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -124,6 +131,23 @@ mod tests {
             let model = create(name, &spec, &device).unwrap();
             assert_eq!(model.arch(), name.to_ascii_lowercase());
             assert_eq!(model.embedding_dim(), 64);
+        }
+    }
+
+    /// Expected values: forward hooks on the PyTorch reference modules of
+    /// `models/fixtures/make_fixtures.py`, one 1x3x112x112 input, eval mode:
+    /// `conv: out.numel() * m.weight[0].numel()`, `linear: m.weight.numel()`, summed.
+    #[test]
+    fn counts_multiply_accumulates_as_pytorch_hooks_do() {
+        let device = qud_backend_flex::device();
+        let spec = BackboneSpec::default();
+        for (name, macs) in [
+            ("mobilefacenet", 221_161_984u64),
+            ("iresnet18", 2_609_954_816),
+            ("iresnet50", 6_309_330_944),
+            ("iresnet100", 12_089_606_144),
+        ] {
+            assert_eq!(create(name, &spec, &device).unwrap().macs(), macs, "{name}");
         }
     }
 

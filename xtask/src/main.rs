@@ -5,6 +5,8 @@
 //!   skipped). `--wgpu` also runs the wgpu smoke test on a Vulkan adapter (see README).
 //! - `lint`: `cargo fmt --check` and clippy with `-D warnings` over every crate, GPU ones included.
 //! - `ci`: `lint`, then `test`; what `.ci/run` runs.
+//! - `bench <backbones|data|eval>`: the criterion benchmarks of qud-bench, then the PyTorch /
+//!   NumPy reference on the same inputs when Python has the modules, and the ratio.
 //! - `train [--config FILE] [--set k=v]... [--resume] [--max-steps N]`: without arguments the
 //!   embedded demo (`qud demo`), otherwise `qud train` with those arguments.
 
@@ -25,6 +27,7 @@ fn main() -> Result<()> {
         "test" => test(rest),
         "train" => train(rest),
         "lint" => lint(),
+        "bench" => bench(rest),
         "ci" => {
             lint()?;
             test(rest)
@@ -44,6 +47,8 @@ usage: cargo xtask <command>
                   (--wgpu: also the wgpu smoke test; needs a Vulkan driver, see README)
   lint            cargo fmt --check, clippy -D warnings on every crate
   ci              lint, then test (what .ci/run runs)
+  bench NAME      backbones | data | eval: criterion benchmark, then the PyTorch/NumPy
+                  reference on the same inputs (when python3 has torch/numpy), and the ratio
   train [ARGS]    no ARGS: the embedded demo (synthetic faces, ArcFace teacher, QUD student);
                   otherwise `qud train ARGS`, e.g. --config configs/paper/ms1mv2_r50_qud.toml
                   --set data.root=/data/ms1m --set teacher.weights=r50.pth";
@@ -144,4 +149,160 @@ fn lint() -> Result<()> {
     check_gpu_crates(&mut clippy);
     run("clippy", clippy)?;
     Ok(())
+}
+
+/// `(benchmark id, items per second)` of every criterion result under `target/criterion` whose
+/// id starts with `prefix`, from the median time per iteration.
+fn criterion_rates(prefix: &str) -> Result<Vec<(String, f64)>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion");
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.ends_with("new/benchmark.json") {
+                let read = |p: &std::path::Path| -> Result<serde_json::Value> {
+                    Ok(serde_json::from_slice(&std::fs::read(p)?)?)
+                };
+                let meta = read(&path)?;
+                let estimates = read(&path.with_file_name("estimates.json"))?;
+                let id = meta["full_id"].as_str().unwrap_or_default().to_string();
+                let items = meta["throughput"]["Elements"].as_f64().unwrap_or(1.0);
+                let ns = estimates["median"]["point_estimate"]
+                    .as_f64()
+                    .unwrap_or(f64::NAN);
+                if id.starts_with(prefix) {
+                    out.push((id, items / (ns * 1e-9)));
+                }
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Run a reference script; `None` (with the reason printed) when Python or its modules are
+/// missing.
+fn python_reference(script: &str, args: &[String], modules: &str) -> Option<serde_json::Value> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = Command::new(&python)
+        .args(["-c", &format!("import {modules}")])
+        .output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("xtask: no reference run: `{python} -c 'import {modules}'` failed");
+        return None;
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../crates/qud-bench/python")
+        .join(script);
+    eprintln!(
+        "xtask: reference: {python} {} {}",
+        path.display(),
+        args.join(" ")
+    );
+    let output = Command::new(&python).arg(&path).args(args).output().ok()?;
+    if !output.status.success() {
+        eprintln!(
+            "xtask: reference failed:\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        return None;
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(text.lines().last()?).ok()
+}
+
+fn bench(args: &[String]) -> Result<()> {
+    let Some(name) = args.first().map(String::as_str) else {
+        bail!("usage: cargo xtask bench <backbones|data|eval>");
+    };
+    if !["backbones", "data", "eval"].contains(&name) {
+        bail!("unknown benchmark `{name}`: backbones, data or eval");
+    }
+    let mut criterion = cargo();
+    // The dev profile builds dependencies at opt-level 3 (Cargo.toml) and shares them with the
+    // tests, so a benchmark costs no second build of Burn.
+    criterion.args([
+        "bench",
+        "--profile",
+        "dev",
+        "-p",
+        "qud-bench",
+        "--bench",
+        name,
+    ]);
+    criterion.args(&args[1..]);
+    run("criterion", criterion)?;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-data");
+    println!("\n{name}: {threads} CPU threads, dev profile (dependencies opt-level 3)");
+    match name {
+        "backbones" => {
+            let ours = criterion_rates("forward_b64")?;
+            let torch = python_reference("backbones.py", &[threads.to_string()], "torch");
+            println!(
+                "{:<36} {:>12} {:>14} {:>8}",
+                "forward, batch 64", "images/s", "PyTorch img/s", "ratio"
+            );
+            for (id, rate) in ours {
+                let arch = id.split('/').nth(1).unwrap_or_default();
+                let reference = torch
+                    .as_ref()
+                    .and_then(|t| t["images_per_s"][arch].as_f64());
+                print_row(&id, rate, reference);
+            }
+            if let Some(t) = &torch {
+                println!("PyTorch {} with {} threads", t["torch"], t["threads"]);
+            }
+        }
+        "data" => {
+            let ours = criterion_rates("decode_batch")?;
+            let rec = data.join("faces_1024.rec").display().to_string();
+            let reference = python_reference("data.py", &[rec], "torch, PIL, numpy");
+            println!(
+                "{:<36} {:>12} {:>14} {:>8}",
+                "decode+flip+normalise", "images/s", "PIL+torch img/s", "ratio"
+            );
+            for (id, rate) in ours {
+                let threads = id.rsplit('_').next().unwrap_or("1").to_string();
+                let r = reference
+                    .as_ref()
+                    .and_then(|t| t["images_per_s"][&threads].as_f64());
+                print_row(&id, rate, r);
+            }
+        }
+        _ => {
+            let ours = criterion_rates("verify_10fold")?;
+            let reference =
+                python_reference("eval.py", &[data.display().to_string()], "numpy, sklearn");
+            println!(
+                "{:<36} {:>12} {:>14} {:>8}",
+                "10-fold verification", "pairs/s", "NumPy pairs/s", "ratio"
+            );
+            for (id, rate) in ours {
+                let pairs = id.rsplit('_').next().unwrap_or_default().to_string();
+                let r = reference.as_ref().and_then(|t| {
+                    let seconds = t["seconds"][&pairs].as_f64()?;
+                    Some(pairs.parse::<f64>().ok()? / seconds)
+                });
+                print_row(&id, rate, r);
+            }
+            for (id, rate) in criterion_rates("embed_flip_tta")? {
+                print_row(&id, rate, None);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_row(id: &str, rate: f64, reference: Option<f64>) {
+    match reference {
+        Some(r) => println!("{id:<36} {rate:>12.1} {r:>14.1} {:>7.2}x", rate / r),
+        None => println!("{id:<36} {rate:>12.1} {:>14} {:>8}", "-", "-"),
+    }
 }

@@ -22,6 +22,45 @@ pub trait Backbone: Module {
     fn embedding_dim(&self) -> usize;
     /// Registry name of the architecture (`mobilefacenet`, `iresnet50`, ...).
     fn arch(&self) -> &str;
+    /// Multiply-accumulates of one forward pass on a 112x112 face: convolutions and linear
+    /// layers (BatchNorm, PReLU and additions, a few percent, are left out, as ptflops and
+    /// insightface's GFLOPs tables count).
+    fn macs(&self) -> u64;
+}
+
+/// Counts multiply-accumulates layer by layer, tracking the feature map's side.
+#[derive(Clone, Debug)]
+pub struct MacCounter {
+    /// Current feature-map side (square maps).
+    pub side: usize,
+    pub total: u64,
+}
+
+impl MacCounter {
+    /// Start at the input side (112 for faces).
+    pub fn new(side: usize) -> Self {
+        Self { side, total: 0 }
+    }
+
+    /// Count `conv` on the current map and move to its output side.
+    pub fn conv(&mut self, conv: &burn::nn::conv::Conv2d) -> &mut Self {
+        let [out, in_per_group, kh, kw] = conv.weight.shape().dims();
+        let pad = match conv.padding {
+            burn::nn::PaddingConfig2d::Explicit(top, _, bottom, _) => top + bottom,
+            burn::nn::PaddingConfig2d::Valid => 0,
+            burn::nn::PaddingConfig2d::Same => kh - 1,
+        };
+        let span = conv.dilation[0] * (kh - 1) + 1;
+        self.side = (self.side + pad - span) / conv.stride[0] + 1;
+        self.total += (self.side * self.side * out * in_per_group * kh * kw) as u64;
+        self
+    }
+
+    /// Count a dense layer (`inputs x outputs`).
+    pub fn linear(&mut self, inputs: usize, outputs: usize) -> &mut Self {
+        self.total += (inputs * outputs) as u64;
+        self
+    }
 }
 
 /// Parameters as PyTorch counts them (`sum(p.numel() for p in model.parameters())`): every

@@ -5,7 +5,6 @@
 use anyhow::{Context, Result};
 use burn::module::Module;
 use qud_config::{Config, ConfigLoader};
-use qud_data::{FaceDataset, SyntheticFaces};
 use qud_eval::SetScore;
 use std::path::Path;
 
@@ -43,34 +42,9 @@ pub fn table(rows: &[(&str, &Vec<SetScore>)]) -> String {
 
 /// `identities x 4` held-out faces as 2 same and 2 different pairs per identity.
 fn write_eval_set(path: &Path, identities: usize) -> Result<()> {
-    let faces = SyntheticFaces::new(identities, 4, EVAL_SEED);
-    let png = |identity: usize, image: usize| -> Result<Vec<u8>> {
-        let face = faces.get(identity * 4 + image)?.image;
-        let mut out = std::io::Cursor::new(Vec::new());
-        image::RgbImage::from_raw(112, 112, face.rgb)
-            .context("face buffer")?
-            .write_to(&mut out, image::ImageFormat::Png)?;
-        Ok(out.into_inner())
-    };
-    let (mut images, mut issame) = (Vec::new(), Vec::new());
-    for id in 0..identities {
-        let other = (id + 1 + id % (identities - 1)) % identities;
-        for (a, b) in [
-            ((id, 0), (id, 1)),
-            ((id, 2), (other, 3)),
-            ((id, 3), (id, 2)),
-            ((id, 1), ((other + 1) % identities, 0)),
-        ] {
-            images.push(png(a.0, a.1)?);
-            images.push(png(b.0, b.1)?);
-            issame.push(a.0 == b.0);
-        }
-    }
-    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
-    let tmp = path.with_extension("bin.tmp");
-    std::fs::write(&tmp, qud_eval::pickle::dump_bin(&images, &issame))?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    let (images, issame) =
+        qud_data::synthetic_pairs(identities, EVAL_SEED, qud_data::ImageEncoding::Png);
+    crate::tools::write_atomic(path, &qud_eval::pickle::dump_bin(&images, &issame))
 }
 
 fn teacher_config(student: &Config, dir: &Path, user: &[String]) -> Result<Config> {

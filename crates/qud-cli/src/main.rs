@@ -1,6 +1,7 @@
 //! `qud`: train (any config, or the embedded demo), evaluate and inspect face models.
 
 mod demo;
+mod tools;
 
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
@@ -41,27 +42,37 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
-    /// Score a backbone on verification .bin sets (flip TTA, 10 folds, as insightface).
+    /// Score a backbone on verification .bin sets (flip TTA, 10 folds, as insightface), or score
+    /// embeddings made anywhere (`--embeddings emb.npy --issame issame.npy|.txt`).
     Eval {
         #[command(flatten)]
         model: ModelArgs,
-        #[arg(long)]
-        bins: PathBuf,
+        /// Folder holding `<target>.bin` files.
+        #[arg(long, required_unless_present = "embeddings")]
+        bins: Option<PathBuf>,
         #[arg(
             long,
             value_delimiter = ',',
             default_value = "lfw,cfp_fp,agedb_30,calfw,cplfw"
         )]
         targets: Vec<String>,
-        /// Also write the scores as JSON.
+        /// `[2P, D]` float32/float64 .npy of embeddings, pairs consecutive (instead of a model).
+        #[arg(long, requires = "issame", conflicts_with = "bins")]
+        embeddings: Option<PathBuf>,
+        /// `P` pair labels: a bool/int .npy or a text file of 1/0 lines.
+        #[arg(long)]
+        issame: Option<PathBuf>,
+        /// Also write the scores as JSON, and a ROC plot per target (`roc_<target>.svg`) beside it.
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// Embed faces (an image folder or a .bin) and write float32 [N, D] rows in input order (.npy).
+    /// Embed faces (an image folder, a RecordIO .rec or a .bin) and write float32 [N, D] rows in
+    /// input order (.npy).
     Embed {
         #[command(flatten)]
         model: ModelArgs,
-        /// A folder of images (sorted; identity sub-folders allowed) or a verification .bin.
+        /// A folder of images (sorted; identity sub-folders allowed), a RecordIO .rec (image
+        /// records in key order) or a verification .bin.
         #[arg(long)]
         input: PathBuf,
         #[arg(long)]
@@ -73,7 +84,37 @@ enum Command {
         #[arg(long)]
         resize: bool,
     },
-    /// Parameter count of an architecture, as PyTorch counts it.
+    /// Pack an image folder (identity sub-folders, or flat and unlabelled) into insightface
+    /// RecordIO: `<prefix>.rec` + `<prefix>.idx`.
+    Pack {
+        folder: PathBuf,
+        prefix: PathBuf,
+        /// Resize images that are not 112x112 (re-encoded as JPEG) instead of refusing them.
+        #[arg(long)]
+        resize: bool,
+        #[arg(long, default_value_t = 95)]
+        quality: u8,
+    },
+    /// Write synthetic faces (a folder, or RecordIO when OUT ends in .rec) and optionally a
+    /// verification .bin of held-out synthetic identities.
+    Synth {
+        out: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        identities: usize,
+        #[arg(long, default_value_t = 20)]
+        images: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// JPEG quality of the faces (insightface packs at 95).
+        #[arg(long, default_value_t = 95)]
+        quality: u8,
+        /// Also write this verification .bin (4 pairs per held-out identity, half genuine).
+        #[arg(long)]
+        pairs: Option<PathBuf>,
+        #[arg(long, default_value_t = 50)]
+        pair_identities: usize,
+    },
+    /// Parameters (as PyTorch counts them) and multiply-accumulates at 112x112 of an architecture.
     Inspect {
         #[arg(long)]
         arch: String,
@@ -89,10 +130,10 @@ enum Command {
 struct ModelArgs {
     /// Registered architecture (`qud list`).
     #[arg(long)]
-    arch: String,
+    arch: Option<String>,
     /// PyTorch state_dict (.pth/.pt) or safetensors with the architecture's PyTorch key names.
     #[arg(long)]
-    weights: PathBuf,
+    weights: Option<PathBuf>,
     #[arg(long, default_value_t = 512)]
     embedding_dim: usize,
     #[arg(long, default_value_t = 64)]
@@ -111,11 +152,11 @@ impl ModelArgs {
             embedding_dim: self.embedding_dim,
             dropout: 0.0,
         };
-        let model = qud_models::create(&self.arch, &spec, &device)?;
-        Ok((
-            qud_models::load_weights(model, &self.weights)?.valid(),
-            device,
-        ))
+        let (Some(arch), Some(weights)) = (&self.arch, &self.weights) else {
+            bail!("--arch and --weights are required");
+        };
+        let model = qud_models::create(arch, &spec, &device)?;
+        Ok((qud_models::load_weights(model, weights)?.valid(), device))
     }
 }
 
@@ -175,28 +216,53 @@ fn main() -> Result<()> {
             model,
             bins,
             targets,
+            embeddings,
+            issame,
             json,
         } => {
             init_logging(None);
-            let batch_size = model.batch_size;
-            let (model, device) = model.load()?;
-            let mut scores = Vec::new();
-            for target in &targets {
-                let path = bins.join(format!("{target}.bin"));
-                if !path.is_file() {
-                    tracing::warn!("{} not found, skipped", path.display());
-                    continue;
+            let (label, scores) = match (embeddings, issame) {
+                (Some(embeddings), Some(issame)) => {
+                    let rows = qud_eval::read_npy_rows(&embeddings)?;
+                    let labels = qud_eval::read_issame(&issame)?;
+                    let name = embeddings
+                        .file_stem()
+                        .map_or("embeddings".into(), |s| s.to_string_lossy().to_string());
+                    let score = qud_eval::score_embeddings(&name, &rows, &labels)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", embeddings.display()))?;
+                    ("embeddings".to_string(), vec![score])
                 }
-                let set = qud_eval::PairSet::load(&path)?;
-                scores.push(qud_eval::evaluate(&model, &set, batch_size, &device));
-            }
-            if scores.is_empty() {
-                bail!("none of {} found in {}", targets.join(", "), bins.display());
-            }
-            println!("{}", demo::table(&[(model.arch(), &scores)]));
+                _ => {
+                    let bins = bins.context("--bins or --embeddings is required")?;
+                    let batch_size = model.batch_size;
+                    let (model, device) = model.load()?;
+                    let mut scores = Vec::new();
+                    for target in &targets {
+                        let path = bins.join(format!("{target}.bin"));
+                        if !path.is_file() {
+                            tracing::warn!("{} not found, skipped", path.display());
+                            continue;
+                        }
+                        let set = qud_eval::PairSet::load(&path)?;
+                        scores.push(qud_eval::evaluate(&model, &set, batch_size, &device));
+                    }
+                    if scores.is_empty() {
+                        bail!("none of {} found in {}", targets.join(", "), bins.display());
+                    }
+                    (model.arch().to_string(), scores)
+                }
+            };
+            println!("{}", demo::table(&[(label.as_str(), &scores)]));
             if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&scores)?)
-                    .with_context(|| path.display().to_string())?;
+                tools::write_atomic(&path, serde_json::to_string_pretty(&scores)?.as_bytes())?;
+                let dir = path.parent().unwrap_or(std::path::Path::new("."));
+                for score in &scores {
+                    let plot = dir.join(format!("roc_{}.svg", score.name));
+                    let title = format!("{} ({} pairs)", score.name, score.pairs);
+                    let svg = qud_eval::roc_svg(&title, &[(label.as_str(), &score.roc)]);
+                    tools::write_atomic(&plot, svg.as_bytes())?;
+                    println!("ROC plot -> {}", plot.display());
+                }
             }
             Ok(())
         }
@@ -210,21 +276,7 @@ fn main() -> Result<()> {
             init_logging(None);
             let (batch_size, embedding_dim) = (model.batch_size, model.embedding_dim);
             let (model, device) = model.load()?;
-            let faces = if input.is_dir() {
-                use qud_data::FaceDataset;
-                let folder = qud_data::ImageFolder::open(&input, resize)?;
-                tracing::info!("{}", folder.describe());
-                (0..folder.len())
-                    .map(|i| folder.get(i).map(|s| s.image))
-                    .collect::<Result<Vec<_>, _>>()?
-            } else if input.extension().is_some_and(|e| e == "bin") {
-                qud_eval::PairSet::load(&input)?.faces
-            } else {
-                bail!(
-                    "{}: expected an image folder or a .bin (RecordIO input arrives with issue 4)",
-                    input.display()
-                );
-            };
+            let faces = tools::faces_of(&input, resize)?;
             let embedded = qud_eval::embed(&model, &faces, batch_size, flip_sum, &device);
             qud_eval::write_npy(&out, &embedded.raw).with_context(|| out.display().to_string())?;
             println!(
@@ -233,6 +285,34 @@ fn main() -> Result<()> {
                 out.display()
             );
             Ok(())
+        }
+        Command::Pack {
+            folder,
+            prefix,
+            resize,
+            quality,
+        } => {
+            init_logging(None);
+            tools::pack(&folder, &prefix, resize, quality)
+        }
+        Command::Synth {
+            out,
+            identities,
+            images,
+            seed,
+            quality,
+            pairs,
+            pair_identities,
+        } => {
+            init_logging(None);
+            tools::synth(
+                &out,
+                identities,
+                images,
+                seed,
+                quality,
+                pairs.as_deref().map(|p| (p, pair_identities)),
+            )
         }
         Command::Inspect {
             arch,
@@ -245,8 +325,9 @@ fn main() -> Result<()> {
             };
             let model = qud_models::create(&arch, &spec, &device)?;
             println!(
-                "{arch}: {} parameters, embedding {embedding_dim}",
-                qud_backbone::num_parameters(&model)
+                "{arch}: {} parameters, {:.3} GMACs at 112x112, embedding {embedding_dim}",
+                qud_backbone::num_parameters(&model),
+                qud_backbone::Backbone::macs(&model) as f64 / 1e9
             );
             Ok(())
         }

@@ -35,6 +35,17 @@ pub enum DataFormat {
     Synthetic,
 }
 
+/// What to do with a training sample that cannot be decoded (corrupt image, wrong size, damaged
+/// record).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBadSample {
+    /// Leave it out of its batch, log it once and count it in the epoch summary.
+    Skip,
+    /// Stop the run with an error naming the sample.
+    Fail,
+}
+
 /// `[data]`: the training set and its augmentation.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -50,6 +61,8 @@ pub struct DataConfig {
     pub workers: usize,
     /// Batches decoded ahead of the training step.
     pub prefetch: usize,
+    /// A sample that cannot be decoded: `skip` (counted) or `fail`.
+    pub on_bad_sample: OnBadSample,
     /// Identities of the synthetic set.
     pub synthetic_identities: usize,
     /// Images per identity of the synthetic set.
@@ -65,6 +78,7 @@ impl Default for DataConfig {
             flip_prob: 0.5,
             workers: 0,
             prefetch: 4,
+            on_bad_sample: OnBadSample::Skip,
             synthetic_identities: 64,
             synthetic_images_per_identity: 16,
         }

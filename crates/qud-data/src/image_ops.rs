@@ -79,3 +79,32 @@ pub fn normalize_into(face: &FaceImage, flip: bool, out: &mut [f32]) {
         }
     }
 }
+
+/// How [`encode_face`] stores a face.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ImageEncoding {
+    /// JPEG at a quality (insightface packs its sets at 95).
+    Jpeg(u8),
+    Png,
+}
+
+/// Encode a face as JPEG or PNG bytes.
+pub fn encode_face(face: &FaceImage, encoding: ImageEncoding) -> Vec<u8> {
+    let mut out = Vec::new();
+    let (w, h) = (FACE_SIZE as u32, FACE_SIZE as u32);
+    let result = match encoding {
+        ImageEncoding::Jpeg(quality) => image::codecs::jpeg::JpegEncoder::new_with_quality(
+            &mut out, quality,
+        )
+        .encode(&face.rgb, w, h, image::ExtendedColorType::Rgb8),
+        ImageEncoding::Png => image::ImageEncoder::write_image(
+            image::codecs::png::PngEncoder::new(&mut out),
+            &face.rgb,
+            w,
+            h,
+            image::ExtendedColorType::Rgb8,
+        ),
+    };
+    result.expect("encoding a 112x112 RGB buffer into memory cannot fail");
+    out
+}

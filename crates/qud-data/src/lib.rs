@@ -2,7 +2,8 @@
 //!
 //! A dataset is anything implementing [`FaceDataset`]: random access to 112x112 RGB faces with an
 //! optional identity label (QUD needs none; ArcFace does). Shipped: image folders
-//! ([`ImageFolder`]) and procedurally generated faces ([`SyntheticFaces`]). The [`Loader`] turns a
+//! ([`ImageFolder`]), insightface RecordIO ([`RecordDataset`]) and procedurally generated faces
+//! ([`SyntheticFaces`]). The [`Loader`] turns a
 //! dataset into shuffled, flipped, normalised batches, decoded in parallel ahead of the training
 //! step, reproducibly from a seed and resumable at any batch.
 //!
@@ -12,12 +13,19 @@
 mod folder;
 mod image_ops;
 mod loader;
+mod recordio;
 mod synthetic;
 
 pub use folder::ImageFolder;
-pub use image_ops::{decode_face, flip_horizontal, normalize_into, FaceImage, FACE_SIZE};
-pub use loader::{decode_batch, epoch_plan, Batch, Loader, LoaderOptions};
-pub use synthetic::SyntheticFaces;
+pub use image_ops::{
+    decode_face, encode_face, flip_horizontal, normalize_into, FaceImage, ImageEncoding, FACE_SIZE,
+};
+pub use loader::{decode_batch, epoch_plan, flip_for, Batch, Loader, LoaderOptions};
+pub use recordio::{
+    pack_records, read_file, Record, RecordDataset, RecordScanner, RecordWriter, IR_HEADER_LEN,
+    RECORD_MAGIC,
+};
+pub use synthetic::{synthetic_pairs, SyntheticFaces};
 
 use std::path::PathBuf;
 
@@ -39,6 +47,13 @@ pub enum DataError {
         width: u32,
         height: u32,
     },
+    #[error("{}: {at}: {reason}", path.display())]
+    Record {
+        path: PathBuf,
+        /// Where: `byte N`, `key K, byte N` or `line L` (of an .idx).
+        at: String,
+        reason: String,
+    },
     #[error("{}: no images found", .0.display())]
     Empty(PathBuf),
     #[error("sample {index} out of range: the dataset has {len}")]
@@ -50,6 +65,17 @@ pub enum DataError {
 pub struct Sample {
     pub image: FaceImage,
     pub label: Option<u32>,
+}
+
+impl DataError {
+    /// A problem with one sample's content (undecodable, wrong size, corrupt record), which
+    /// `data.on_bad_sample = "skip"` may step over; I/O errors and missing files are not.
+    pub fn is_bad_sample(&self) -> bool {
+        matches!(
+            self,
+            DataError::Decode { .. } | DataError::Size { .. } | DataError::Record { .. }
+        )
+    }
 }
 
 /// Random access to the faces of a training or evaluation set.

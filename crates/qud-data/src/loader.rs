@@ -1,8 +1,9 @@
 //! Shuffled, flipped, normalised batches, decoded in parallel ahead of the training step.
 //!
-//! The order and the flips of an epoch are a pure function of `(seed, epoch)`
-//! ([`epoch_plan`]), so a run resumed at batch `b` of epoch `e` sees exactly the batches an
-//! uninterrupted run would have seen.
+//! The order of an epoch is a pure function of `(seed, epoch)` and each flip a pure function of
+//! `(seed, epoch, sample index)` ([`epoch_plan`], [`flip_for`]), so a run resumed at batch `b` of
+//! epoch `e` sees exactly the batches an uninterrupted run would have seen, whatever the number of
+//! decoding threads. With `world > 1` every rank gets a disjoint shard of the epoch.
 
 use crate::{normalize_into, DataError, FaceDataset, FACE_SIZE};
 use burn::prelude::*;
@@ -25,6 +26,11 @@ pub struct LoaderOptions {
     pub workers: usize,
     /// Batches decoded ahead.
     pub prefetch: usize,
+    /// This process's shard and the number of shards (data-parallel ranks or devices).
+    pub rank: usize,
+    pub world: usize,
+    /// Leave out samples that fail to decode (counted in [`Batch::skipped`]) instead of failing.
+    pub skip_bad_samples: bool,
 }
 
 impl Default for LoaderOptions {
@@ -37,11 +43,35 @@ impl Default for LoaderOptions {
             drop_last: true,
             workers: 0,
             prefetch: 2,
+            rank: 0,
+            world: 1,
+            skip_bad_samples: true,
         }
     }
 }
 
-/// `(sample index, flipped)` for every sample of epoch `epoch`, in visiting order.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Whether sample `index` is flipped in `epoch`: a hash of `(seed, epoch, index)` against `prob`,
+/// so the teacher-feature cache and a resumed run agree with the original run.
+pub fn flip_for(seed: u64, epoch: usize, index: usize, prob: f64) -> bool {
+    if prob <= 0.0 {
+        return false;
+    }
+    let h = splitmix64(splitmix64(splitmix64(seed) ^ epoch as u64) ^ index as u64);
+    // 53 random bits -> [0, 1)
+    ((h >> 11) as f64) * (1.0 / (1u64 << 53) as f64) < prob
+}
+
+/// `(sample index, flipped)` for every sample this rank visits in `epoch`, in order. The shuffle
+/// is shared by all ranks; rank `r` of `w` takes positions `r, r + w, ...`. With `drop_last` every
+/// rank gets `len / w` samples (the remainder is left out, as PyTorch's `DistributedSampler` with
+/// `drop_last`); otherwise the first `len % w` ranks get one more.
 pub fn epoch_plan(len: usize, epoch: usize, options: &LoaderOptions) -> Vec<(usize, bool)> {
     let mut rng = ChaCha8Rng::seed_from_u64(
         options.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
@@ -52,14 +82,18 @@ pub fn epoch_plan(len: usize, epoch: usize, options: &LoaderOptions) -> Vec<(usi
             order.swap(i, rng.random_range(0..=i));
         }
     }
+    let world = options.world.max(1);
+    let take = if options.drop_last {
+        len / world
+    } else {
+        len.div_ceil(world)
+    };
     order
         .into_iter()
-        .map(|i| {
-            (
-                i,
-                options.flip_prob > 0.0 && rng.random_bool(options.flip_prob.min(1.0)),
-            )
-        })
+        .skip(options.rank)
+        .step_by(world)
+        .take(take)
+        .map(|i| (i, flip_for(options.seed, epoch, i, options.flip_prob)))
         .collect()
 }
 
@@ -70,6 +104,9 @@ pub struct Batch {
     pub indices: Vec<usize>,
     pub flips: Vec<bool>,
     pub labels: Vec<Option<u32>>,
+    /// Samples of this batch's plan that were left out because they could not be decoded:
+    /// `(sample index, why)`.
+    pub skipped: Vec<(usize, String)>,
 }
 
 impl Batch {
@@ -94,30 +131,45 @@ impl Batch {
     }
 }
 
-/// Decode the samples `plan` into one batch, splitting the work over `workers` threads.
+/// Decode the samples `plan` into one batch, splitting the work over `workers` threads. A sample
+/// that cannot be decoded fails the batch, unless `skip_bad` and the fault is the sample's own
+/// ([`DataError::is_bad_sample`]): then it is left out and listed in [`Batch::skipped`].
 pub fn decode_batch(
     dataset: &dyn FaceDataset,
     plan: &[(usize, bool)],
     workers: usize,
+    skip_bad: bool,
 ) -> Result<Batch, DataError> {
     let per_image = 3 * FACE_SIZE * FACE_SIZE;
     let mut images = vec![0f32; plan.len() * per_image];
     let mut labels = vec![None; plan.len()];
+    let mut faults: Vec<Option<String>> = vec![None; plan.len()];
     let workers = workers.clamp(1, plan.len().max(1));
     let chunk = plan.len().div_ceil(workers).max(1);
     std::thread::scope(|scope| -> Result<(), DataError> {
         let jobs: Vec<_> = images
             .chunks_mut(chunk * per_image)
             .zip(labels.chunks_mut(chunk))
+            .zip(faults.chunks_mut(chunk))
             .zip(plan.chunks(chunk))
-            .map(|((out, labels), plan)| {
+            .map(|(((out, labels), faults), plan)| {
                 scope.spawn(move || -> Result<(), DataError> {
-                    for ((&(index, flip), out), label) in
-                        plan.iter().zip(out.chunks_mut(per_image)).zip(labels)
+                    for (((&(index, flip), out), label), fault) in plan
+                        .iter()
+                        .zip(out.chunks_mut(per_image))
+                        .zip(labels)
+                        .zip(faults)
                     {
-                        let sample = dataset.get(index)?;
-                        normalize_into(&sample.image, flip, out);
-                        *label = sample.label;
+                        match dataset.get(index) {
+                            Ok(sample) => {
+                                normalize_into(&sample.image, flip, out);
+                                *label = sample.label;
+                            }
+                            Err(e) if skip_bad && e.is_bad_sample() => {
+                                *fault = Some(e.to_string());
+                            }
+                            Err(e) => return Err(e),
+                        }
                     }
                     Ok(())
                 })
@@ -128,12 +180,28 @@ pub fn decode_batch(
         }
         Ok(())
     })?;
-    Ok(Batch {
-        images,
-        indices: plan.iter().map(|p| p.0).collect(),
-        flips: plan.iter().map(|p| p.1).collect(),
-        labels,
-    })
+    let mut batch = Batch {
+        images: Vec::with_capacity(images.len()),
+        indices: Vec::with_capacity(plan.len()),
+        flips: Vec::with_capacity(plan.len()),
+        labels: Vec::with_capacity(plan.len()),
+        skipped: Vec::new(),
+    };
+    for (i, fault) in faults.into_iter().enumerate() {
+        let (index, flip) = plan[i];
+        match fault {
+            Some(why) => batch.skipped.push((index, why)),
+            None => {
+                batch
+                    .images
+                    .extend_from_slice(&images[i * per_image..(i + 1) * per_image]);
+                batch.indices.push(index);
+                batch.flips.push(flip);
+                batch.labels.push(labels[i]);
+            }
+        }
+    }
+    Ok(batch)
 }
 
 /// Batches of a dataset, epoch by epoch.
@@ -157,8 +225,15 @@ impl Loader {
         &self.options
     }
 
+    /// Batches this rank draws per epoch.
     pub fn batches_per_epoch(&self) -> usize {
-        let n = self.dataset.len();
+        let len = self.dataset.len();
+        let world = self.options.world.max(1);
+        let n = if self.options.drop_last {
+            len / world
+        } else {
+            (len + world - 1 - self.options.rank) / world
+        };
         if self.options.drop_last {
             n / self.options.batch_size
         } else {
@@ -174,6 +249,7 @@ impl Loader {
         let (tx, rx) = sync_channel(self.options.prefetch.max(1));
         let dataset = self.dataset.clone();
         let batch_size = self.options.batch_size;
+        let skip_bad = self.options.skip_bad_samples;
         let workers = match self.options.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -181,7 +257,12 @@ impl Loader {
         std::thread::spawn(move || {
             for b in start..batches {
                 let end = ((b + 1) * batch_size).min(plan.len());
-                let batch = decode_batch(dataset.as_ref(), &plan[b * batch_size..end], workers);
+                let batch = decode_batch(
+                    dataset.as_ref(),
+                    &plan[b * batch_size..end],
+                    workers,
+                    skip_bad,
+                );
                 let failed = batch.is_err();
                 if tx.send(batch).is_err() || failed {
                     return;

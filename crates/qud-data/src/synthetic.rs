@@ -200,3 +200,33 @@ impl FaceDataset for SyntheticFaces {
         )
     }
 }
+
+/// A verification set of `identities` synthetic identities (4 images each, rendered from `seed`):
+/// per identity two genuine and two impostor pairs, so half the pairs are genuine. Returns the
+/// encoded images (pairs consecutive, as in an insightface `.bin`) and `issame`.
+pub fn synthetic_pairs(
+    identities: usize,
+    seed: u64,
+    encoding: crate::ImageEncoding,
+) -> (Vec<Vec<u8>>, Vec<bool>) {
+    assert!(identities >= 3, "impostor pairs need at least 3 identities");
+    let faces = SyntheticFaces::new(identities, 4, seed);
+    let encoded = |identity: usize, image: usize| {
+        crate::encode_face(&faces.render(identity, image), encoding)
+    };
+    let (mut images, mut issame) = (Vec::new(), Vec::new());
+    for id in 0..identities {
+        let other = (id + 1 + id % (identities - 1)) % identities;
+        for (a, b) in [
+            ((id, 0), (id, 1)),
+            ((id, 2), (other, 3)),
+            ((id, 3), (id, 2)),
+            ((id, 1), ((other + 1) % identities, 0)),
+        ] {
+            images.push(encoded(a.0, a.1));
+            images.push(encoded(b.0, b.1));
+            issame.push(a.0 == b.0);
+        }
+    }
+    (images, issame)
+}

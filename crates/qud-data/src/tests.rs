@@ -154,3 +154,367 @@ fn resumed_epochs_see_the_same_batches() {
             .collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn batches_are_identical_whatever_the_worker_count() {
+    let set: Arc<dyn FaceDataset> = Arc::new(SyntheticFaces::new(3, 4, 5));
+    let batches = |workers| -> Vec<Batch> {
+        let options = LoaderOptions {
+            batch_size: 5,
+            seed: 3,
+            workers,
+            ..LoaderOptions::default()
+        };
+        Loader::new(set.clone(), options)
+            .epoch(1, 0)
+            .iter()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let (one, three) = (batches(1), batches(3));
+    assert_eq!(one.len(), 2);
+    for (a, b) in one.iter().zip(&three) {
+        assert_eq!(
+            (&a.indices, &a.flips, &a.images),
+            (&b.indices, &b.flips, &b.images)
+        );
+    }
+}
+
+#[test]
+fn flips_follow_the_sample_not_its_position() {
+    let options = LoaderOptions {
+        seed: 4,
+        ..LoaderOptions::default()
+    };
+    let plan = epoch_plan(300, 6, &options);
+    for &(index, flip) in &plan {
+        assert_eq!(flip, flip_for(4, 6, index, 0.5));
+    }
+    let flipped = plan.iter().filter(|p| p.1).count();
+    assert!(
+        (100..200).contains(&flipped),
+        "p = 0.5 flips {flipped} of 300"
+    );
+    assert!((0..300).all(|i| !flip_for(4, 6, i, 0.0) && flip_for(4, 6, i, 1.0)));
+}
+
+proptest! {
+    #[test]
+    fn shards_are_disjoint_and_cover_the_epoch(len in 0usize..300, world in 1usize..9, epoch in 0usize..5, seed in any::<u64>(), drop_last in any::<bool>()) {
+        let mut all = Vec::new();
+        let mut sizes = Vec::new();
+        for rank in 0..world {
+            let options = LoaderOptions { seed, rank, world, drop_last, batch_size: 1, ..LoaderOptions::default() };
+            let plan = epoch_plan(len, epoch, &options);
+            let set: Arc<dyn FaceDataset> = Arc::new(SyntheticFaces::new(1, len.max(1), 0));
+            if len > 0 {
+                prop_assert_eq!(Loader::new(set, options).batches_per_epoch(), plan.len());
+            }
+            sizes.push(plan.len());
+            all.extend(plan.into_iter().map(|p| p.0));
+        }
+        let total = all.len();
+        all.sort_unstable();
+        all.dedup();
+        prop_assert_eq!(all.len(), total, "shards overlap");
+        if drop_last {
+            prop_assert!(sizes.iter().all(|&s| s == len / world));
+        } else {
+            prop_assert_eq!(total, len, "shards do not cover the epoch");
+            prop_assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
+        }
+    }
+}
+
+/// A dataset whose sample 2 is a corrupt JPEG.
+struct OneBadSample(SyntheticFaces);
+
+impl FaceDataset for OneBadSample {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn get(&self, index: usize) -> Result<Sample, DataError> {
+        if index == 2 {
+            return decode_face(b"\xff\xd8\xff\xe0garbage", "sample 2", false)
+                .map(|image| Sample { image, label: None });
+        }
+        self.0.get(index)
+    }
+    fn num_identities(&self) -> Option<usize> {
+        None
+    }
+    fn describe(&self) -> String {
+        "one bad sample".into()
+    }
+}
+
+#[test]
+fn bad_samples_are_skipped_and_reported_or_fail_the_batch() {
+    let set = OneBadSample(SyntheticFaces::new(1, 4, 0));
+    let plan: Vec<(usize, bool)> = (0..4).map(|i| (i, false)).collect();
+    let batch = decode_batch(&set, &plan, 2, true).unwrap();
+    assert_eq!(batch.indices, vec![0, 1, 3]);
+    assert_eq!(batch.images.len(), 3 * 3 * FACE_SIZE * FACE_SIZE);
+    assert_eq!(batch.skipped.len(), 1);
+    assert_eq!(batch.skipped[0].0, 2);
+    assert!(
+        batch.skipped[0].1.contains("sample 2"),
+        "{:?}",
+        batch.skipped
+    );
+    let err = decode_batch(&set, &plan, 2, false).unwrap_err().to_string();
+    assert!(err.contains("sample 2: cannot decode image"), "{err}");
+}
+
+// ---- RecordIO ----------------------------------------------------------------------------------
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+fn png_bytes(seed: u8) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(112, 112, |x, y| {
+        image::Rgb([x as u8 ^ seed, y as u8, seed.wrapping_mul(7)])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+    out.into_inner()
+}
+
+/// Written by MXNet 1.9.1 (`fixtures/make_recordio_fixtures.py`): an insightface-layout set with a
+/// header record, identity records and a record MXNet split in three, and a set without header.
+#[test]
+fn reads_sets_written_by_mxnet() {
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("mxnet_expected.json")).unwrap()).unwrap();
+    for (name, identities) in [("header", Some(3)), ("noheader", None)] {
+        let set = RecordDataset::open(&fixture(&format!("mxnet_{name}.rec")), false).unwrap();
+        let cases = expected[name].as_array().unwrap();
+        assert_eq!(set.len(), cases.len(), "{name}");
+        assert_eq!(set.num_identities(), identities, "{name}");
+        for (i, case) in cases.iter().enumerate() {
+            let key = case["key"].as_u64().unwrap();
+            assert_eq!(set.key(i), Some(key));
+            let offset = std::fs::read_to_string(fixture(&format!("mxnet_{name}.idx")))
+                .unwrap()
+                .lines()
+                .find_map(|l| {
+                    let (k, o) = l.split_once('\t')?;
+                    (k == key.to_string()).then(|| o.parse::<u64>().unwrap())
+                })
+                .unwrap();
+            let record = set.record_at(offset, Some(key)).unwrap();
+            assert_eq!(record.data.len() as u64, case["len"].as_u64().unwrap());
+            assert_eq!(
+                crc32fast::hash(&record.data) as u64,
+                case["crc32"].as_u64().unwrap(),
+                "{name} key {key}"
+            );
+            let sample = set.get(i).unwrap();
+            assert_eq!(sample.label, Some(case["label"].as_u64().unwrap() as u32));
+            if let Some(sum) = case.get("rgb_sum") {
+                let got: u64 = sample.image.rgb.iter().map(|&b| b as u64).sum();
+                assert_eq!(got, sum.as_u64().unwrap(), "{name} key {key} pixels");
+            }
+        }
+    }
+    // The scan without .idx sees the split record whole: 1 header + 6 images + 3 identities.
+    let records: Vec<_> = RecordScanner::open(&fixture("mxnet_header.rec"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(records.len(), 10);
+    let split = Record::parse(&records[3].1).unwrap();
+    assert_eq!(
+        crc32fast::hash(&split.data) as u64,
+        expected["header"][2]["crc32"].as_u64().unwrap()
+    );
+}
+
+#[test]
+fn written_records_read_back_including_split_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("set");
+    let magic = RECORD_MAGIC.to_le_bytes();
+    // Payload offsets 24 (start of data) and 28 hold the magic: split into 3 parts, one empty.
+    let mut tricky = magic.to_vec();
+    tricky.extend_from_slice(&magic);
+    tricky.extend_from_slice(b"tail5");
+    let records = vec![
+        Record::image(1.0, 0, png_bytes(1)),
+        Record::image(2.0, 1, tricky.clone()),
+        Record::with_labels(vec![3.0, 4.0, 5.0]),
+        Record::image(0.0, 3, Vec::new()),
+    ];
+    let mut writer = RecordWriter::create(&prefix).unwrap();
+    for (key, r) in records.iter().enumerate() {
+        writer.write(key as u64 + 10, r).unwrap();
+    }
+    writer.finish().unwrap();
+    let scanned: Vec<Record> = RecordScanner::open(&prefix.with_extension("rec"))
+        .unwrap()
+        .map(|r| Record::parse(&r.unwrap().1).unwrap())
+        .collect();
+    assert_eq!(scanned, records);
+    let raw = std::fs::read(prefix.with_extension("rec")).unwrap();
+    assert_eq!(raw.len() % 4, 0);
+    let idx = std::fs::read_to_string(prefix.with_extension("idx")).unwrap();
+    assert!(idx.starts_with("10\t0\n11\t"), "{idx}");
+}
+
+proptest! {
+    #[test]
+    fn any_payload_round_trips(payloads in proptest::collection::vec(
+        proptest::collection::vec(prop_oneof![Just(0x0Au8), Just(0x23), Just(0xD7), Just(0xCE), any::<u8>()], 0..64), 1..6)) {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("p");
+        let mut writer = RecordWriter::create(&prefix).unwrap();
+        for (key, p) in payloads.iter().enumerate() {
+            writer.write_payload(key as u64, p).unwrap();
+        }
+        writer.finish().unwrap();
+        let back: Vec<Vec<u8>> = RecordScanner::open(&prefix.with_extension("rec")).unwrap()
+            .map(|r| r.unwrap().1).collect();
+        prop_assert_eq!(back, payloads);
+    }
+}
+
+#[test]
+fn packs_labelled_and_unlabelled_sets() {
+    let dir = tempfile::tempdir().unwrap();
+    let images: Vec<(Vec<u8>, Option<u32>)> = [1, 0, 1, 2, 0]
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (png_bytes(i as u8), Some(l)))
+        .collect();
+    let prefix = dir.path().join("labelled");
+    pack_records(&prefix, images.len(), Some(3), |i| Ok(images[i].clone())).unwrap();
+    let set = RecordDataset::open(&prefix, false).unwrap();
+    assert_eq!((set.len(), set.num_identities()), (5, Some(3)));
+    let labels: Vec<_> = (0..5).map(|i| set.get(i).unwrap().label).collect();
+    assert_eq!(labels, [0, 0, 1, 1, 2].map(Some), "grouped by identity");
+    // Identity record 1 (key 7) covers image keys 3..5.
+    let idx = std::fs::read_to_string(prefix.with_extension("idx")).unwrap();
+    let offset: u64 = idx
+        .lines()
+        .nth(7)
+        .unwrap()
+        .split('\t')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(set.record_at(offset, None).unwrap().labels, vec![3.0, 5.0]);
+
+    let flat = dir.path().join("flat");
+    pack_records(&flat, 2, None, |i| Ok((png_bytes(i as u8), None))).unwrap();
+    let set = RecordDataset::open(&flat.with_extension("rec"), false).unwrap();
+    assert_eq!((set.len(), set.num_identities()), (2, None));
+    assert_eq!(set.get(1).unwrap().label, None);
+    assert_eq!(set.get(1).unwrap().image.rgb[..3], [1, 0, 7]);
+}
+
+/// Every broken-file case names the file, where, and what was wrong.
+#[test]
+fn broken_record_files_give_precise_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = dir.path().join("ok");
+    pack_records(&prefix, 3, None, |i| Ok((png_bytes(i as u8), None))).unwrap();
+    let rec = std::fs::read(prefix.with_extension("rec")).unwrap();
+    let idx = std::fs::read_to_string(prefix.with_extension("idx")).unwrap();
+    let second: usize = idx
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split('\t')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let broken = |name: &str, rec_bytes: &[u8], idx_text: &str| -> std::path::PathBuf {
+        let p = dir.path().join(name);
+        std::fs::write(p.with_extension("rec"), rec_bytes).unwrap();
+        std::fs::write(p.with_extension("idx"), idx_text).unwrap();
+        p
+    };
+    let message = |p: &std::path::Path, index: usize| -> String {
+        match RecordDataset::open(p, false) {
+            Err(e) => e.to_string(),
+            Ok(set) => set.get(index).unwrap_err().to_string(),
+        }
+    };
+
+    let truncated = broken("truncated", &rec[..rec.len() - 100], &idx);
+    let m = message(&truncated, 2);
+    assert!(
+        m.contains("truncated.rec") && m.contains("key 2") && m.contains("truncated record"),
+        "{m}"
+    );
+
+    let mut bad_magic = rec.clone();
+    bad_magic[second] ^= 0xFF;
+    let m = message(&broken("magic", &bad_magic, &idx), 1);
+    assert!(
+        m.contains(&format!("key 1, byte {second}")) && m.contains("bad magic"),
+        "{m}"
+    );
+
+    let m = message(
+        &broken("beyond", &rec, &format!("{idx}3\t{}\n", rec.len() + 4)),
+        0,
+    );
+    assert!(
+        m.contains("beyond.idx") && m.contains("line 4") && m.contains("beyond the end"),
+        "{m}"
+    );
+
+    let m = message(&broken("garbled", &rec, "0\t0\nx\ty\n"), 0);
+    assert!(m.contains("line 2") && m.contains("not a number"), "{m}");
+
+    // A header record promising keys 1..4 with key 3 absent from the .idx.
+    let header = dir.path().join("header");
+    let mut w = RecordWriter::create(&header).unwrap();
+    w.write(0, &Record::with_labels(vec![4.0, 4.0])).unwrap();
+    for key in [1, 2] {
+        w.write(key, &Record::image(0.0, key, png_bytes(key as u8)))
+            .unwrap();
+    }
+    w.finish().unwrap();
+    let m = message(&header, 0);
+    assert!(
+        m.contains("header.idx") && m.contains("key 3") && m.contains("missing"),
+        "{m}"
+    );
+
+    // A corrupt JPEG inside a record: a decode error naming the record's key.
+    let corrupt = dir.path().join("corrupt");
+    let mut w = RecordWriter::create(&corrupt).unwrap();
+    w.write(
+        0,
+        &Record::image(0.0, 0, b"\xff\xd8\xff\xe0 not a jpeg".to_vec()),
+    )
+    .unwrap();
+    w.finish().unwrap();
+    let set = RecordDataset::open(&corrupt, false).unwrap();
+    let e = set.get(0).unwrap_err();
+    assert!(e.is_bad_sample());
+    assert!(
+        e.to_string()
+            .contains("corrupt.rec key 0: cannot decode image"),
+        "{e}"
+    );
+
+    // A record too short for its IRHeader.
+    let short = dir.path().join("short");
+    let mut w = RecordWriter::create(&short).unwrap();
+    w.write_payload(0, b"tiny").unwrap();
+    w.finish().unwrap();
+    let m = message(&short, 0);
+    assert!(
+        m.contains("key 0, byte 0") && m.contains("shorter than the 24-byte IRHeader"),
+        "{m}"
+    );
+}

@@ -6,8 +6,10 @@
 
 pub mod metrics;
 pub mod pickle;
+pub mod report;
 
-pub use metrics::{kfold, mean_std, roc, verify, Verification};
+pub use metrics::{kfold, mean_std, roc, verify, RocPoints, Verification};
+pub use report::{read_issame, read_npy_rows, roc_svg};
 
 use burn::prelude::*;
 use qud_backbone::Backbone;
@@ -222,17 +224,68 @@ pub struct SetScore {
     pub xnorm: f64,
     #[serde(flatten)]
     pub scores: Verification,
+    /// `(FAR, TAR)` at FAR 1e-4, 1e-3, 1e-2 and 1e-1, over all pairs.
+    pub tar_at_far: Vec<(f64, f64)>,
+    /// The whole ROC, for plots.
+    #[serde(skip)]
+    pub roc: RocPoints,
+}
+
+/// FARs whose TAR every report lists.
+pub const REPORT_FARS: [f64; 4] = [1e-4, 1e-3, 1e-2, 1e-1];
+
+/// Score embeddings made anywhere: rows are L2-normalised (XNorm is the mean row norm before),
+/// pairs are consecutive rows.
+pub fn score_embeddings(
+    name: &str,
+    rows: &[Vec<f32>],
+    issame: &[bool],
+) -> Result<SetScore, String> {
+    if rows.len() != 2 * issame.len() {
+        return Err(format!(
+            "{} embeddings for {} pairs: expected {} rows (pairs are consecutive rows)",
+            rows.len(),
+            issame.len(),
+            2 * issame.len()
+        ));
+    }
+    let norms: Vec<f64> = rows
+        .iter()
+        .map(|r| r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt())
+        .collect();
+    let normalized: Vec<Vec<f32>> = rows
+        .iter()
+        .zip(&norms)
+        .map(|(r, n)| {
+            r.iter()
+                .map(|v| (*v as f64 / n.max(1e-12)) as f32)
+                .collect()
+        })
+        .collect();
+    Ok(scores_of(
+        name,
+        &normalized,
+        issame,
+        norms.iter().sum::<f64>() / norms.len().max(1) as f64,
+    ))
+}
+
+fn scores_of(name: &str, normalized: &[Vec<f32>], issame: &[bool], xnorm: f64) -> SetScore {
+    let (roc, tar_at_far) = roc(normalized, issame, &REPORT_FARS);
+    SetScore {
+        name: name.to_string(),
+        pairs: issame.len(),
+        xnorm,
+        scores: verify(normalized, issame, 10),
+        tar_at_far,
+        roc,
+    }
 }
 
 /// Embed (with flip TTA) and score one set with an eval-mode model.
 pub fn evaluate<M: Backbone>(model: &M, set: &PairSet, batch: usize, device: &Device) -> SetScore {
     let embedded = embed(model, &set.faces, batch, true, device);
-    SetScore {
-        name: set.name.clone(),
-        pairs: set.issame.len(),
-        xnorm: embedded.xnorm,
-        scores: verify(&embedded.normalized, &set.issame, 10),
-    }
+    scores_of(&set.name, &embedded.normalized, &set.issame, embedded.xnorm)
 }
 
 #[cfg(test)]

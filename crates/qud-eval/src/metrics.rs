@@ -37,15 +37,48 @@ pub fn kfold(n: usize, folds: usize) -> Vec<(usize, usize)> {
     out
 }
 
-/// Squared L2 distance of each pair of rows `(2p, 2p + 1)`.
+/// NumPy's `pairwise_sum` for float64 (`np.sum` along a contiguous axis): below 8 values a plain
+/// loop; up to 128, eight interleaved partial sums combined as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7))
+/// plus the remainder; above, the two halves (split at a multiple of 8) recursively. Summing in
+/// NumPy's order makes every distance bit-identical to the reference's.
+fn numpy_sum(values: &[f64]) -> f64 {
+    let n = values.len();
+    if n < 8 {
+        return values.iter().fold(0.0, |acc, v| acc + v);
+    }
+    if n <= 128 {
+        let mut r = [0f64; 8];
+        r.copy_from_slice(&values[..8]);
+        let blocks = n - n % 8;
+        for chunk in values[8..blocks].chunks_exact(8) {
+            for (acc, v) in r.iter_mut().zip(chunk) {
+                *acc += v;
+            }
+        }
+        let mut sum = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+        for v in &values[blocks..] {
+            sum += v;
+        }
+        return sum;
+    }
+    let half = n / 2;
+    let half = half - half % 8;
+    numpy_sum(&values[..half]) + numpy_sum(&values[half..])
+}
+
+/// Squared L2 distance of each pair of rows `(2p, 2p + 1)`, in f64, summed as NumPy sums.
 pub fn pair_distances(embeddings: &[Vec<f32>]) -> Vec<f64> {
+    let mut squares = Vec::new();
     embeddings
         .chunks_exact(2)
         .map(|p| {
-            p[0].iter()
-                .zip(&p[1])
-                .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-                .sum()
+            squares.clear();
+            squares.extend(
+                p[0].iter()
+                    .zip(&p[1])
+                    .map(|(a, b)| (*a as f64 - *b as f64) * (*a as f64 - *b as f64)),
+            );
+            numpy_sum(&squares)
         })
         .collect()
 }
@@ -211,4 +244,26 @@ pub fn roc(embeddings: &[Vec<f32>], issame: &[bool], fars: &[f64]) -> (RocPoints
         })
         .collect();
     (curve, tar_at)
+}
+
+#[cfg(test)]
+mod numpy_order {
+    use super::numpy_sum;
+
+    /// Expected values printed by NumPy 2.x for the same formula:
+    /// `v = np.array([((i*37)%101 - 50) * 10.0**((i%7)-3) + 0.1*i for i in range(n)]);
+    /// repr(float(np.sum(v)))`. A left-to-right sum gives 21122.202999999994 and -42218.588.
+    #[test]
+    fn sums_in_numpys_pairwise_order() {
+        let v = |n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|i| {
+                    ((i * 37 % 101) as f64 - 50.0) * 10f64.powi((i % 7) as i32 - 3) + 0.1 * i as f64
+                })
+                .collect()
+        };
+        assert_eq!(numpy_sum(&v(13)), -28114.533);
+        assert_eq!(numpy_sum(&v(100)), 21122.202999999998);
+        assert_eq!(numpy_sum(&v(300)), -42218.58800000001);
+    }
 }

@@ -7,7 +7,7 @@ use crate::{io_error, TrainError};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use qud_backbone::Backbone;
-use qud_config::{Config, MethodKind};
+use qud_config::{Config, MethodKind, OnBadSample};
 use qud_data::{Loader, LoaderOptions};
 use qud_eval::SetScore;
 use qud_loss::{feature_mse, info_nce, l2_normalize};
@@ -91,6 +91,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             drop_last: true,
             workers: config.data.workers,
             prefetch: config.data.prefetch,
+            rank: 0,
+            world: 1,
+            skip_bad_samples: config.data.on_bad_sample == OnBadSample::Skip,
         },
     );
     let steps_per_epoch = loader.batches_per_epoch();
@@ -179,6 +182,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
     };
 
     let start_epoch = position.epoch;
+    let mut reported_bad = std::collections::HashSet::new();
     let mut timer = Instant::now();
     let mut since_log = 0usize;
     'epochs: for epoch in start_epoch..config.optim.epochs {
@@ -187,8 +191,21 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
         } else {
             0
         };
+        let mut skipped_samples = 0usize;
         for (b, batch) in loader.epoch(epoch, first_batch).into_iter().enumerate() {
             let batch = batch?;
+            for (index, why) in &batch.skipped {
+                if reported_bad.insert(*index) {
+                    tracing::warn!("skipping sample {index}: {why}");
+                }
+            }
+            skipped_samples += batch.skipped.len();
+            if batch.is_empty() {
+                return Err(TrainError::Config(format!(
+                    "epoch {epoch} batch {}: no sample of the batch could be decoded",
+                    first_batch + b
+                )));
+            }
             let step = position.step;
             let lr = learning_rate(&config.optim, epoch, step, steps_per_epoch);
             let x = batch.tensor(&device);
@@ -252,6 +269,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                 since_log = 0;
             }
             let epoch_done = first_batch + b + 1 == steps_per_epoch;
+            if epoch_done && skipped_samples > 0 {
+                tracing::warn!("epoch {epoch}: {skipped_samples} undecodable samples skipped");
+                metrics.write(json!({"epoch": epoch, "skipped_samples": skipped_samples}));
+            }
             if epoch_done {
                 position = Position::new(config, step + 1, epoch + 1, 0);
             }

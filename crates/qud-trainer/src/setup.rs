@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::prelude::*;
 use qud_backbone::Backbone;
 use qud_config::{Config, DataFormat, MethodKind, WeightFormat};
-use qud_data::{FaceDataset, ImageFolder, SyntheticFaces};
+use qud_data::{FaceDataset, ImageFolder, RecordDataset, SyntheticFaces};
 use qud_eval::PairSet;
 use qud_models::{AnyBackbone, BackboneSpec};
 use std::sync::Arc;
@@ -55,7 +55,10 @@ pub fn open_dataset(config: &Config) -> Result<Arc<dyn FaceDataset>, TrainError>
     let format = match data.format {
         DataFormat::Auto => match &data.root {
             Some(r) if r.is_dir() => DataFormat::Folder,
-            Some(r) if r.extension().is_some_and(|e| e == "rec" || e == "idx") => {
+            Some(r)
+                if r.extension().is_some_and(|e| e == "rec" || e == "idx")
+                    || r.with_extension("rec").is_file() =>
+            {
                 DataFormat::Recordio
             }
             Some(r) => {
@@ -75,7 +78,8 @@ pub fn open_dataset(config: &Config) -> Result<Arc<dyn FaceDataset>, TrainError>
             config.run.seed,
         )),
         DataFormat::Folder => Arc::new(ImageFolder::open(&root()?, data.resize)?),
-        DataFormat::Recordio | DataFormat::Auto => return Err(TrainError::Config(
+        DataFormat::Recordio => Arc::new(RecordDataset::open(&root()?, data.resize)?),
+        DataFormat::Auto => return Err(TrainError::Config(
             "RecordIO training sets are not readable yet (issue 4); unpack them to an image folder"
                 .into(),
         )),

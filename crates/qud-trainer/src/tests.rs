@@ -343,3 +343,51 @@ fn arcface_loss_matches_the_formula() {
     let want = total / 2.0;
     assert!((got - want).abs() < 1e-3 * want, "{got} vs {want}");
 }
+
+/// A RecordIO training set (labelled, with one corrupt JPEG) trains with `on_bad_sample = skip`,
+/// counting the sample, and stops naming its key with `fail`.
+#[test]
+fn trains_from_recordio_and_skips_or_fails_on_a_corrupt_sample() {
+    use qud_data::{encode_face, pack_records, FaceDataset, ImageEncoding, SyntheticFaces};
+    let dir = tempfile::tempdir().unwrap();
+    let faces = SyntheticFaces::new(4, 2, 5);
+    let prefix = dir.path().join("train");
+    pack_records(&prefix, faces.len(), Some(4), |i| {
+        let sample = faces.get(i)?;
+        let bytes = if i == 5 {
+            b"\xff\xd8\xff\xe0 corrupt".to_vec()
+        } else {
+            encode_face(&sample.image, ImageEncoding::Jpeg(95))
+        };
+        Ok((bytes, sample.label))
+    })
+    .unwrap();
+    let rec = format!("data.root={}", prefix.with_extension("rec").display());
+    let config = tiny(
+        &dir.path().join("skip"),
+        "arcface",
+        &[&rec, "data.format=auto", "optim.epochs=1"],
+    );
+    let report = train(&config, &TrainOptions::default()).unwrap();
+    assert_eq!(report.steps, 2);
+    let metrics = std::fs::read_to_string(dir.path().join("skip/metrics.jsonl")).unwrap();
+    assert!(metrics.contains("\"skipped_samples\":1"), "{metrics}");
+
+    let config = tiny(
+        &dir.path().join("fail"),
+        "arcface",
+        &[
+            &rec,
+            "data.format=recordio",
+            "data.on_bad_sample=\"fail\"",
+            "optim.epochs=1",
+        ],
+    );
+    let err = train(&config, &TrainOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("train.rec key 6: cannot decode image"),
+        "{err}"
+    );
+}

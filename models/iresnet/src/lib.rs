@@ -10,7 +10,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
 use qud_backbone::layers::{conv2d, TorchBatchNorm, TorchLinear, TorchPRelu};
-use qud_backbone::Backbone;
+use qud_backbone::{Backbone, MacCounter};
 
 /// Blocks per stage of each depth, as insightface defines them.
 pub const DEPTHS: &[(&str, [usize; 4])] = &[
@@ -128,6 +128,24 @@ impl IResNet {
 }
 
 impl Backbone for IResNet {
+    fn macs(&self) -> u64 {
+        let mut macs = MacCounter::new(112);
+        macs.conv(&self.conv1);
+        for block in [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
+            .into_iter()
+            .flatten()
+        {
+            let side = macs.side;
+            if let Some((conv, _)) = &block.downsample {
+                macs.conv(conv);
+                macs.side = side;
+            }
+            macs.conv(&block.conv1).conv(&block.conv2);
+        }
+        macs.linear(512 * 7 * 7, self.embedding_dim);
+        macs.total
+    }
+
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let x = self
             .prelu

@@ -9,7 +9,7 @@
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
 use qud_backbone::layers::{conv2d, kaiming_fan_out_std, TorchBatchNorm, TorchLinear, TorchPRelu};
-use qud_backbone::Backbone;
+use qud_backbone::{Backbone, MacCounter};
 
 /// Hyper-parameters of one convolution: channels, square kernel, stride, padding, groups.
 #[derive(Clone, Copy, Debug)]
@@ -126,6 +126,12 @@ impl DepthWise {
         }
     }
 
+    fn count(&self, macs: &mut MacCounter) {
+        macs.conv(&self.conv.conv)
+            .conv(&self.conv_dw.conv)
+            .conv(&self.project.conv);
+    }
+
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let y = self
             .project
@@ -155,6 +161,12 @@ impl Residual {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.model.iter().fold(x, |x, block| block.forward(x))
+    }
+
+    fn count(&self, macs: &mut MacCounter) {
+        for block in &self.model {
+            block.count(macs);
+        }
     }
 }
 
@@ -241,6 +253,23 @@ impl Backbone for MobileFaceNet {
         let x = self.conv_4.forward(self.conv_34.forward(x));
         let x = self.conv_5.forward(self.conv_45.forward(x));
         self.output_layer.forward(self.conv_6_sep.forward(x))
+    }
+
+    fn macs(&self) -> u64 {
+        let mut macs = MacCounter::new(112);
+        macs.conv(&self.conv1.conv).conv(&self.conv2_dw.conv);
+        for (down, blocks) in [
+            (&self.conv_23, &self.conv_3),
+            (&self.conv_34, &self.conv_4),
+            (&self.conv_45, &self.conv_5),
+        ] {
+            down.count(&mut macs);
+            blocks.count(&mut macs);
+        }
+        macs.conv(&self.conv_6_sep.conv)
+            .conv(&self.output_layer.conv_6_dw.conv)
+            .linear(512, self.embedding_dim);
+        macs.total
     }
 
     fn embedding_dim(&self) -> usize {

@@ -1,0 +1,57 @@
+//! Eval-mode forward throughput (images/s) at batch 64: MobileFaceNet and iresnet50 on every
+//! compiled CPU backend (iresnet50 on ndarray only with `QUD_BENCH_ALL=1`). The PyTorch reference is `python/backbones.py` (`cargo xtask bench
+//! backbones` runs both).
+
+use burn::prelude::*;
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use qud_backbone::Backbone;
+use std::time::Duration;
+
+const BATCH: usize = 64;
+
+fn forward(c: &mut Criterion) {
+    let input = qud_bench::random_faces(BATCH);
+    for arch in ["mobilefacenet", "iresnet50"] {
+        let mut group = c.benchmark_group(format!("forward_b{BATCH}"));
+        group.throughput(Throughput::Elements(BATCH as u64));
+        group.sample_size(10);
+        group.warm_up_time(Duration::from_secs(2));
+        group.measurement_time(Duration::from_secs(if arch == "iresnet50" {
+            60
+        } else {
+            15
+        }));
+        for backend in ["flex", "ndarray"] {
+            // ndarray's convolutions make one iresnet50 batch take minutes; QUD_BENCH_ALL=1 runs it.
+            if arch == "iresnet50"
+                && backend == "ndarray"
+                && std::env::var_os("QUD_BENCH_ALL").is_none()
+            {
+                continue;
+            }
+            let Ok(device) = qud_backends::device(backend, "cpu") else {
+                continue;
+            };
+            let model = qud_models::create(arch, &qud_models::BackboneSpec::default(), &device)
+                .expect("registered")
+                .valid();
+            let x = Tensor::<4>::from_data(
+                TensorData::new(input.clone(), [BATCH, 3, 112, 112]),
+                &device,
+            );
+            group.bench_function(format!("{arch}/{backend}"), |b| {
+                b.iter(|| {
+                    model
+                        .forward(x.clone())
+                        .into_data()
+                        .try_into_vec_as::<f32>()
+                        .expect("f32")
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group!(benches, forward);
+criterion_main!(benches);

@@ -1,0 +1,244 @@
+//! Reading embeddings made elsewhere (`.npy`, issame lists) and drawing ROC curves as SVG.
+
+use crate::metrics::RocPoints;
+use crate::BinError;
+use std::fmt::Write as _;
+use std::path::Path;
+
+fn bad(path: &Path, reason: impl Into<String>) -> BinError {
+    BinError {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// A NumPy `.npy` array: its dtype descr, shape and raw little-endian data.
+fn read_npy_raw(path: &Path) -> Result<(String, Vec<usize>, Vec<u8>), BinError> {
+    let bytes = std::fs::read(path).map_err(|e| bad(path, e.to_string()))?;
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad(path, "not a .npy file (no \\x93NUMPY magic)"));
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize,
+            12,
+        ),
+        v => {
+            return Err(bad(
+                path,
+                format!(".npy format version {v} is not supported"),
+            ))
+        }
+    };
+    let header = bytes
+        .get(start..start + header_len)
+        .ok_or_else(|| bad(path, "truncated .npy header"))?;
+    let header = String::from_utf8_lossy(header);
+    let field = |key: &str| -> Option<String> {
+        let at = header.find(&format!("'{key}'"))? + key.len() + 2;
+        let rest = header[at..].trim_start().strip_prefix(':')?.trim_start();
+        Some(if let Some(r) = rest.strip_prefix('(') {
+            r[..r.find(')')?].to_string()
+        } else if let Some(r) = rest.strip_prefix('\'') {
+            r[..r.find('\'')?].to_string()
+        } else {
+            rest[..rest.find(',')?].trim().to_string()
+        })
+    };
+    let descr = field("descr").ok_or_else(|| bad(path, format!("no dtype in header {header}")))?;
+    if field("fortran_order").as_deref() != Some("False") {
+        return Err(bad(
+            path,
+            "Fortran-ordered arrays are not supported; save with np.ascontiguousarray",
+        ));
+    }
+    let shape = field("shape")
+        .ok_or_else(|| bad(path, format!("no shape in header {header}")))?
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| bad(path, format!("bad shape entry {s:?}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((descr, shape, bytes[start + header_len..].to_vec()))
+}
+
+/// `[N, D]` float32 or float64 embeddings from a `.npy` file.
+pub fn read_npy_rows(path: &Path) -> Result<Vec<Vec<f32>>, BinError> {
+    let (descr, shape, data) = read_npy_raw(path)?;
+    let [rows, dim] = shape[..] else {
+        return Err(bad(
+            path,
+            format!("expected a 2-D [N, D] array, found shape {shape:?}"),
+        ));
+    };
+    let width = match descr.as_str() {
+        "<f4" => 4,
+        "<f8" => 8,
+        other => {
+            return Err(bad(
+                path,
+                format!("dtype {other} is not float32 or float64"),
+            ))
+        }
+    };
+    if data.len() != rows * dim * width {
+        return Err(bad(
+            path,
+            format!(
+                "shape ({rows}, {dim}) needs {} data bytes, the file has {}",
+                rows * dim * width,
+                data.len()
+            ),
+        ));
+    }
+    let values: Vec<f32> = data
+        .chunks_exact(width)
+        .map(|c| match width {
+            4 => f32::from_le_bytes(c.try_into().unwrap()),
+            _ => f64::from_le_bytes(c.try_into().unwrap()) as f32,
+        })
+        .collect();
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(bad(
+            path,
+            format!("row {} holds a non-finite value", i / dim.max(1)),
+        ));
+    }
+    Ok(values.chunks(dim.max(1)).map(<[f32]>::to_vec).collect())
+}
+
+/// Pair labels from a `.npy` (bool or integer) or a text file (one `1/0/true/false` per line).
+pub fn read_issame(path: &Path) -> Result<Vec<bool>, BinError> {
+    if path.extension().is_some_and(|e| e == "npy") {
+        let (descr, shape, data) = read_npy_raw(path)?;
+        if shape.len() != 1 {
+            return Err(bad(
+                path,
+                format!("expected a 1-D array, found shape {shape:?}"),
+            ));
+        }
+        let width = match descr.as_str() {
+            "|b1" | "|u1" | "|i1" => 1,
+            "<i4" | "<u4" => 4,
+            "<i8" | "<u8" => 8,
+            other => return Err(bad(path, format!("dtype {other} is not bool or integer"))),
+        };
+        if data.len() != shape[0] * width {
+            return Err(bad(path, "data shorter than the shape says"));
+        }
+        return Ok(data
+            .chunks_exact(width)
+            .map(|c| c.iter().any(|b| *b != 0))
+            .collect());
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| bad(path, e.to_string()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| match l.trim() {
+            "1" | "true" | "True" => Ok(true),
+            "0" | "false" | "False" => Ok(false),
+            other => Err(bad(
+                path,
+                format!("line {}: {other:?} is not 1/0/true/false", n + 1),
+            )),
+        })
+        .collect()
+}
+
+/// A ROC plot (TAR against FAR on a log axis from 1e-4 to 1) with one curve per model, as a
+/// self-contained SVG any browser shows.
+pub fn roc_svg(title: &str, curves: &[(&str, &RocPoints)]) -> String {
+    const W: f64 = 640.0;
+    const H: f64 = 480.0;
+    const LEFT: f64 = 70.0;
+    const RIGHT: f64 = 20.0;
+    const TOP: f64 = 40.0;
+    const BOTTOM: f64 = 60.0;
+    const MIN_EXP: f64 = -4.0;
+    const COLORS: [&str; 6] = [
+        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+    ];
+    let x = |far: f64| LEFT + (far.max(1e-4).log10() - MIN_EXP) / -MIN_EXP * (W - LEFT - RIGHT);
+    let y = |tar: f64| TOP + (1.0 - tar) * (H - TOP - BOTTOM);
+    let mut svg = String::new();
+    let _ = writeln!(
+        svg,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
+        W / 2.0,
+        escape(title)
+    );
+    for e in -4..=0 {
+        let px = x(10f64.powi(e));
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{px:.1}" y1="{TOP}" x2="{px:.1}" y2="{}" stroke="#ddd"/><text x="{px:.1}" y="{}" text-anchor="middle">1e{e}</text>"##,
+            H - BOTTOM,
+            H - BOTTOM + 18.0
+        );
+    }
+    for t in 0..=10 {
+        let tar = t as f64 / 10.0;
+        let py = y(tar);
+        let _ = writeln!(
+            svg,
+            r##"<line x1="{LEFT}" y1="{py:.1}" x2="{}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{tar:.1}</text>"##,
+            W - RIGHT,
+            LEFT - 6.0,
+            py + 4.0
+        );
+    }
+    let _ = writeln!(
+        svg,
+        r#"<rect x="{LEFT}" y="{TOP}" width="{}" height="{}" fill="none" stroke="black"/>"#,
+        W - LEFT - RIGHT,
+        H - TOP - BOTTOM
+    );
+    let _ = writeln!(
+        svg,
+        r#"<text x="{}" y="{}" text-anchor="middle">false accept rate (log)</text><text transform="translate(18 {}) rotate(-90)" text-anchor="middle">true accept rate</text>"#,
+        (LEFT + W - RIGHT) / 2.0,
+        H - 20.0,
+        (TOP + H - BOTTOM) / 2.0
+    );
+    for (i, (name, points)) in curves.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let path: Vec<String> = points
+            .iter()
+            .filter(|(far, _)| *far > 0.0)
+            .map(|&(far, tar)| format!("{:.1},{:.1}", x(far), y(tar)))
+            .collect();
+        let _ = writeln!(
+            svg,
+            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+            path.join(" ")
+        );
+        let ly = TOP + 20.0 + 18.0 * i as f64;
+        let _ = writeln!(
+            svg,
+            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+            W - RIGHT - 170.0,
+            W - RIGHT - 150.0,
+            W - RIGHT - 144.0,
+            ly + 4.0,
+            escape(name)
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
