@@ -149,6 +149,13 @@ pub fn run(user_sets: &[String]) -> Result<()> {
         set.issame.len(),
         table(&[("teacher", &teacher_scores), ("student", &student_scores)])
     );
+    if let (Some(t), Some(s)) = (teacher_scores.first(), student_scores.first()) {
+        let plot = root.join(format!("roc_{}.svg", t.name));
+        let title = format!("{}: teacher vs QUD student ({} pairs)", t.name, t.pairs);
+        let svg = qud_eval::roc_svg(&title, &[("teacher", &t.roc), ("student", &s.roc)]);
+        crate::tools::write_atomic(&plot, svg.as_bytes())?;
+        println!("ROC plot: {}", plot.display());
+    }
     println!(
         "student weights (PyTorch names): {}",
         report.student_weights.display()

@@ -37,6 +37,13 @@ enum Command {
         #[arg(long)]
         max_steps: Option<usize>,
     },
+    /// Build (or verify) the teacher-feature cache a config's run will read, before training.
+    CacheTeacher {
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// The embedded default: synthetic faces, an ArcFace teacher, a QUD student, evaluation.
     Demo {
         #[arg(long = "set", value_name = "KEY=VALUE")]
@@ -212,6 +219,17 @@ fn main() -> Result<()> {
             Ok(())
         }
         Command::Demo { set } => demo::run(&set),
+        Command::CacheTeacher { config, set } => {
+            let mut loader = ConfigLoader::new();
+            if let Some(path) = config {
+                loader = loader.file(path);
+            }
+            let config = loader.set_all(set).load()?;
+            init_logging(None);
+            let path = qud_trainer::prepare_teacher_cache(&config)?;
+            println!("teacher cache: {}", path.display());
+            Ok(())
+        }
         Command::Eval {
             model,
             bins,

@@ -129,6 +129,10 @@ pub struct TeacherConfig {
     pub allow_random: bool,
     pub cache: CacheMode,
     pub cache_dtype: CacheDtype,
+    /// Where caches live; default `<run.output_dir>/../teacher-cache`, shared by sibling runs.
+    pub cache_dir: Option<PathBuf>,
+    /// Key the cache on every sample's pixels instead of 64 evenly spaced ones.
+    pub cache_full_hash: bool,
 }
 
 impl Default for TeacherConfig {
@@ -141,6 +145,8 @@ impl Default for TeacherConfig {
             allow_random: false,
             cache: CacheMode::Auto,
             cache_dtype: CacheDtype::F32,
+            cache_dir: None,
+            cache_full_hash: false,
         }
     }
 }

@@ -138,6 +138,46 @@ fn interpolate(x: &[f64], y: &[f64], target: f64) -> f64 {
     y0 + (target - x0) * (y1 - y0) / (x1 - x0)
 }
 
+/// For ascending `thresholds`, how many same-identity and different-identity distances lie
+/// strictly below each: `(accepted same, accepted different, same, different)`. One sort and one
+/// sweep replace a pass over every pair per threshold; the counts, and so every ratio made from
+/// them, are exactly those of the direct count.
+fn accept_counts(
+    dist: &[f64],
+    same: &[bool],
+    thresholds: &[f64],
+) -> (Vec<usize>, Vec<usize>, usize, usize) {
+    let mut genuine: Vec<f64> = Vec::with_capacity(dist.len());
+    let mut impostor: Vec<f64> = Vec::with_capacity(dist.len());
+    for (d, s) in dist.iter().zip(same) {
+        if *s {
+            genuine.push(*d);
+        } else {
+            impostor.push(*d);
+        }
+    }
+    genuine.sort_unstable_by(f64::total_cmp);
+    impostor.sort_unstable_by(f64::total_cmp);
+    let below = |sorted: &[f64]| -> Vec<usize> {
+        let mut k = 0;
+        thresholds
+            .iter()
+            .map(|&t| {
+                while k < sorted.len() && sorted[k] < t {
+                    k += 1;
+                }
+                k
+            })
+            .collect()
+    };
+    (
+        below(&genuine),
+        below(&impostor),
+        genuine.len(),
+        impostor.len(),
+    )
+}
+
 /// Score normalised embeddings in pair order against the pair labels.
 pub fn verify(embeddings: &[Vec<f32>], issame: &[bool], folds: usize) -> Verification {
     assert_eq!(
@@ -152,10 +192,12 @@ pub fn verify(embeddings: &[Vec<f32>], issame: &[bool], folds: usize) -> Verific
     let mut fold_thresholds = Vec::new();
     for &test in &splits {
         let (train_d, train_s) = (train_split(&dist, test), train_split(issame, test));
+        let (ta, fa, _, n_diff) = accept_counts(&train_d, &train_s, &thresholds);
         let mut best = 0;
         let mut best_acc = f64::MIN;
-        for (i, &t) in thresholds.iter().enumerate() {
-            let acc = accuracy_at(t, &train_d, &train_s);
+        for i in 0..thresholds.len() {
+            // Correct: accepted genuine pairs plus rejected impostor pairs.
+            let acc = (ta[i] + n_diff - fa[i]) as f64 / train_d.len() as f64;
             if acc > best_acc {
                 (best, best_acc) = (i, acc);
             }
@@ -172,10 +214,8 @@ pub fn verify(embeddings: &[Vec<f32>], issame: &[bool], folds: usize) -> Verific
     let (mut vals, mut fars) = (Vec::new(), Vec::new());
     for &test in &splits {
         let (train_d, train_s) = (train_split(&dist, test), train_split(issame, test));
-        let far_train: Vec<f64> = fine
-            .iter()
-            .map(|&t| val_far(t, &train_d, &train_s).1)
-            .collect();
+        let (_, fa, _, n_diff) = accept_counts(&train_d, &train_s, &fine);
+        let far_train: Vec<f64> = fa.iter().map(|&f| f as f64 / n_diff as f64).collect();
         let reached = far_train.iter().cloned().fold(f64::MIN, f64::max) >= far_target;
         let threshold = if reached {
             interpolate(&far_train, &fine, far_target)

@@ -11,9 +11,11 @@ pub mod objective;
 pub mod optim;
 mod run;
 mod setup;
+pub mod teacher_cache;
 
 pub use run::{train, TrainOptions, TrainReport};
-pub use setup::{open_dataset, seeded, Student};
+pub use setup::{open_dataset, prepare_teacher_cache, seeded, Student};
+pub use teacher_cache::{CacheError, CacheKey, TeacherCache};
 
 use std::path::PathBuf;
 
@@ -32,6 +34,8 @@ pub enum TrainError {
     Eval(#[from] qud_eval::BinError),
     #[error(transparent)]
     Queue(#[from] qud_queue::QueueError),
+    #[error(transparent)]
+    Cache(#[from] teacher_cache::CacheError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

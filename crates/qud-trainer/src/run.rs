@@ -6,6 +6,7 @@ use crate::setup::{build_student, build_teacher, eval_sets, open_dataset};
 use crate::{io_error, TrainError};
 use burn::module::Module;
 use burn::optim::GradientsParams;
+use burn::tensor::{Tensor, TensorData};
 use qud_backbone::Backbone;
 use qud_config::{Config, MethodKind, OnBadSample};
 use qud_data::{Loader, LoaderOptions};
@@ -155,6 +156,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             Position::new(config, 0, 0, 0),
         )
     };
+    let cache = match &teacher {
+        Some(teacher) => crate::setup::teacher_cache(config, dataset.as_ref(), teacher, &device)?,
+        None => None,
+    };
     let eval_sets = eval_sets(config)?;
     let mut metrics = JsonLines::open(&out.join("metrics.jsonl"))?;
     let mut eval_log = JsonLines::open(&out.join("eval.jsonl"))?;
@@ -209,13 +214,26 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             let step = position.step;
             let lr = learning_rate(&config.optim, epoch, step, steps_per_epoch);
             let x = batch.tensor(&device);
+            // The teacher's normalised features: from the cache, or computed.
+            let teacher_features = |x: Tensor<4>| -> Result<Tensor<2>, TrainError> {
+                let teacher = teacher.as_ref().expect("distillation has a teacher");
+                Ok(match &cache {
+                    Some(cache) => Tensor::from_data(
+                        TensorData::new(
+                            cache.rows(&batch.indices, &batch.flips)?,
+                            [batch.len(), teacher.embedding_dim()],
+                        ),
+                        &device,
+                    ),
+                    None => l2_normalize(teacher.forward(x)),
+                })
+            };
 
             // One step of the method: loss on the student's features.
             let features = student.backbone.forward(x.clone().autodiff());
             let (loss, similarities) = match method {
                 MethodKind::Qud => {
-                    let teacher = teacher.as_ref().expect("distillation has a teacher");
-                    let k = l2_normalize(teacher.forward(x));
+                    let k = teacher_features(x)?;
                     let queue = queue.as_mut().expect("QUD has a queue");
                     let out = info_nce(
                         l2_normalize(features),
@@ -229,8 +247,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                     (out.loss, sims)
                 }
                 MethodKind::Mse => {
-                    let teacher = teacher.as_ref().expect("distillation has a teacher");
-                    let k = l2_normalize(teacher.forward(x));
+                    let k = teacher_features(x)?;
                     (feature_mse(l2_normalize(features), k), None)
                 }
                 MethodKind::Arcface => {

@@ -1,11 +1,12 @@
 //! Everything a run is built from: the dataset, the student, the frozen teacher, the eval sets.
 
 use crate::objective::ArcFaceHead;
+use crate::teacher_cache::{dataset_key, teacher_key, CacheError, CacheKey, Fnv, TeacherCache};
 use crate::TrainError;
 use burn::module::Module;
 use burn::prelude::*;
 use qud_backbone::Backbone;
-use qud_config::{Config, DataFormat, MethodKind, WeightFormat};
+use qud_config::{CacheDtype, CacheMode, Config, DataFormat, MethodKind, WeightFormat};
 use qud_data::{FaceDataset, ImageFolder, RecordDataset, SyntheticFaces};
 use qud_eval::PairSet;
 use qud_models::{AnyBackbone, BackboneSpec};
@@ -155,6 +156,109 @@ pub(crate) fn build_teacher(config: &Config, device: &Device) -> Result<AnyBackb
         )));
     }
     Ok(model.valid())
+}
+
+/// The teacher-feature cache for this config's dataset and teacher (`teacher.cache`): opened when
+/// one with a matching key and intact checksums exists, otherwise built (auto) or refused
+/// (require). `None` when the cache is off or the method has no teacher.
+pub(crate) fn teacher_cache(
+    config: &Config,
+    dataset: &dyn FaceDataset,
+    teacher: &AnyBackbone,
+    device: &Device,
+) -> Result<Option<TeacherCache>, TrainError> {
+    let t = &config.teacher;
+    if t.cache == CacheMode::Off || config.method.kind == MethodKind::Arcface {
+        return Ok(None);
+    }
+    // Only the horizontal flip reaches the teacher, and the cache holds both flips; any other
+    // augmentation would have to turn the cache off here.
+    let key = CacheKey {
+        teacher: teacher_key(
+            &t.arch,
+            t.embedding_dim,
+            t.weights.as_deref(),
+            config.run.seed,
+        )?,
+        dataset: dataset_key(dataset, t.cache_full_hash),
+        preprocessing: Fnv::default()
+            .bytes(b"rgb u8 -> (x/255 - 0.5)/0.5, NCHW, flip = mirror width; l2-normalised")
+            .u64(u64::from(config.data.resize))
+            .finish(),
+    };
+    let dir = t.cache_dir.clone().unwrap_or_else(|| {
+        config
+            .run
+            .output_dir
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("teacher-cache")
+    });
+    let dtype = match t.cache_dtype {
+        CacheDtype::F32 => "f32",
+        CacheDtype::F16 => "f16",
+    };
+    let path = dir.join(format!(
+        "{:016x}-{:016x}-{dtype}.qtc",
+        key.teacher, key.dataset
+    ));
+    let dim = teacher.embedding_dim();
+    match TeacherCache::open(&path, key, dim, t.cache_dtype, dataset.len()) {
+        Ok(cache) => {
+            tracing::info!("teacher features from the cache {}", path.display());
+            return Ok(Some(cache));
+        }
+        Err(e) if t.cache == CacheMode::Require => {
+            return Err(TrainError::Config(format!(
+                "teacher.cache = \"require\": {e}; build it with `qud cache-teacher --config FILE`"
+            )))
+        }
+        Err(CacheError::Missing(_)) => {
+            tracing::info!("building the teacher cache {}", path.display())
+        }
+        Err(e @ (CacheError::KeyMismatch { .. } | CacheError::Corrupt { .. })) => {
+            tracing::warn!("{e}; rebuilding it")
+        }
+        Err(e) => return Err(e.into()),
+    }
+    let cache = TeacherCache::build(
+        &path,
+        key,
+        t.cache_dtype,
+        dataset,
+        teacher,
+        device,
+        config.eval.batch_size,
+        config.data.workers.max(1),
+    )?;
+    Ok(Some(cache))
+}
+
+/// `qud cache-teacher`: make sure the cache of `config` exists and is intact; returns its path.
+pub fn prepare_teacher_cache(config: &Config) -> Result<std::path::PathBuf, TrainError> {
+    let device_name = config
+        .run
+        .devices
+        .first()
+        .map(String::as_str)
+        .unwrap_or("cpu");
+    let device = qud_backends::device(&config.run.backend, device_name)?;
+    let dataset = open_dataset(config)?;
+    let teacher = seeded(&device, config.run.seed, || {
+        build_teacher(config, &device).map(initialize_now)
+    })?;
+    let mut config = config.clone();
+    if config.teacher.cache == CacheMode::Off {
+        config.teacher.cache = CacheMode::Auto;
+    }
+    if config.method.kind == MethodKind::Arcface {
+        return Err(TrainError::Config(
+            "method.kind = \"arcface\" has no teacher to cache".into(),
+        ));
+    }
+    let cache =
+        teacher_cache(&config, dataset.as_ref(), &teacher, &device)?.expect("the cache is on");
+    Ok(cache.path().to_path_buf())
 }
 
 /// The verification sets of `eval.targets` found in `eval.dir`; missing ones are named in a warning.

@@ -352,14 +352,14 @@ impl TeacherCache {
         let mut last_log = Instant::now();
         let batch = batch.max(1);
         for start in (0..samples).step_by(batch) {
-            let plan: Vec<(usize, bool)> =
-                (start..(start + batch).min(samples)).map(|i| (i, false)).collect();
-            let decoded = decode_batch(dataset, &plan, workers, true).map_err(|e| {
-                CacheError::Corrupt {
+            let plan: Vec<(usize, bool)> = (start..(start + batch).min(samples))
+                .map(|i| (i, false))
+                .collect();
+            let decoded =
+                decode_batch(dataset, &plan, workers, true).map_err(|e| CacheError::Corrupt {
                     path: path.to_path_buf(),
                     reason: format!("cannot read the training set: {e}"),
-                }
-            })?;
+                })?;
             let mut features = vec![0f32; 2 * plan.len() * dim];
             if !decoded.is_empty() {
                 let x = decoded.tensor(device);
@@ -481,7 +481,9 @@ mod tests {
             dropout: 0.0,
         };
         crate::seeded(device, 3, || {
-            crate::setup::initialize_now(qud_models::create("mobilefacenet", &spec, device).unwrap())
+            crate::setup::initialize_now(
+                qud_models::create("mobilefacenet", &spec, device).unwrap(),
+            )
         })
         .valid()
     }
@@ -510,7 +512,11 @@ mod tests {
             .try_into_vec_as::<f32>()
             .unwrap();
         let got = cache.rows(&[5, 1], &[true, false]).unwrap();
-        let diff = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+        let diff = want
+            .iter()
+            .zip(&got)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
         assert!(diff < 1e-5, "cache differs from the teacher by {diff}");
 
         let reopen = |key: CacheKey, dtype: CacheDtype| {
@@ -520,10 +526,19 @@ mod tests {
         for (key, what) in [
             (CacheKey { teacher: 9, ..KEY }, "teacher"),
             (CacheKey { dataset: 9, ..KEY }, "dataset"),
-            (CacheKey { preprocessing: 9, ..KEY }, "preprocessing"),
+            (
+                CacheKey {
+                    preprocessing: 9,
+                    ..KEY
+                },
+                "preprocessing",
+            ),
         ] {
             let err = reopen(key, CacheDtype::F32).unwrap_err();
-            assert!(matches!(err, CacheError::KeyMismatch { what: w, .. } if w == what), "{err}");
+            assert!(
+                matches!(err, CacheError::KeyMismatch { what: w, .. } if w == what),
+                "{err}"
+            );
         }
         assert!(matches!(
             reopen(KEY, CacheDtype::F16),
@@ -541,13 +556,19 @@ mod tests {
         let last = flipped.len() - 3;
         flipped[last] ^= 0x40;
         let m = damaged(&flipped);
-        assert!(m.contains("block 0") && m.contains("checksum mismatch"), "{m}");
+        assert!(
+            m.contains("block 0") && m.contains("checksum mismatch"),
+            "{m}"
+        );
         let mut header = pristine.clone();
         header[17] ^= 1;
         let m = damaged(&header);
         assert!(m.contains("header checksum"), "{m}");
         std::fs::remove_file(&path).unwrap();
-        assert!(matches!(reopen(KEY, CacheDtype::F32), Err(CacheError::Missing(_))));
+        assert!(matches!(
+            reopen(KEY, CacheDtype::F32),
+            Err(CacheError::Missing(_))
+        ));
     }
 
     /// f16 storage: every component within 5e-4 of the f32 cache (unit vectors, so components are
@@ -559,8 +580,17 @@ mod tests {
         let data = SyntheticFaces::new(2, 2, 4);
         let model = teacher(&device);
         let build = |name: &str, dtype| {
-            TeacherCache::build(&dir.path().join(name), KEY, dtype, &data, &model, &device, 3, 1)
-                .unwrap()
+            TeacherCache::build(
+                &dir.path().join(name),
+                KEY,
+                dtype,
+                &data,
+                &model,
+                &device,
+                3,
+                1,
+            )
+            .unwrap()
         };
         let (full, half) = (build("f32", CacheDtype::F32), build("f16", CacheDtype::F16));
         let all: Vec<usize> = (0..data.len()).collect();
@@ -568,7 +598,11 @@ mod tests {
             let flips = vec![flip; all.len()];
             let a = full.rows(&all, &flips).unwrap();
             let b = half.rows(&all, &flips).unwrap();
-            let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+            let diff = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
             assert!(diff <= 5e-4, "f16 cache off by {diff}");
         }
         let f32_size = std::fs::metadata(full.path()).unwrap().len();

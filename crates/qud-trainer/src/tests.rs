@@ -391,3 +391,80 @@ fn trains_from_recordio_and_skips_or_fails_on_a_corrupt_sample() {
         "{err}"
     );
 }
+
+fn tensors(path: &std::path::Path) -> Vec<(String, Vec<f32>)> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut out: Vec<(String, Vec<f32>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, values)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+/// Reading the teacher's features from the cache gives the losses and weights of computing them,
+/// a second run reuses the cache, and `require` refuses to run without one.
+#[test]
+fn the_teacher_cache_changes_the_cost_not_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let off = tiny(&dir.path().join("off"), "qud", &["teacher.cache=\"off\""]);
+    let on = tiny(&dir.path().join("on"), "qud", &["teacher.cache=\"auto\""]);
+    let computed = train(&off, &TrainOptions::default()).unwrap();
+    let cached = train(&on, &TrainOptions::default()).unwrap();
+    let caches: Vec<_> = std::fs::read_dir(dir.path().join("teacher-cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(caches.len(), 1, "{caches:?}");
+    assert_eq!(computed.losses.len(), cached.losses.len());
+    for (a, b) in computed.losses.iter().zip(&cached.losses) {
+        assert!((a - b).abs() <= 1e-5, "loss {a} computed vs {b} cached");
+    }
+    for ((name, a), (_, b)) in tensors(&computed.student_weights)
+        .iter()
+        .zip(&tensors(&cached.student_weights))
+    {
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(diff <= 1e-4, "{name} differs by {diff}");
+    }
+
+    let built = std::fs::metadata(&caches[0]).unwrap().modified().unwrap();
+    let again = tiny(
+        &dir.path().join("again"),
+        "qud",
+        &["teacher.cache=\"require\""],
+    );
+    let reused = train(&again, &TrainOptions::default()).unwrap();
+    assert_eq!(reused.losses, cached.losses);
+    assert_eq!(
+        std::fs::metadata(&caches[0]).unwrap().modified().unwrap(),
+        built
+    );
+
+    let elsewhere = format!("teacher.cache_dir={}", dir.path().join("empty").display());
+    let refused = tiny(
+        &dir.path().join("refused"),
+        "qud",
+        &["teacher.cache=\"require\"", &elsewhere],
+    );
+    let err = train(&refused, &TrainOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no teacher cache") && err.contains("qud cache-teacher"),
+        "{err}"
+    );
+}
