@@ -48,7 +48,9 @@ usage: cargo xtask <command>
   lint            cargo fmt --check, clippy -D warnings on every crate
   ci              lint, then test (what .ci/run runs)
   bench NAME      backbones | data | eval: criterion benchmark, then the PyTorch/NumPy
-                  reference on the same inputs (when python3 has torch/numpy), and the ratio
+                  reference on the same inputs (when python3 has torch/numpy), and the ratio;
+                  cache: QUD epoch time with and without the teacher-feature cache;
+                  train: QUD step samples/s and peak memory against the PyTorch step
   train [ARGS]    no ARGS: the embedded demo (synthetic faces, ArcFace teacher, QUD student);
                   otherwise `qud train ARGS`, e.g. --config configs/paper/ms1mv2_r50_qud.toml
                   --set data.root=/data/ms1m --set teacher.weights=r50.pth";
@@ -219,10 +221,25 @@ fn python_reference(script: &str, args: &[String], modules: &str) -> Option<serd
 
 fn bench(args: &[String]) -> Result<()> {
     let Some(name) = args.first().map(String::as_str) else {
-        bail!("usage: cargo xtask bench <backbones|data|eval>");
+        bail!("usage: cargo xtask bench <backbones|data|eval|cache|train>");
     };
-    if !["backbones", "data", "eval"].contains(&name) {
-        bail!("unknown benchmark `{name}`: backbones, data or eval");
+    if !["backbones", "data", "eval", "cache", "train"].contains(&name) {
+        bail!("unknown benchmark `{name}`: backbones, data, eval, cache or train");
+    }
+    if name == "cache" || name == "train" {
+        // Whole epochs or steps, timed by the benchmark itself, which runs its PyTorch
+        // reference (train) and prints its own table.
+        let mut whole = cargo();
+        whole.args([
+            "bench",
+            "--profile",
+            "dev",
+            "-p",
+            "qud-bench",
+            "--bench",
+            name,
+        ]);
+        return run("benchmark", whole);
     }
     let mut criterion = cargo();
     // The dev profile builds dependencies at opt-level 3 (Cargo.toml) and shares them with the

@@ -209,7 +209,17 @@ fn main() -> Result<()> {
             }
             let config = loader.set_all(set).load()?;
             init_logging(Some(&config.run.output_dir.join("train.log")));
-            let options = qud_trainer::TrainOptions { max_steps, resume };
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                // A second signal while the step finishes exits at once.
+                signal_hook::flag::register_conditional_shutdown(signal, 130, stop.clone())?;
+                signal_hook::flag::register(signal, stop.clone())?;
+            }
+            let options = qud_trainer::TrainOptions {
+                max_steps,
+                resume,
+                stop: Some(stop),
+            };
             let report = qud_trainer::train(&config, &options)?;
             println!("{}", demo::table(&[("student", &report.final_eval)]));
             println!(

@@ -9,7 +9,7 @@ pub mod pickle;
 pub mod report;
 
 pub use metrics::{kfold, mean_std, roc, verify, RocPoints, Verification};
-pub use report::{read_issame, read_npy_rows, roc_svg};
+pub use report::{line_chart_svg, read_issame, read_npy_rows, roc_svg};
 
 use burn::prelude::*;
 use qud_backbone::Backbone;

@@ -9,6 +9,7 @@
 mod checkpoint;
 pub mod objective;
 pub mod optim;
+pub mod report;
 mod run;
 mod setup;
 pub mod teacher_cache;

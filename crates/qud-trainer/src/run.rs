@@ -24,6 +24,9 @@ pub struct TrainOptions {
     /// Stop after this many optimisation steps in total (for tests and smoke runs).
     pub max_steps: Option<usize>,
     pub resume: bool,
+    /// Set from outside (SIGINT / SIGTERM in `qud train`): the run finishes the current step,
+    /// writes a checkpoint and returns, resumable with `resume`.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 /// What a finished (or stopped) run produced.
@@ -190,6 +193,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
     let mut reported_bad = std::collections::HashSet::new();
     let mut timer = Instant::now();
     let mut since_log = 0usize;
+    let mut progress = Progress::new(
+        position.step,
+        config.optim.epochs * steps_per_epoch,
+        config.optim.batch_size,
+    );
     'epochs: for epoch in start_epoch..config.optim.epochs {
         let first_batch = if epoch == start_epoch {
             position.batch
@@ -275,6 +283,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             losses.push(loss_value);
 
             position = Position::new(config, step + 1, epoch, first_batch + b + 1);
+            progress.step(epoch, step + 1, loss_value);
             since_log += 1;
             if since_log >= config.run.log_every {
                 let rate = (since_log * batch.len()) as f64 / timer.elapsed().as_secs_f64();
@@ -294,7 +303,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                 position = Position::new(config, step + 1, epoch + 1, 0);
             }
             let every = |n: usize| n > 0 && (step + 1) % n == 0;
-            let stop = options.max_steps.is_some_and(|m| step + 1 >= m);
+            let interrupted = options
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+            let stop = interrupted || options.max_steps.is_some_and(|m| step + 1 >= m);
             if epoch_done || stop || every(config.run.checkpoint_every) {
                 let keep = config.run.keep_checkpoints;
                 let dir =
@@ -303,11 +316,13 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             }
             if !eval_sets.is_empty() && (epoch_done || every(config.eval.every_steps)) {
                 final_eval = run_eval(&student, step + 1, epoch, &mut eval_log);
+                record_best(&out, &final_eval, step + 1)?;
             }
             if stop {
                 tracing::info!(
-                    "stopping after step {} as asked; checkpoint {last_checkpoint}",
-                    step + 1
+                    "stopping after step {}{}; checkpoint {last_checkpoint} (continue with --resume)",
+                    step + 1,
+                    if interrupted { " on a signal" } else { " as asked" }
                 );
                 break 'epochs;
             }
@@ -315,6 +330,17 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
     }
     let student_weights = out.join("student.safetensors");
     qud_models::save_safetensors(&student.backbone.valid(), &student_weights)?;
+    let title = format!(
+        "qud run {}: {} student, {:?}",
+        out.display(),
+        config.student.arch,
+        config.method.kind
+    );
+    let report = out.join("report.html");
+    let tmp = out.join("report.html.tmp");
+    std::fs::write(&tmp, crate::report::render(&out, &title, &final_eval))
+        .and_then(|()| std::fs::rename(&tmp, &report))
+        .map_err(io_error(&report))?;
     Ok(TrainReport {
         output_dir: out,
         steps: position.step,
@@ -322,4 +348,90 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
         final_eval,
         student_weights,
     })
+}
+
+/// A one-line progress bar (steps, samples/s, ETA) redrawn on stderr when it is a terminal;
+/// otherwise nothing, and the periodic log lines are the progress report.
+struct Progress {
+    enabled: bool,
+    start: Instant,
+    first_step: usize,
+    total: usize,
+    batch: usize,
+}
+
+impl Progress {
+    fn new(first_step: usize, total: usize, batch: usize) -> Self {
+        use std::io::IsTerminal;
+        Self {
+            enabled: std::io::stderr().is_terminal(),
+            start: Instant::now(),
+            first_step,
+            total,
+            batch,
+        }
+    }
+
+    fn step(&mut self, epoch: usize, step: usize, loss: f32) {
+        if !self.enabled {
+            return;
+        }
+        let done = step.saturating_sub(self.first_step).max(1) as f64;
+        let elapsed = self.start.elapsed().as_secs_f64();
+        let rate = done * self.batch as f64 / elapsed.max(1e-9);
+        let eta = (self.total.saturating_sub(step)) as f64 * elapsed / done;
+        let width = 30;
+        let filled = (width * step / self.total.max(1)).min(width);
+        eprint!(
+            "\r\x1b[2K[{}{}] step {step}/{} epoch {epoch} loss {loss:.4} {rate:.1} img/s ETA {}",
+            "#".repeat(filled),
+            "-".repeat(width - filled),
+            self.total,
+            clock(eta)
+        );
+        if step >= self.total {
+            eprintln!();
+        }
+    }
+}
+
+fn clock(seconds: f64) -> String {
+    let s = seconds.round() as u64;
+    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
+}
+
+/// Keep `<out>/best.json`: per verification set, the best accuracy so far and its step. Read back
+/// from the file, so a resumed run continues the same record.
+fn record_best(out: &std::path::Path, scores: &[SetScore], step: usize) -> Result<(), TrainError> {
+    let path = out.join("best.json");
+    let mut best: serde_json::Map<String, serde_json::Value> = std::fs::read(&path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    let mut changed = false;
+    for s in scores {
+        let previous = best
+            .get(&s.name)
+            .and_then(|b| b["accuracy"].as_f64())
+            .unwrap_or(f64::MIN);
+        if s.scores.accuracy > previous {
+            tracing::info!(
+                "new best on {}: {:.2}% at step {step}",
+                s.name,
+                100.0 * s.scores.accuracy
+            );
+            best.insert(
+                s.name.clone(),
+                json!({"accuracy": s.scores.accuracy, "accuracy_std": s.scores.accuracy_std, "step": step}),
+            );
+            changed = true;
+        }
+    }
+    if changed {
+        let tmp = out.join("best.json.tmp");
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&best).expect("json"))
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .map_err(io_error(&path))?;
+    }
+    Ok(())
 }

@@ -1,0 +1,50 @@
+"""PyTorch reference for the `train` benchmark: one QUD step as the QUD repository computes it
+(MobileFaceNet student in train mode, iresnet50 teacher in eval mode under no_grad, queue of 1024
+normalised features, InfoNCE at tau 0.1, clip_grad_norm_ 5, SGD momentum 0.9 weight decay 5e-4),
+batch 64 on the CPU with the given thread count. One warm-up step, 3 timed. Prints
+`samples_per_s peak_rss_mb`."""
+
+import importlib.util
+import os
+import resource
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+spec = importlib.util.spec_from_file_location("ref", os.path.join(HERE, "../../../models/fixtures/make_fixtures.py"))
+ref = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ref)
+
+
+def main():
+    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else os.cpu_count())
+    batch = 64
+    student = ref.MobileFaceNet(512).train()
+    teacher = ref.IResNet([3, 4, 14, 3], 512).eval()
+    queue = F.normalize(torch.randn(1024, 512), dim=1)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1 * batch / 512, momentum=0.9, weight_decay=5e-4)
+    x = torch.rand(batch, 3, 112, 112) * 2 - 1
+    times = []
+    for step in range(4):
+        start = time.perf_counter()
+        with torch.no_grad():
+            k = F.normalize(teacher(x), dim=1)
+        q = F.normalize(student(x), dim=1)
+        logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue.T], 1) / 0.1
+        loss = F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
+        optimizer.step()
+        queue = torch.cat([queue[batch:], k])
+        if step > 0:
+            times.append(time.perf_counter() - start)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{3 * batch / sum(times):.3f} {peak_mb:.1f}")
+
+
+if __name__ == "__main__":
+    main()
