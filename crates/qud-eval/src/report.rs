@@ -165,18 +165,7 @@ pub fn roc_svg(title: &str, curves: &[(&str, &RocPoints)]) -> String {
     ];
     let x = |far: f64| LEFT + (far.max(1e-4).log10() - MIN_EXP) / -MIN_EXP * (W - LEFT - RIGHT);
     let y = |tar: f64| TOP + (1.0 - tar) * (H - TOP - BOTTOM);
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
-        W / 2.0,
-        escape(title)
-    );
+    let mut svg = svg_canvas(W, H, title);
     for e in -4..=0 {
         let px = x(10f64.powi(e));
         let _ = writeln!(
@@ -237,6 +226,24 @@ pub fn roc_svg(title: &str, curves: &[(&str, &RocPoints)]) -> String {
     svg
 }
 
+/// The opening of a `width x height` SVG on a white background, with `title` centred on top.
+fn svg_canvas(width: f64, height: f64, title: &str) -> String {
+    format!(
+        concat!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#,
+            "\n",
+            r#"<rect width="100%" height="100%" fill="white"/>"#,
+            "\n",
+            r#"<text x="{x}" y="24" text-anchor="middle" font-size="15">{t}</text>"#,
+            "\n"
+        ),
+        w = width,
+        h = height,
+        x = width / 2.0,
+        t = escape(title)
+    )
+}
+
 fn escape(text: &str) -> String {
     text.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -274,18 +281,7 @@ pub fn line_chart_svg(title: &str, x_label: &str, series: &[(&str, Vec<(f64, f64
     }
     let px = |x: f64| LEFT + (x - x0) / (x1 - x0) * (W - LEFT - RIGHT);
     let py = |y: f64| TOP + (y1 - y) / (y1 - y0) * (H - TOP - BOTTOM);
-    let mut svg = String::new();
-    let _ = writeln!(
-        svg,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(svg, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="24" text-anchor="middle" font-size="15">{}</text>"#,
-        W / 2.0,
-        escape(title)
-    );
+    let mut svg = svg_canvas(W, H, title);
     for t in 0..=4 {
         let (fx, fy) = (
             x0 + (x1 - x0) * t as f64 / 4.0,

@@ -74,13 +74,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
         .write_toml(&out.join("config.toml"))
         .map_err(|e| TrainError::Config(e.to_string()))?;
 
-    let device_name = config
-        .run
-        .devices
-        .first()
-        .map(String::as_str)
-        .unwrap_or("cpu");
-    let device = qud_backends::device(&config.run.backend, device_name)?;
+    let device = crate::setup::run_device(config)?;
     let train_device = device.clone().autodiff();
 
     let dataset = open_dataset(config)?;

@@ -234,15 +234,15 @@ pub(crate) fn teacher_cache(
     Ok(Some(cache))
 }
 
+/// The device a run computes on: the first of `run.devices` (default `cpu`) on `run.backend`.
+pub(crate) fn run_device(config: &Config) -> Result<Device, TrainError> {
+    let name = config.run.devices.first().map_or("cpu", String::as_str);
+    Ok(qud_backends::device(&config.run.backend, name)?)
+}
+
 /// `qud cache-teacher`: make sure the cache of `config` exists and is intact; returns its path.
 pub fn prepare_teacher_cache(config: &Config) -> Result<std::path::PathBuf, TrainError> {
-    let device_name = config
-        .run
-        .devices
-        .first()
-        .map(String::as_str)
-        .unwrap_or("cpu");
-    let device = qud_backends::device(&config.run.backend, device_name)?;
+    let device = run_device(config)?;
     let dataset = open_dataset(config)?;
     let teacher = seeded(&device, config.run.seed, || {
         build_teacher(config, &device).map(initialize_now)
