@@ -226,25 +226,10 @@ fn bench(args: &[String]) -> Result<()> {
     if !["backbones", "data", "eval", "cache", "train"].contains(&name) {
         bail!("unknown benchmark `{name}`: backbones, data, eval, cache or train");
     }
-    if name == "cache" || name == "train" {
-        // Whole epochs or steps, timed by the benchmark itself, which runs its PyTorch
-        // reference (train) and prints its own table.
-        let mut whole = cargo();
-        whole.args([
-            "bench",
-            "--profile",
-            "dev",
-            "-p",
-            "qud-bench",
-            "--bench",
-            name,
-        ]);
-        return run("benchmark", whole);
-    }
-    let mut criterion = cargo();
     // The dev profile builds dependencies at opt-level 3 (Cargo.toml) and shares them with the
     // tests, so a benchmark costs no second build of Burn.
-    criterion.args([
+    let mut bench = cargo();
+    bench.args([
         "bench",
         "--profile",
         "dev",
@@ -253,6 +238,12 @@ fn bench(args: &[String]) -> Result<()> {
         "--bench",
         name,
     ]);
+    if name == "cache" || name == "train" {
+        // Whole epochs or steps, timed by the benchmark itself, which runs its PyTorch
+        // reference (train) and prints its own table.
+        return run("benchmark", bench);
+    }
+    let mut criterion = bench;
     criterion.args(&args[1..]);
     run("criterion", criterion)?;
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());

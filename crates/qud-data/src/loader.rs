@@ -180,6 +180,16 @@ pub fn decode_batch(
         }
         Ok(())
     })?;
+    if faults.iter().all(Option::is_none) {
+        // The usual case: the decoded buffer is the batch, no compaction copy.
+        return Ok(Batch {
+            images,
+            indices: plan.iter().map(|p| p.0).collect(),
+            flips: plan.iter().map(|p| p.1).collect(),
+            labels,
+            skipped: Vec::new(),
+        });
+    }
     let mut batch = Batch {
         images: Vec::with_capacity(images.len()),
         indices: Vec::with_capacity(plan.len()),

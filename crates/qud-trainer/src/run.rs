@@ -330,11 +330,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
         config.student.arch,
         config.method.kind
     );
-    let report = out.join("report.html");
-    let tmp = out.join("report.html.tmp");
-    std::fs::write(&tmp, crate::report::render(&out, &title, &final_eval))
-        .and_then(|()| std::fs::rename(&tmp, &report))
-        .map_err(io_error(&report))?;
+    let report = crate::report::render(&out, &title, &final_eval);
+    write_atomic(&out.join("report.html"), report.as_bytes())?;
     Ok(TrainReport {
         output_dir: out,
         steps: position.step,
@@ -422,10 +419,16 @@ fn record_best(out: &std::path::Path, scores: &[SetScore], step: usize) -> Resul
         }
     }
     if changed {
-        let tmp = out.join("best.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(&best).expect("json"))
-            .and_then(|()| std::fs::rename(&tmp, &path))
-            .map_err(io_error(&path))?;
+        write_atomic(&path, &serde_json::to_vec_pretty(&best).expect("json"))?;
     }
     Ok(())
+}
+
+/// Write `path` through `<path>.tmp` and a rename, so readers never see half a file.
+fn write_atomic(path: &std::path::Path, bytes: &[u8]) -> Result<(), TrainError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(io_error(path))
 }
