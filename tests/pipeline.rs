@@ -132,3 +132,21 @@ fn every_shipped_config_is_valid() {
         }
     }
 }
+
+/// The real-data configs load and validate, and name an ONNX teacher whose contract is the one
+/// `../shared/models/README.md` states for fr_feature.onnx.
+#[test]
+fn real_configs_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/real");
+    let file = root.join("lfw_fr_feature.toml");
+    let config = ConfigLoader::new()
+        .without_env()
+        .file(&file)
+        .load()
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    assert_eq!(config.teacher.format, qud_config::WeightFormat::Onnx);
+    assert_eq!(config.teacher.onnx.mean, [127.0; 3]);
+    assert_eq!(config.teacher.onnx.std, [128.0; 3]);
+    assert_eq!((config.method.tau, config.method.queue_size), (0.1, 1024));
+    assert_eq!(config.data.extra_roots.len(), 1);
+}

@@ -7,6 +7,8 @@
 //! - `ci`: `lint`, then `test`; what `.ci/run` runs.
 //! - `bench <backbones|data|eval>`: the criterion benchmarks of qud-bench, then the PyTorch /
 //!   NumPy reference on the same inputs when Python has the modules, and the ratio.
+//! - `real-check`: the ONNX teacher `../shared/models/fr_feature.onnx` on the real LFW `.bin`
+//!   against its README's accuracy (also part of `test`; skipped where `../shared` is absent).
 //! - `train [--config FILE] [--set k=v]... [--resume] [--max-steps N]`: without arguments the
 //!   embedded demo (`qud demo`), otherwise `qud train` with those arguments.
 
@@ -28,6 +30,7 @@ fn main() -> Result<()> {
         "train" => train(rest),
         "lint" => lint(),
         "bench" => bench(rest),
+        "real-check" => real_check(),
         "ci" => {
             lint()?;
             test(rest)
@@ -50,7 +53,11 @@ usage: cargo xtask <command>
   bench NAME      backbones | data | eval: criterion benchmark, then the PyTorch/NumPy
                   reference on the same inputs (when python3 has torch/numpy), and the ratio;
                   cache: QUD epoch time with and without the teacher-feature cache;
-                  train: QUD step samples/s and peak memory against the PyTorch step
+                  train: QUD step samples/s and peak memory against the PyTorch step;
+                  ijb: IJB-C-sized pooling + scoring + ROC against insightface's NumPy code
+  real-check      the real-data check: ../shared/models/fr_feature.onnx (run by tract) on the
+                  real LFW .bin (../shared/data/lfw.bin) must give the accuracy its README
+                  states, to 0.05 points; part of `test` too, skipped where ../shared is absent
   train [ARGS]    no ARGS: the embedded demo (synthetic faces, ArcFace teacher, QUD student);
                   otherwise `qud train ARGS`, e.g. --config configs/paper/ms1mv2_r50_qud.toml
                   --set data.root=/data/ms1m --set teacher.weights=r50.pth";
@@ -119,6 +126,16 @@ fn test(args: &[String]) -> Result<()> {
         run("wgpu smoke test", smoke)?;
     }
     Ok(())
+}
+
+/// The real-data check alone, with its output shown: the same test `test` runs, by name, in
+/// the same build as the workspace tests.
+fn real_check() -> Result<()> {
+    let mut check = cargo();
+    check.args(["test", "--workspace"]);
+    exclude_gpu(&mut check);
+    check.args(["real_lfw_check", "--", "--nocapture"]);
+    run("real-data check", check)
 }
 
 fn train(args: &[String]) -> Result<()> {
@@ -221,10 +238,10 @@ fn python_reference(script: &str, args: &[String], modules: &str) -> Option<serd
 
 fn bench(args: &[String]) -> Result<()> {
     let Some(name) = args.first().map(String::as_str) else {
-        bail!("usage: cargo xtask bench <backbones|data|eval|cache|train>");
+        bail!("usage: cargo xtask bench <backbones|data|eval|cache|train|ijb>");
     };
-    if !["backbones", "data", "eval", "cache", "train"].contains(&name) {
-        bail!("unknown benchmark `{name}`: backbones, data, eval, cache or train");
+    if !["backbones", "data", "eval", "cache", "train", "ijb"].contains(&name) {
+        bail!("unknown benchmark `{name}`: backbones, data, eval, cache, train or ijb");
     }
     // The dev profile builds dependencies at opt-level 3 (Cargo.toml) and shares them with the
     // tests, so a benchmark costs no second build of Burn.
@@ -238,7 +255,7 @@ fn bench(args: &[String]) -> Result<()> {
         "--bench",
         name,
     ]);
-    if name == "cache" || name == "train" {
+    if ["cache", "train", "ijb"].contains(&name) {
         // Whole epochs or steps, timed by the benchmark itself, which runs its PyTorch
         // reference (train) and prints its own table.
         return run("benchmark", bench);
@@ -266,6 +283,15 @@ fn bench(args: &[String]) -> Result<()> {
             }
             if let Some(t) = &torch {
                 println!("PyTorch {} with {} threads", t["torch"], t["threads"]);
+            }
+            let ort = python_reference("onnx.py", &[], "onnxruntime, numpy");
+            println!(
+                "\n{:<36} {:>12} {:>14} {:>8}",
+                "ONNX via tract, 1 thread", "images/s", "onnxruntime", "ratio"
+            );
+            for (id, rate) in criterion_rates("onnx_tract_1thread")? {
+                let reference = ort.as_ref().and_then(|t| t["images_per_s"][&id].as_f64());
+                print_row(&id, rate, reference);
             }
         }
         "data" => {

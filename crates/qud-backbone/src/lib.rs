@@ -28,6 +28,26 @@ pub trait Backbone: Module {
     fn macs(&self) -> u64;
 }
 
+/// Anything that maps aligned faces to embeddings: every [`Backbone`], and models that are not
+/// Burn modules (an ONNX teacher run by tract). Evaluation, embedding and the teacher cache take
+/// this, so a new kind of model needs only this impl.
+pub trait FaceEmbedder {
+    /// `[N, 3, 112, 112]` RGB in [-1, 1] (on any device) -> `[N, D]` unnormalised embeddings on
+    /// the same device.
+    fn embed_faces(&self, images: Tensor<4>) -> Tensor<2>;
+    /// `D`.
+    fn output_dim(&self) -> usize;
+}
+
+impl<M: Backbone> FaceEmbedder for M {
+    fn embed_faces(&self, images: Tensor<4>) -> Tensor<2> {
+        self.forward(images)
+    }
+    fn output_dim(&self) -> usize {
+        self.embedding_dim()
+    }
+}
+
 /// Counts multiply-accumulates layer by layer, tracking the feature map's side.
 #[derive(Clone, Debug)]
 pub struct MacCounter {

@@ -6,7 +6,7 @@ mod tools;
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use clap::{Parser, Subcommand};
-use qud_backbone::Backbone;
+use qud_backbone::FaceEmbedder;
 use qud_config::ConfigLoader;
 use std::path::PathBuf;
 
@@ -73,6 +73,37 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// IJB-B / IJB-C 1:1 template verification as insightface evaluates it: TAR at FAR 1e-6 ..
+    /// 1e-1 over `<root>/meta/<set>_*.txt` and `<root>/loose_crop/`.
+    EvalIjb {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// The set's folder: `meta/` and `loose_crop/`.
+        #[arg(long)]
+        root: PathBuf,
+        #[arg(long, value_parser = ["ijbb", "ijbc"])]
+        set: String,
+        /// Also write the scores as JSON and the ROC (`roc_<set>.svg`) beside it.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Per-image embeddings (.npy): read when the file exists, written after embedding
+        /// otherwise; re-scoring with other switches then skips the network.
+        #[arg(long)]
+        embeddings: Option<PathBuf>,
+        /// Embed images only, not f(x) + f(flipped x).
+        #[arg(long)]
+        no_flip: bool,
+        /// L2-normalise each image's feature before pooling (insightface's use_norm_score off).
+        #[arg(long)]
+        no_norm_score: bool,
+        /// Do not weight image features by their detector score.
+        #[arg(long)]
+        no_detector_score: bool,
+        /// The ROC point for a FAR when several are equally near: `first` (insightface's
+        /// np.argmin, the smallest TPR) or `max-tpr`.
+        #[arg(long, default_value = "first", value_parser = ["first", "max-tpr"])]
+        far_ties: String,
+    },
     /// Embed faces (an image folder, a RecordIO .rec or a .bin) and write float32 [N, D] rows in
     /// input order (.npy).
     Embed {
@@ -132,15 +163,19 @@ enum Command {
     List,
 }
 
-/// A backbone with its weights, on a backend, for `eval` and `embed`.
+/// The model `eval` and `embed` run: a registered backbone with its weights on a backend, or an
+/// ONNX face model (`--onnx`, run by tract on the CPU) with its input contract.
 #[derive(clap::Args)]
 struct ModelArgs {
     /// Registered architecture (`qud list`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "onnx")]
     arch: Option<String>,
     /// PyTorch state_dict (.pth/.pt) or safetensors with the architecture's PyTorch key names.
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["onnx", "random_init"])]
     weights: Option<PathBuf>,
+    /// No weights: the architecture as initialised from this seed (an untrained baseline row).
+    #[arg(long, value_name = "SEED", conflicts_with = "onnx")]
+    random_init: Option<u64>,
     #[arg(long, default_value_t = 512)]
     embedding_dim: usize,
     #[arg(long, default_value_t = 64)]
@@ -149,21 +184,89 @@ struct ModelArgs {
     backend: String,
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// An ONNX face model instead of --arch/--weights; its input is described by the --onnx-*
+    /// flags (defaults: insightface's 112x112 RGB NCHW, (x - 127.5) / 127.5).
+    #[arg(long)]
+    onnx: Option<PathBuf>,
+    /// Side of the model's square input; faces are resized from 112 when it differs.
+    #[arg(long, default_value_t = 112)]
+    onnx_size: usize,
+    #[arg(long, default_value = "rgb", value_parser = ["rgb", "bgr"])]
+    onnx_channels: String,
+    #[arg(long, default_value = "nchw", value_parser = ["nchw", "nhwc"])]
+    onnx_layout: String,
+    /// Per-channel mean over 0..=255 pixels, in the model's channel order: one value or three.
+    #[arg(long, value_delimiter = ',', default_value = "127.5")]
+    onnx_mean: Vec<f64>,
+    /// Per-channel std, like --onnx-mean.
+    #[arg(long, value_delimiter = ',', default_value = "127.5")]
+    onnx_std: Vec<f64>,
+    /// Threads running the ONNX model; 0 = one per core.
+    #[arg(long, default_value_t = 0)]
+    onnx_threads: usize,
 }
 
 impl ModelArgs {
-    /// The model in eval mode and its device.
-    fn load(&self) -> Result<(qud_models::AnyBackbone, burn::tensor::Device)> {
+    /// The ONNX input contract the flags describe.
+    fn onnx_input(&self) -> Result<qud_config::OnnxInput> {
+        let three = |v: &[f64], flag: &str| -> Result<[f64; 3]> {
+            match *v {
+                [a] => Ok([a; 3]),
+                [a, b, c] => Ok([a, b, c]),
+                _ => bail!("--{flag} takes one value or three, got {}", v.len()),
+            }
+        };
+        let std = three(&self.onnx_std, "onnx-std")?;
+        if std.contains(&0.0) {
+            bail!("--onnx-std must not be 0");
+        }
+        Ok(qud_config::OnnxInput {
+            size: self.onnx_size,
+            channels: match self.onnx_channels.as_str() {
+                "bgr" => qud_config::ChannelOrder::Bgr,
+                _ => qud_config::ChannelOrder::Rgb,
+            },
+            layout: match self.onnx_layout.as_str() {
+                "nhwc" => qud_config::InputLayout::Nhwc,
+                _ => qud_config::InputLayout::Nchw,
+            },
+            mean: three(&self.onnx_mean, "onnx-mean")?,
+            std,
+            threads: self.onnx_threads,
+        })
+    }
+
+    /// The model in eval mode, its device, and a name for tables.
+    fn load(&self) -> Result<(Box<dyn FaceEmbedder>, burn::tensor::Device, String)> {
         let device = qud_backends::device(&self.backend, &self.device)?;
+        if let Some(path) = &self.onnx {
+            let model = qud_onnx::OnnxFaceModel::load(path, &self.onnx_input()?)?;
+            let name = path
+                .file_stem()
+                .map_or("onnx".into(), |s| s.to_string_lossy().to_string());
+            return Ok((Box::new(model), device, name));
+        }
         let spec = qud_models::BackboneSpec {
             embedding_dim: self.embedding_dim,
             dropout: 0.0,
         };
-        let (Some(arch), Some(weights)) = (&self.arch, &self.weights) else {
-            bail!("--arch and --weights are required");
+        let Some(arch) = &self.arch else {
+            bail!("--arch with --weights or --random-init (or --onnx) is required");
         };
-        let model = qud_models::create(arch, &spec, &device)?;
-        Ok((qud_models::load_weights(model, weights)?.valid(), device))
+        let model = match (&self.weights, self.random_init) {
+            (Some(weights), _) => {
+                qud_models::load_weights(qud_models::create(arch, &spec, &device)?, weights)?
+            }
+            (None, Some(seed)) => qud_trainer::seeded(&device, seed, || {
+                qud_models::create(arch, &spec, &device).map(qud_trainer::initialize_now)
+            })?,
+            (None, None) => bail!("--weights or --random-init SEED is required with --arch"),
+        };
+        let name = match self.random_init {
+            Some(seed) if self.weights.is_none() => format!("{arch} (random init, seed {seed})"),
+            _ => arch.clone(),
+        };
+        Ok((Box::new(model.valid()), device, name))
     }
 }
 
@@ -263,7 +366,7 @@ fn main() -> Result<()> {
                 _ => {
                     let bins = bins.context("--bins or --embeddings is required")?;
                     let batch_size = model.batch_size;
-                    let (model, device) = model.load()?;
+                    let (model, device, name) = model.load()?;
                     let mut scores = Vec::new();
                     for target in &targets {
                         let path = bins.join(format!("{target}.bin"));
@@ -272,12 +375,12 @@ fn main() -> Result<()> {
                             continue;
                         }
                         let set = qud_eval::PairSet::load(&path)?;
-                        scores.push(qud_eval::evaluate(&model, &set, batch_size, &device));
+                        scores.push(qud_eval::evaluate(&*model, &set, batch_size, &device));
                     }
                     if scores.is_empty() {
                         bail!("none of {} found in {}", targets.join(", "), bins.display());
                     }
-                    (model.arch().to_string(), scores)
+                    (name, scores)
                 }
             };
             println!("{}", demo::table(&[(label.as_str(), &scores)]));
@@ -294,6 +397,100 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::EvalIjb {
+            model,
+            root,
+            set,
+            json,
+            embeddings,
+            no_flip,
+            no_norm_score,
+            no_detector_score,
+            far_ties,
+        } => {
+            init_logging(None);
+            let meta = qud_eval::ijb::IjbMeta::load(&root, &set)?;
+            tracing::info!(
+                "{set}: {} images, {} template pairs",
+                meta.images.len(),
+                meta.pairs.len()
+            );
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let (name, features) = match embeddings.as_deref().filter(|p| p.is_file()) {
+                Some(path) => {
+                    let rows = qud_eval::read_npy_rows(path)?;
+                    if rows.len() != meta.images.len() {
+                        bail!(
+                            "{}: {} rows, but {set} has {} images",
+                            path.display(),
+                            rows.len(),
+                            meta.images.len()
+                        );
+                    }
+                    ("embeddings".to_string(), rows)
+                }
+                None => {
+                    let batch_size = model.batch_size;
+                    let (model, device, name) = model.load()?;
+                    let rows = qud_eval::ijb::embed_ijb(
+                        &*model, &root, &meta, batch_size, !no_flip, threads, &device,
+                    )?;
+                    if let Some(path) = &embeddings {
+                        qud_eval::write_npy(path, &rows)
+                            .with_context(|| path.display().to_string())?;
+                    }
+                    (name, rows)
+                }
+            };
+            let ties = match far_ties.as_str() {
+                "max-tpr" => qud_eval::ijb::FarTies::MaxTpr,
+                _ => qud_eval::ijb::FarTies::First,
+            };
+            let score = qud_eval::ijb::score_ijb(
+                &set,
+                &meta,
+                &features,
+                !no_norm_score,
+                !no_detector_score,
+                ties,
+                threads,
+            );
+            let header: Vec<String> = score
+                .tar_at_far
+                .iter()
+                .map(|(far, _)| format!("{far:>8.0e}"))
+                .collect();
+            let values: Vec<String> = score
+                .tar_at_far
+                .iter()
+                .map(|(_, tar)| format!("{:>8.2}", tar * 100.0))
+                .collect();
+            println!(
+                "{set}: {} templates, {} pairs; TAR (%) at FAR\n{:<16}{}\n{:<16}{}",
+                score.templates,
+                score.pairs,
+                "FAR",
+                header.join(""),
+                name,
+                values.join("")
+            );
+            if let Some(path) = json {
+                tools::write_atomic(&path, serde_json::to_string_pretty(&score)?.as_bytes())?;
+                let plot = path
+                    .parent()
+                    .unwrap_or(std::path::Path::new("."))
+                    .join(format!("roc_{set}.svg"));
+                let title = format!("{set} 1:1 ({} pairs)", score.pairs);
+                let svg = qud_eval::roc_svg(&title, &[(name.as_str(), &score.roc)]);
+                tools::write_atomic(&plot, svg.as_bytes())?;
+                println!(
+                    "scores -> {}, ROC plot -> {}",
+                    path.display(),
+                    plot.display()
+                );
+            }
+            Ok(())
+        }
         Command::Embed {
             model,
             input,
@@ -302,10 +499,11 @@ fn main() -> Result<()> {
             resize,
         } => {
             init_logging(None);
-            let (batch_size, embedding_dim) = (model.batch_size, model.embedding_dim);
-            let (model, device) = model.load()?;
+            let batch_size = model.batch_size;
+            let (model, device, _) = model.load()?;
+            let embedding_dim = model.output_dim();
             let faces = tools::faces_of(&input, resize)?;
-            let embedded = qud_eval::embed(&model, &faces, batch_size, flip_sum, &device);
+            let embedded = qud_eval::embed(&*model, &faces, batch_size, flip_sum, &device);
             qud_eval::write_npy(&out, &embedded.raw).with_context(|| out.display().to_string())?;
             println!(
                 "{} embeddings of size {embedding_dim} -> {}",

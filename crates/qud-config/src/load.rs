@@ -406,6 +406,20 @@ impl Config {
             self.teacher.embedding_dim.to_string(),
             "must equal student.embedding_dim for distillation",
         );
+        let onnx = &self.teacher.onnx;
+        check(
+            onnx.size >= 8,
+            "teacher.onnx.size",
+            onnx.size.to_string(),
+            "must be >= 8 pixels",
+        );
+        check(
+            onnx.std.iter().all(|s| s.is_finite() && *s != 0.0)
+                && onnx.mean.iter().all(|m| m.is_finite()),
+            "teacher.onnx.std",
+            format!("{:?} (mean {:?})", onnx.std, onnx.mean),
+            "mean must be finite and std finite and non-zero",
+        );
         check(
             self.eval.batch_size > 0,
             "eval.batch_size",

@@ -53,6 +53,9 @@ pub struct DataConfig {
     pub format: DataFormat,
     /// File or directory of the training set; unused for `synthetic`.
     pub root: Option<PathBuf>,
+    /// More image folders or `.rec` files of the same format, appended after `root` in this order
+    /// (one training set from several sources).
+    pub extra_roots: Vec<PathBuf>,
     /// Resize images that are not 112x112 instead of refusing them.
     pub resize: bool,
     /// Probability of a horizontal flip per sample (the paper's only augmentation).
@@ -74,6 +77,7 @@ impl Default for DataConfig {
         Self {
             format: DataFormat::Auto,
             root: None,
+            extra_roots: Vec::new(),
             resize: false,
             flip_prob: 0.5,
             workers: 0,
@@ -122,6 +126,9 @@ pub enum CacheDtype {
 pub struct TeacherConfig {
     /// Registry name of the architecture (ignored for ONNX teachers).
     pub arch: String,
+    /// The weight file (`.pth`, `.safetensors`) or the ONNX model (`.onnx`); `path` is accepted
+    /// as another name for it.
+    #[serde(alias = "path")]
     pub weights: Option<PathBuf>,
     pub format: WeightFormat,
     pub embedding_dim: usize,
@@ -133,6 +140,53 @@ pub struct TeacherConfig {
     pub cache_dir: Option<PathBuf>,
     /// Key the cache on every sample's pixels instead of 64 evenly spaced ones.
     pub cache_full_hash: bool,
+    /// What an ONNX teacher (`format = "onnx"`) expects as input.
+    pub onnx: OnnxInput,
+}
+
+/// Channel order of an ONNX model's input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChannelOrder {
+    Rgb,
+    Bgr,
+}
+
+/// Memory layout of an ONNX model's input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputLayout {
+    Nchw,
+    Nhwc,
+}
+
+/// The input contract of an ONNX face model: a `size` x `size` face in `channels` order and
+/// `layout`, each channel given as `(pixel - mean) / std` with pixels in 0..=255. The defaults
+/// are insightface's ArcFace exports (RGB, NCHW, (x - 127.5) / 127.5).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OnnxInput {
+    pub size: usize,
+    pub channels: ChannelOrder,
+    pub layout: InputLayout,
+    /// Per channel, in the model's channel order.
+    pub mean: [f64; 3],
+    pub std: [f64; 3],
+    /// Threads running the model; 0 = one per core.
+    pub threads: usize,
+}
+
+impl Default for OnnxInput {
+    fn default() -> Self {
+        Self {
+            size: 112,
+            channels: ChannelOrder::Rgb,
+            layout: InputLayout::Nchw,
+            mean: [127.5; 3],
+            std: [127.5; 3],
+            threads: 0,
+        }
+    }
 }
 
 impl Default for TeacherConfig {
@@ -147,6 +201,7 @@ impl Default for TeacherConfig {
             cache_dtype: CacheDtype::F32,
             cache_dir: None,
             cache_full_hash: false,
+            onnx: OnnxInput::default(),
         }
     }
 }
@@ -283,8 +338,11 @@ pub struct EvalConfig {
     /// Directory holding `lfw.bin`, `cfp_fp.bin`, ...
     pub dir: Option<PathBuf>,
     pub targets: Vec<String>,
-    /// Evaluate every this many steps (and at each epoch end); 0 = epoch ends only.
+    /// Evaluate every this many steps; 0 = never by steps.
     pub every_steps: usize,
+    /// Evaluate at the end of every this many epochs, and always after the last; 0 = after the
+    /// last epoch only.
+    pub every_epochs: usize,
     pub batch_size: usize,
 }
 
@@ -296,6 +354,7 @@ impl Default for EvalConfig {
                 .map(String::from)
                 .to_vec(),
             every_steps: 2000,
+            every_epochs: 1,
             batch_size: 128,
         }
     }

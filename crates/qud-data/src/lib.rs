@@ -10,12 +10,14 @@
 //! Adding a dataset: implement [`FaceDataset`] (`len`, `get`, `num_identities`, `describe`) and
 //! construct it in `open_dataset` of qud-trainer.
 
+mod concat;
 mod folder;
 mod image_ops;
 mod loader;
 mod recordio;
 mod synthetic;
 
+pub use concat::ConcatDataset;
 pub use folder::ImageFolder;
 pub use image_ops::{
     decode_face, encode_face, flip_horizontal, normalize_into, FaceImage, ImageEncoding, FACE_SIZE,

@@ -518,3 +518,84 @@ fn broken_record_files_give_precise_errors() {
         "{m}"
     );
 }
+
+#[test]
+fn concatenated_sources_keep_order_and_separate_identities() {
+    let a: Arc<dyn FaceDataset> = Arc::new(SyntheticFaces::new(3, 2, 1));
+    let b: Arc<dyn FaceDataset> = Arc::new(SyntheticFaces::new(2, 3, 2));
+    let both = ConcatDataset::new(vec![a.clone(), b.clone()]);
+    assert_eq!(both.len(), 12);
+    assert_eq!(both.num_identities(), Some(5));
+    assert_eq!(both.get(5).unwrap(), a.get(5).unwrap());
+    let from_b = both.get(6).unwrap();
+    let own = b.get(0).unwrap();
+    assert_eq!(from_b.image, own.image);
+    assert_eq!(
+        from_b.label,
+        own.label.map(|l| l + 3),
+        "b's identities follow a's"
+    );
+    assert!(matches!(
+        both.get(12),
+        Err(DataError::OutOfRange { index: 12, len: 12 })
+    ));
+
+    /// An unlabelled view of a set.
+    struct Unlabelled(Arc<dyn FaceDataset>);
+    impl FaceDataset for Unlabelled {
+        fn len(&self) -> usize {
+            self.0.len()
+        }
+        fn get(&self, index: usize) -> Result<Sample, DataError> {
+            let mut s = self.0.get(index)?;
+            s.label = None;
+            Ok(s)
+        }
+        fn num_identities(&self) -> Option<usize> {
+            None
+        }
+        fn describe(&self) -> String {
+            "unlabelled".into()
+        }
+    }
+    let mixed = ConcatDataset::new(vec![a, Arc::new(Unlabelled(b))]);
+    assert_eq!(mixed.num_identities(), None);
+    assert_eq!(
+        mixed.get(0).unwrap().label,
+        None,
+        "labels only when every part has them"
+    );
+}
+
+/// JPEGs decode bit-identically to libjpeg-turbo (PIL, OpenCV, MXNet): the fixture's pixels are
+/// PIL 12 / libjpeg-turbo 3.2.0's decoding (`fixtures/libjpeg/make_libjpeg_fixture.py`).
+#[test]
+fn jpeg_pixels_equal_libjpeg_turbo() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/libjpeg");
+    let jpeg = std::fs::read(dir.join("face_420.jpg")).unwrap();
+    let want = std::fs::read(dir.join("face_420.rgb")).unwrap();
+    let face = decode_face(&jpeg, "face_420.jpg", false).unwrap();
+    let differing = face.rgb.iter().zip(&want).filter(|(a, b)| a != b).count();
+    assert_eq!(differing, 0, "{differing} of {} bytes differ", want.len());
+}
+
+/// A truncated or garbled JPEG is an error naming the sample, not a process abort (libjpeg's
+/// error exit unwinds and is caught).
+#[test]
+fn broken_jpeg_is_an_error_not_an_abort() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/libjpeg");
+    let jpeg = std::fs::read(dir.join("face_420.jpg")).unwrap();
+    let mut garbled = jpeg.clone();
+    for b in &mut garbled[200..600] {
+        *b = 0xFF;
+    }
+    for (name, bytes) in [("truncated", &jpeg[..300]), ("garbled", &garbled[..])] {
+        match decode_face(bytes, name, false) {
+            Err(e) => assert!(e.to_string().contains(name), "{e}"),
+            // libjpeg recovers from some damage with a warning and grey blocks, as in PIL.
+            Ok(face) => assert_eq!(face.rgb.len(), 112 * 112 * 3),
+        }
+    }
+    let err = decode_face(&[0xFF, 0xD8, 0xFF, 0x00, 1, 2, 3], "header-only", false).unwrap_err();
+    assert!(err.to_string().contains("header-only"), "{err}");
+}

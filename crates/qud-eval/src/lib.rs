@@ -4,6 +4,7 @@
 //! The reference is insightface `recognition/arcface_torch/eval/verification.py`: embeddings of
 //! each image and of its horizontal flip are summed, L2-normalised, and scored by [`verify`].
 
+pub mod ijb;
 pub mod metrics;
 pub mod pickle;
 pub mod report;
@@ -12,7 +13,7 @@ pub use metrics::{kfold, mean_std, roc, verify, RocPoints, Verification};
 pub use report::{line_chart_svg, read_issame, read_npy_rows, roc_svg};
 
 use burn::prelude::*;
-use qud_backbone::Backbone;
+use qud_backbone::FaceEmbedder;
 use qud_data::{decode_face, normalize_into, FaceImage, FACE_SIZE};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -129,7 +130,7 @@ pub struct Embedded {
 }
 
 /// Embed faces in eval mode, `batch` at a time; with `flip`, embedding(x) + embedding(flip x).
-pub fn embed<M: Backbone>(
+pub fn embed<M: FaceEmbedder + ?Sized>(
     model: &M,
     faces: &[FaceImage],
     batch: usize,
@@ -151,7 +152,7 @@ pub fn embed<M: Backbone>(
                 device,
             );
             let y = model
-                .forward(x)
+                .embed_faces(x)
                 .into_data()
                 .try_into_vec_as::<f32>()
                 .expect("f32 embeddings");
@@ -283,10 +284,18 @@ fn scores_of(name: &str, normalized: &[Vec<f32>], issame: &[bool], xnorm: f64) -
 }
 
 /// Embed (with flip TTA) and score one set with an eval-mode model.
-pub fn evaluate<M: Backbone>(model: &M, set: &PairSet, batch: usize, device: &Device) -> SetScore {
+pub fn evaluate<M: FaceEmbedder + ?Sized>(
+    model: &M,
+    set: &PairSet,
+    batch: usize,
+    device: &Device,
+) -> SetScore {
     let embedded = embed(model, &set.faces, batch, true, device);
     scores_of(&set.name, &embedded.normalized, &set.issame, embedded.xnorm)
 }
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod ijb_tests;

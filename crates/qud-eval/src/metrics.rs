@@ -37,27 +37,31 @@ pub fn kfold(n: usize, folds: usize) -> Vec<(usize, usize)> {
     out
 }
 
-/// NumPy's `pairwise_sum` for float64 (`np.sum` along a contiguous axis): below 8 values a plain
+/// NumPy's `pairwise_sum` (`np.sum` along a contiguous axis, accumulating in the array's own float
+/// type: f64 for distances and scores, f32 for float32 features): below 8 values a plain
 /// loop; up to 128, eight interleaved partial sums combined as ((r0+r1)+(r2+r3))+((r4+r5)+(r6+r7))
 /// plus the remainder; above, the two halves (split at a multiple of 8) recursively. Summing in
 /// NumPy's order makes every distance bit-identical to the reference's.
-fn numpy_sum(values: &[f64]) -> f64 {
+pub(crate) fn numpy_sum<T>(values: &[T]) -> T
+where
+    T: Copy + Default + std::ops::Add<Output = T> + std::ops::AddAssign,
+{
     let n = values.len();
     if n < 8 {
-        return values.iter().fold(0.0, |acc, v| acc + v);
+        return values.iter().fold(T::default(), |acc, v| acc + *v);
     }
     if n <= 128 {
-        let mut r = [0f64; 8];
+        let mut r = [T::default(); 8];
         r.copy_from_slice(&values[..8]);
         let blocks = n - n % 8;
         for chunk in values[8..blocks].chunks_exact(8) {
             for (acc, v) in r.iter_mut().zip(chunk) {
-                *acc += v;
+                *acc += *v;
             }
         }
         let mut sum = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
         for v in &values[blocks..] {
-            sum += v;
+            sum += *v;
         }
         return sum;
     }

@@ -159,14 +159,23 @@ pub fn roc_svg(title: &str, curves: &[(&str, &RocPoints)]) -> String {
     const RIGHT: f64 = 20.0;
     const TOP: f64 = 40.0;
     const BOTTOM: f64 = 60.0;
-    const MIN_EXP: f64 = -4.0;
+    // The axis starts at the decade of the smallest positive FAR (1e-4 for .bin sets, down to
+    // 1e-7 for IJB-C's 8 million impostor pairs).
+    let smallest = curves
+        .iter()
+        .flat_map(|(_, points)| points.iter().map(|p| p.0))
+        .filter(|far| *far > 0.0)
+        .fold(1e-4, f64::min);
+    let min_exp = smallest.log10().floor().clamp(-7.0, -4.0);
     const COLORS: [&str; 6] = [
         "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
     ];
-    let x = |far: f64| LEFT + (far.max(1e-4).log10() - MIN_EXP) / -MIN_EXP * (W - LEFT - RIGHT);
+    let x = |far: f64| {
+        LEFT + (far.max(10f64.powf(min_exp)).log10() - min_exp) / -min_exp * (W - LEFT - RIGHT)
+    };
     let y = |tar: f64| TOP + (1.0 - tar) * (H - TOP - BOTTOM);
     let mut svg = svg_canvas(W, H, title);
-    for e in -4..=0 {
+    for e in (min_exp as i32)..=0 {
         let px = x(10f64.powi(e));
         let _ = writeln!(
             svg,
@@ -201,11 +210,13 @@ pub fn roc_svg(title: &str, curves: &[(&str, &RocPoints)]) -> String {
     );
     for (i, (name, points)) in curves.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let path: Vec<String> = points
+        // One vertex per distinct tenth of a pixel: a ROC of millions of points stays small.
+        let mut path: Vec<String> = points
             .iter()
             .filter(|(far, _)| *far > 0.0)
             .map(|&(far, tar)| format!("{:.1},{:.1}", x(far), y(tar)))
             .collect();
+        path.dedup();
         let _ = writeln!(
             svg,
             r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,

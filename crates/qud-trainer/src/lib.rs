@@ -15,7 +15,7 @@ mod setup;
 pub mod teacher_cache;
 
 pub use run::{train, TrainOptions, TrainReport};
-pub use setup::{open_dataset, prepare_teacher_cache, seeded, Student};
+pub use setup::{initialize_now, open_dataset, prepare_teacher_cache, seeded, Student, Teacher};
 pub use teacher_cache::{CacheError, CacheKey, TeacherCache};
 
 use std::path::PathBuf;

@@ -7,7 +7,7 @@ use crate::{io_error, TrainError};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
-use qud_backbone::Backbone;
+use qud_backbone::{Backbone, FaceEmbedder};
 use qud_config::{Config, MethodKind, OnBadSample};
 use qud_data::{Loader, LoaderOptions};
 use qud_eval::SetScore;
@@ -106,9 +106,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
     let (teacher, student) =
         crate::setup::seeded(&device, config.run.seed, || -> Result<_, TrainError> {
             let teacher = match method {
-                MethodKind::Qud | MethodKind::Mse => Some(crate::setup::initialize_now(
-                    build_teacher(config, &device)?,
-                )),
+                MethodKind::Qud | MethodKind::Mse => Some(build_teacher(config, &device)?),
                 MethodKind::Arcface => None,
             };
             Ok((
@@ -223,11 +221,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                     Some(cache) => Tensor::from_data(
                         TensorData::new(
                             cache.rows(&batch.indices, &batch.flips)?,
-                            [batch.len(), teacher.embedding_dim()],
+                            [batch.len(), teacher.output_dim()],
                         ),
                         &device,
                     ),
-                    None => l2_normalize(teacher.forward(x)),
+                    None => l2_normalize(teacher.embed_faces(x)),
                 })
             };
 
@@ -308,7 +306,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                     checkpoint::save(&out, &position, &student, &optim, queue.as_ref(), keep)?;
                 last_checkpoint = dir.display().to_string();
             }
-            if !eval_sets.is_empty() && (epoch_done || every(config.eval.every_steps)) {
+            let epoch_eval = epoch_done
+                && (epoch + 1 == config.optim.epochs
+                    || config.eval.every_epochs > 0 && (epoch + 1) % config.eval.every_epochs == 0);
+            if !eval_sets.is_empty() && (epoch_eval || every(config.eval.every_steps)) {
                 final_eval = run_eval(&student, step + 1, epoch, &mut eval_log);
                 record_best(&out, &final_eval, step + 1)?;
             }

@@ -5,11 +5,12 @@ use crate::teacher_cache::{dataset_key, teacher_key, CacheError, CacheKey, Fnv, 
 use crate::TrainError;
 use burn::module::Module;
 use burn::prelude::*;
-use qud_backbone::Backbone;
+use qud_backbone::{Backbone, FaceEmbedder};
 use qud_config::{CacheDtype, CacheMode, Config, DataFormat, MethodKind, WeightFormat};
-use qud_data::{FaceDataset, ImageFolder, RecordDataset, SyntheticFaces};
+use qud_data::{ConcatDataset, FaceDataset, ImageFolder, RecordDataset, SyntheticFaces};
 use qud_eval::PairSet;
 use qud_models::{AnyBackbone, BackboneSpec};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The trained network: the backbone, plus the class centres when the method is ArcFace.
@@ -45,45 +46,62 @@ pub fn initialize_now<M: Module>(module: M) -> M {
     module
 }
 
-/// The training set the config names.
+/// The training set the config names: `data.root`, followed by `data.extra_roots` when given.
 pub fn open_dataset(config: &Config) -> Result<Arc<dyn FaceDataset>, TrainError> {
     let data = &config.data;
-    let root = || {
-        data.root.clone().ok_or_else(|| {
-            TrainError::Config("data.root is required unless data.format = \"synthetic\"".into())
-        })
-    };
-    let format = match data.format {
-        DataFormat::Auto => match &data.root {
-            Some(r) if r.is_dir() => DataFormat::Folder,
-            Some(r)
-                if r.extension().is_some_and(|e| e == "rec" || e == "idx")
-                    || r.with_extension("rec").is_file() =>
-            {
-                DataFormat::Recordio
-            }
-            Some(r) => {
-                return Err(TrainError::Config(format!(
-                    "data.root {}: neither a folder nor a .rec file",
-                    r.display()
-                )))
-            }
-            None => DataFormat::Synthetic,
-        },
-        f => f,
-    };
-    Ok(match format {
-        DataFormat::Synthetic => Arc::new(SyntheticFaces::new(
+    if data.format == DataFormat::Synthetic
+        || data.root.is_none() && data.format == DataFormat::Auto
+    {
+        if !data.extra_roots.is_empty() {
+            return Err(TrainError::Config(
+                "data.extra_roots needs data.root (it lists sources read after it)".into(),
+            ));
+        }
+        return Ok(Arc::new(SyntheticFaces::new(
             data.synthetic_identities,
             data.synthetic_images_per_identity,
             config.run.seed,
-        )),
-        DataFormat::Folder => Arc::new(ImageFolder::open(&root()?, data.resize)?),
-        DataFormat::Recordio => Arc::new(RecordDataset::open(&root()?, data.resize)?),
-        DataFormat::Auto => return Err(TrainError::Config(
-            "RecordIO training sets are not readable yet (issue 4); unpack them to an image folder"
-                .into(),
-        )),
+        )));
+    }
+    let root = data.root.as_deref().ok_or_else(|| {
+        TrainError::Config("data.root is required unless data.format = \"synthetic\"".into())
+    })?;
+    let mut parts = Vec::new();
+    for path in std::iter::once(root).chain(data.extra_roots.iter().map(PathBuf::as_path)) {
+        parts.push(open_source(path, data.format, data.resize)?);
+    }
+    Ok(if parts.len() == 1 {
+        parts.pop().expect("one part")
+    } else {
+        Arc::new(ConcatDataset::new(parts))
+    })
+}
+
+/// One image folder or RecordIO file; `auto` decides from the path.
+fn open_source(
+    path: &Path,
+    format: DataFormat,
+    resize: bool,
+) -> Result<Arc<dyn FaceDataset>, TrainError> {
+    let format = match format {
+        DataFormat::Auto if path.is_dir() => DataFormat::Folder,
+        DataFormat::Auto
+            if path.extension().is_some_and(|e| e == "rec" || e == "idx")
+                || path.with_extension("rec").is_file() =>
+        {
+            DataFormat::Recordio
+        }
+        DataFormat::Auto => {
+            return Err(TrainError::Config(format!(
+                "data source {}: neither a folder nor a .rec file",
+                path.display()
+            )))
+        }
+        f => f,
+    };
+    Ok(match format {
+        DataFormat::Recordio => Arc::new(RecordDataset::open(path, resize)?),
+        _ => Arc::new(ImageFolder::open(path, resize)?),
     })
 }
 
@@ -129,33 +147,104 @@ pub(crate) fn build_student(
     Ok(Student { backbone, head })
 }
 
-/// The frozen teacher in eval mode on the plain (non-autodiff) device.
-pub(crate) fn build_teacher(config: &Config, device: &Device) -> Result<AnyBackbone, TrainError> {
-    let t = &config.teacher;
-    if t.format == WeightFormat::Onnx {
-        return Err(TrainError::Config(
-            "teacher.format = \"onnx\" is not supported yet (issue 10)".into(),
-        ));
-    }
-    let model = qud_models::create(&t.arch, &spec(t.embedding_dim), device)
-        .map_err(|e| TrainError::Config(format!("teacher.arch: {e}")))?;
-    let model = match (&t.weights, t.allow_random) {
-        (Some(path), _) => qud_models::load_weights(model, path)?,
-        (None, true) => model,
-        (None, false) => {
-            return Err(TrainError::Config(
-                "teacher.weights is required: a randomly initialised teacher teaches nothing (set teacher.allow_random = true only in tests)".into(),
-            ))
+/// The frozen teacher: one of qud's backbones (eval mode, plain device, never in the optimizer)
+/// or an ONNX face model run by tract on the CPU.
+#[derive(Debug)]
+pub enum Teacher {
+    Backbone(Box<AnyBackbone>),
+    Onnx(qud_onnx::OnnxFaceModel),
+}
+
+impl FaceEmbedder for Teacher {
+    fn embed_faces(&self, images: Tensor<4>) -> Tensor<2> {
+        match self {
+            Teacher::Backbone(model) => model.forward(images),
+            Teacher::Onnx(model) => model.embed_faces(images),
         }
+    }
+    fn output_dim(&self) -> usize {
+        match self {
+            Teacher::Backbone(model) => model.embedding_dim(),
+            Teacher::Onnx(model) => model.output_dim(),
+        }
+    }
+}
+
+/// Whether `teacher` names an ONNX model: `format = "onnx"`, or `auto` with a `.onnx` file.
+fn is_onnx(t: &qud_config::TeacherConfig) -> bool {
+    match t.format {
+        WeightFormat::Onnx => true,
+        WeightFormat::Auto => t
+            .weights
+            .as_deref()
+            .and_then(|p| p.extension())
+            .is_some_and(|e| e.eq_ignore_ascii_case("onnx")),
+        _ => false,
+    }
+}
+
+/// The frozen teacher the config names. Backbones are built on `device` in eval mode (draw
+/// random weights under [`seeded`]); ONNX models are loaded with `teacher.onnx`'s contract.
+pub(crate) fn build_teacher(config: &Config, device: &Device) -> Result<Teacher, TrainError> {
+    let t = &config.teacher;
+    let teacher = if is_onnx(t) {
+        let path = t.weights.as_deref().ok_or_else(|| {
+            TrainError::Config(
+                "teacher.format = \"onnx\" needs teacher.weights (the .onnx file)".into(),
+            )
+        })?;
+        let model = qud_onnx::OnnxFaceModel::load(path, &t.onnx)
+            .map_err(|e| TrainError::Config(format!("teacher: {e}")))?;
+        tracing::info!(
+            "ONNX teacher {} ({} image(s) per run, {}-d output)",
+            path.display(),
+            model.batch(),
+            model.output_dim()
+        );
+        Teacher::Onnx(model)
+    } else {
+        let model = qud_models::create(&t.arch, &spec(t.embedding_dim), device)
+            .map_err(|e| TrainError::Config(format!("teacher.arch: {e}")))?;
+        let model = match (&t.weights, t.allow_random) {
+            (Some(path), _) => qud_models::load_weights(model, path)?,
+            (None, true) => model,
+            (None, false) => {
+                return Err(TrainError::Config(
+                    "teacher.weights is required: a randomly initialised teacher teaches nothing (set teacher.allow_random = true only in tests)".into(),
+                ))
+            }
+        };
+        Teacher::Backbone(Box::new(initialize_now(model).valid()))
     };
-    if model.embedding_dim() != config.student.embedding_dim {
+    if teacher.output_dim() != config.student.embedding_dim {
         return Err(TrainError::Config(format!(
-            "teacher embedding size {} differs from the student's {}",
-            model.embedding_dim(),
+            "the teacher's embedding size {} differs from the student's {} (student.embedding_dim)",
+            teacher.output_dim(),
             config.student.embedding_dim
         )));
     }
-    Ok(model.valid())
+    Ok(teacher)
+}
+
+/// The teacher's identity for the cache key: the architecture (or the ONNX input contract) and
+/// the weight file's length and CRC-32.
+fn teacher_identity(config: &Config) -> Result<u64, TrainError> {
+    let t = &config.teacher;
+    let arch = if is_onnx(t) {
+        let o = &t.onnx;
+        format!(
+            "onnx size {} {:?} {:?} mean {:?} std {:?}",
+            o.size, o.channels, o.layout, o.mean, o.std
+        )
+    } else {
+        t.arch.clone()
+    };
+    Ok(teacher_key(
+        &arch,
+        t.embedding_dim,
+        t.weights.as_deref(),
+        config.run.seed,
+    )?)
 }
 
 /// The teacher-feature cache for this config's dataset and teacher (`teacher.cache`): opened when
@@ -164,7 +253,7 @@ pub(crate) fn build_teacher(config: &Config, device: &Device) -> Result<AnyBackb
 pub(crate) fn teacher_cache(
     config: &Config,
     dataset: &dyn FaceDataset,
-    teacher: &AnyBackbone,
+    teacher: &Teacher,
     device: &Device,
 ) -> Result<Option<TeacherCache>, TrainError> {
     let t = &config.teacher;
@@ -174,12 +263,7 @@ pub(crate) fn teacher_cache(
     // Only the horizontal flip reaches the teacher, and the cache holds both flips; any other
     // augmentation would have to turn the cache off here.
     let key = CacheKey {
-        teacher: teacher_key(
-            &t.arch,
-            t.embedding_dim,
-            t.weights.as_deref(),
-            config.run.seed,
-        )?,
+        teacher: teacher_identity(config)?,
         dataset: dataset_key(dataset, t.cache_full_hash),
         preprocessing: Fnv::default()
             .bytes(b"rgb u8 -> (x/255 - 0.5)/0.5, NCHW, flip = mirror width; l2-normalised")
@@ -202,7 +286,7 @@ pub(crate) fn teacher_cache(
         "{:016x}-{:016x}-{dtype}.qtc",
         key.teacher, key.dataset
     ));
-    let dim = teacher.embedding_dim();
+    let dim = teacher.output_dim();
     match TeacherCache::open(&path, key, dim, t.cache_dtype, dataset.len()) {
         Ok(cache) => {
             tracing::info!("teacher features from the cache {}", path.display());
@@ -244,9 +328,7 @@ pub(crate) fn run_device(config: &Config) -> Result<Device, TrainError> {
 pub fn prepare_teacher_cache(config: &Config) -> Result<std::path::PathBuf, TrainError> {
     let device = run_device(config)?;
     let dataset = open_dataset(config)?;
-    let teacher = seeded(&device, config.run.seed, || {
-        build_teacher(config, &device).map(initialize_now)
-    })?;
+    let teacher = seeded(&device, config.run.seed, || build_teacher(config, &device))?;
     let mut config = config.clone();
     if config.teacher.cache == CacheMode::Off {
         config.teacher.cache = CacheMode::Auto;

@@ -18,7 +18,7 @@
 //! reads through the page cache.
 
 use burn::prelude::*;
-use qud_backbone::Backbone;
+use qud_backbone::FaceEmbedder;
 use qud_config::CacheDtype;
 use qud_data::{decode_batch, FaceDataset};
 use qud_loss::l2_normalize;
@@ -311,7 +311,7 @@ impl TeacherCache {
     /// time, decoding with `workers` threads; logs progress. Writes a temporary file next to
     /// `path`, then renames it.
     #[allow(clippy::too_many_arguments)]
-    pub fn build<M: Backbone>(
+    pub fn build<M: FaceEmbedder + ?Sized>(
         path: &Path,
         key: CacheKey,
         dtype: CacheDtype,
@@ -330,7 +330,7 @@ impl TeacherCache {
             source,
         };
         std::fs::create_dir_all(dir).map_err(io)?;
-        let dim = teacher.embedding_dim();
+        let dim = teacher.output_dim();
         let samples = dataset.len();
         let rows = 2 * samples;
         let blocks = rows.div_ceil(BLOCK_ROWS);
@@ -363,8 +363,8 @@ impl TeacherCache {
             let mut features = vec![0f32; 2 * plan.len() * dim];
             if !decoded.is_empty() {
                 let x = decoded.tensor(device);
-                let plain = l2_normalize(teacher.forward(x.clone()));
-                let flipped = l2_normalize(teacher.forward(x.flip([3])));
+                let plain = l2_normalize(teacher.embed_faces(x.clone()));
+                let flipped = l2_normalize(teacher.embed_faces(x.flip([3])));
                 let to_vec = |t: Tensor<2>| t.into_data().try_into_vec_as::<f32>().expect("f32");
                 let (plain, flipped) = (to_vec(plain), to_vec(flipped));
                 // Skipped (undecodable) samples keep zero rows: training skips them too.
@@ -473,6 +473,7 @@ fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
 mod tests {
     use super::*;
     use burn::module::Module;
+    use qud_backbone::Backbone;
     use qud_data::SyntheticFaces;
 
     fn teacher(device: &Device) -> qud_models::AnyBackbone {

@@ -686,4 +686,78 @@ fn evaluates_during_training_and_keeps_the_best() {
     assert_eq!(best["pairs"]["accuracy"].as_f64().unwrap(), logged_max);
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("verification accuracy %") && html.contains("false accept rate"));
+
+    // eval.every_epochs = 0: no step evaluations, and only the last epoch's end.
+    let config = tiny(
+        &dir.path().join("last-only"),
+        "mse",
+        &[
+            &eval_dir,
+            "eval.targets=[\"pairs\"]",
+            "eval.every_steps=0",
+            "eval.every_epochs=0",
+        ],
+    );
+    train(&config, &TrainOptions::default()).unwrap();
+    let evals = std::fs::read_to_string(dir.path().join("last-only/eval.jsonl")).unwrap();
+    let steps: Vec<u64> = evals
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, [4], "{evals}");
+}
+
+/// An ONNX teacher (a graph with its batch fixed at 1, run by tract) distils like a Burn one, and
+/// its teacher cache gives the same losses as running it every step.
+#[test]
+fn onnx_teacher_trains_with_and_without_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../qud-onnx/fixtures/tiny_fixed_batch.onnx");
+    let teacher = format!("teacher.weights={}", onnx.display());
+    let cache_dir = format!("teacher.cache_dir={}", dir.path().join("cache").display());
+    let common = [
+        teacher.as_str(),
+        "teacher.allow_random=false",
+        "teacher.onnx.mean=[127.0, 127.0, 127.0]",
+        "teacher.onnx.std=[128.0, 128.0, 128.0]",
+        "student.embedding_dim=16",
+        "teacher.embedding_dim=16",
+        cache_dir.as_str(),
+    ];
+    let run = |name: &str, cache: &str| {
+        let mut extra = common.to_vec();
+        extra.push(cache);
+        train(
+            &tiny(&dir.path().join(name), "qud", &extra),
+            &TrainOptions::default(),
+        )
+        .unwrap()
+    };
+    let direct = run("direct", "teacher.cache=off");
+    let cached = run("cached", "teacher.cache=auto");
+    assert_eq!(direct.losses.len(), 4);
+    for (a, b) in direct.losses.iter().zip(&cached.losses) {
+        assert!((a - b).abs() < 1e-5, "direct {a} vs cached {b}");
+    }
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("cache")).unwrap().count(),
+        1,
+        "one cache file"
+    );
+
+    // A teacher whose output size differs from the student's is refused, naming both sizes.
+    let mut extra = common.to_vec();
+    extra.extend(["student.embedding_dim=32", "teacher.embedding_dim=32"]);
+    let err = train(
+        &tiny(&dir.path().join("bad"), "qud", &extra),
+        &TrainOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("16") && err.contains("32"), "{err}");
 }

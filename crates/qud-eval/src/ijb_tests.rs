@@ -1,0 +1,256 @@
+//! IJB parity with `fixtures/make_ijb_fixture.py` (insightface's pooling and scoring with NumPy,
+//! scikit-learn's `roc_curve`, scikit-image's `SimilarityTransform`, OpenCV's `warpAffine`).
+
+use crate::ijb::*;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/ijb")
+}
+
+fn expected() -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(root().join("expected.json")).unwrap()).unwrap()
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn alignment_matches_scikit_image_similarity_transform() {
+    let meta = IjbMeta::load(&root(), "ijbc").unwrap();
+    let want = expected();
+    let matrices = want["matrices"].as_array().unwrap();
+    assert_eq!(matrices.len(), meta.landmarks.len());
+    for (lmk, m) in meta.landmarks.iter().zip(matrices) {
+        let got = similarity_transform(lmk, &ARCFACE_TEMPLATE);
+        for r in 0..2 {
+            let row = floats(&m[r]);
+            for c in 0..3 {
+                assert!(
+                    (got[r][c] - row[c]).abs() < 1e-6,
+                    "matrix [{r}][{c}]: {} vs scikit-image {}",
+                    got[r][c],
+                    row[c]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn warp_matches_opencv_within_its_fixed_point_rounding() {
+    let want = expected();
+    let m = &want["warp_matrix"];
+    let matrix = [
+        <[f64; 3]>::try_from(floats(&m[0])).unwrap(),
+        <[f64; 3]>::try_from(floats(&m[1])).unwrap(),
+    ];
+    // The fixture's formula image: (3x + 5y + 70c) mod 256, 150 x 130.
+    let (w, h) = (150, 130);
+    let mut pixels = Vec::with_capacity(w * h * 3);
+    for y in 0..h {
+        for x in 0..w {
+            for c in 0..3 {
+                pixels.push(((3 * x + 5 * y + 70 * c) % 256) as u8);
+            }
+        }
+    }
+    let image = RgbImage {
+        width: w,
+        height: h,
+        pixels,
+    };
+    let got = warp_face(&image, &matrix);
+    let cv: Vec<f64> = floats(&want["warp_rgb"]);
+    let diffs: Vec<f64> = got
+        .rgb
+        .iter()
+        .zip(&cv)
+        .map(|(a, b)| (f64::from(*a) - b).abs())
+        .collect();
+    // OpenCV interpolates with 5-bit fixed-point weights; the mod-256 wrap makes a few edge
+    // pixels blend across the jump, where that rounding is largest.
+    let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+    let close = diffs.iter().filter(|d| **d <= 2.0).count() as f64 / diffs.len() as f64;
+    assert!(mean < 1.0, "mean difference to OpenCV {mean}");
+    assert!(
+        close > 0.98,
+        "only {close} of pixels within 2 levels of OpenCV"
+    );
+}
+
+#[test]
+fn pooling_scores_and_roc_match_the_reference_exactly() {
+    let meta = IjbMeta::load(&root(), "ijbc").unwrap();
+    let features = crate::read_npy_rows(&root().join("features.npy")).unwrap();
+    let want = expected();
+    let fars = floats(&want["fars"]);
+    assert_eq!(fars, IJB_FARS);
+    for (case, reference) in want["cases"].as_object().unwrap() {
+        let norm_score = case.contains("norm1");
+        let detector = case.contains("det1");
+        let feats = image_features(&features, &meta.detector_scores, norm_score, detector);
+        let templates = template_features(&feats, &meta.templates, &meta.medias);
+        let ids: Vec<i64> = reference["templates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_i64().unwrap())
+            .collect();
+        assert_eq!(templates.keys().copied().collect::<Vec<_>>(), ids, "{case}");
+        for (row, want_row) in templates
+            .values()
+            .zip(reference["template_features"].as_array().unwrap())
+        {
+            for (a, b) in row.iter().zip(floats(want_row)) {
+                assert!((a - b).abs() < 1e-12, "{case}: template feature {a} vs {b}");
+            }
+        }
+        let scores = pair_scores(&templates, &meta.pairs, 3);
+        let want_scores = floats(&reference["scores"]);
+        for (a, b) in scores.iter().zip(&want_scores) {
+            assert!((a - b).abs() < 1e-12, "{case}: score {a} vs {b}");
+        }
+        // The ROC from the reference's own scores is identical point for point.
+        let (fpr, tpr, _) = roc_curve(&meta.labels, &want_scores);
+        assert_eq!(fpr, floats(&reference["fpr"]), "{case}: fpr");
+        assert_eq!(tpr, floats(&reference["tpr"]), "{case}: tpr");
+        // And the whole chain from features gives the same TAR at every FAR, for both tie rules.
+        for (ties, key) in [
+            (FarTies::First, "tar_first"),
+            (FarTies::MaxTpr, "tar_max_tpr"),
+        ] {
+            let score = score_ijb("ijbc", &meta, &features, norm_score, detector, ties, 2);
+            let tars: Vec<f64> = score.tar_at_far.iter().map(|p| p.1).collect();
+            assert_eq!(tars, floats(&reference[key]), "{case} {key}");
+        }
+    }
+}
+
+#[test]
+fn roc_of_a_tiny_case_by_hand() {
+    // Scores 0.9 (genuine), 0.8 (impostor), 0.8 (genuine), 0.1 (impostor): the tie at 0.8 is one
+    // threshold, so the ROC goes (0,0) -> (0, .5) -> (.5, 1) -> (1, 1).
+    let (fpr, tpr, thr) = roc_curve(&[true, false, true, false], &[0.9, 0.8, 0.8, 0.1]);
+    assert_eq!(fpr, [0.0, 0.0, 0.5, 1.0]);
+    assert_eq!(tpr, [0.0, 0.5, 1.0, 1.0]);
+    assert_eq!(thr[1..], [0.9, 0.8, 0.1]);
+    // FAR 0.01: nearest FPR is 0, reached at TPR 0 and 0.5.
+    assert_eq!(tar_at_far(&fpr, &tpr, &[0.01], FarTies::First), [0.0]);
+    assert_eq!(tar_at_far(&fpr, &tpr, &[0.01], FarTies::MaxTpr), [0.5]);
+}
+
+#[test]
+fn bad_metadata_is_named_by_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = dir.path().join("meta");
+    std::fs::create_dir_all(&meta).unwrap();
+    let lmk = "a.jpg 1 2 3 4 5 6 7 8 9 10 0.9\nb.jpg 1 2 3 4 5 6 7 8 9 10 0.8\n";
+    std::fs::write(meta.join("ijbb_name_5pts_score.txt"), lmk).unwrap();
+    std::fs::write(meta.join("ijbb_face_tid_mid.txt"), "a.jpg 1 1\nc.jpg 2 2\n").unwrap();
+    std::fs::write(meta.join("ijbb_template_pair_label.txt"), "1 2 0\n").unwrap();
+    let err = IjbMeta::load(dir.path(), "ijbb").unwrap_err().to_string();
+    assert!(
+        err.contains("ijbb_face_tid_mid.txt") && err.contains("line 2") && err.contains("c.jpg"),
+        "{err}"
+    );
+    std::fs::write(meta.join("ijbb_face_tid_mid.txt"), "a.jpg 1 1\nb.jpg 2 2\n").unwrap();
+    std::fs::write(meta.join("ijbb_template_pair_label.txt"), "1 2 0\n1 9 1\n").unwrap();
+    let err = IjbMeta::load(dir.path(), "ijbb").unwrap_err().to_string();
+    assert!(
+        err.contains("ijbb_template_pair_label.txt") && err.contains("template 9"),
+        "{err}"
+    );
+    std::fs::write(meta.join("ijbb_name_5pts_score.txt"), "a.jpg 1 2 x\n").unwrap();
+    let err = IjbMeta::load(dir.path(), "ijbb").unwrap_err().to_string();
+    assert!(err.contains("line 1") && err.contains("4 fields"), "{err}");
+}
+
+/// Write a tiny IJB-style set: `n` canvases of 140x130 random pixels with the face at an integer
+/// offset, landmarks exactly the template shifted by it, 2 images per template.
+fn tiny_set(dir: &Path, n: usize) -> Vec<Vec<u8>> {
+    std::fs::create_dir_all(dir.join("meta")).unwrap();
+    std::fs::create_dir_all(dir.join("loose_crop")).unwrap();
+    let (mut lmk, mut tid, mut pairs, mut canvases) =
+        (String::new(), String::new(), String::new(), Vec::new());
+    for i in 0..n {
+        let pixels: Vec<u8> = (0..140 * 130 * 3)
+            .map(|k| ((k * 31 + i * 17) % 251) as u8)
+            .collect();
+        image::RgbImage::from_raw(140, 130, pixels.clone())
+            .unwrap()
+            .save(dir.join(format!("loose_crop/{i}.png")))
+            .unwrap();
+        let (dx, dy) = (10.0 + i as f64, 5.0 + 2.0 * i as f64);
+        let points: Vec<String> = ARCFACE_TEMPLATE
+            .iter()
+            .flat_map(|p| [format!("{}", p[0] + dx), format!("{}", p[1] + dy)])
+            .collect();
+        lmk.push_str(&format!("{i}.png {} 0.9\n", points.join(" ")));
+        tid.push_str(&format!("{i}.png {} {i}\n", i / 2));
+        canvases.push(pixels);
+    }
+    for a in 0..n / 2 {
+        for b in a + 1..n / 2 {
+            pairs.push_str(&format!("{a} {b} {}\n", u8::from(a % 2 == b % 2)));
+        }
+    }
+    std::fs::write(dir.join("meta/ijbb_name_5pts_score.txt"), lmk).unwrap();
+    std::fs::write(dir.join("meta/ijbb_face_tid_mid.txt"), tid).unwrap();
+    std::fs::write(dir.join("meta/ijbb_template_pair_label.txt"), pairs).unwrap();
+    canvases
+}
+
+/// Landmarks that are the template shifted by whole pixels align to an exact crop, and the whole
+/// chain (decode, align, embed with flip, pool, score) runs on a real backbone.
+#[test]
+fn end_to_end_on_a_tiny_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let canvases = tiny_set(dir.path(), 8);
+    let meta = IjbMeta::load(dir.path(), "ijbb").unwrap();
+    for (i, canvas) in canvases.iter().enumerate().take(3) {
+        let image = load_rgb(&dir.path().join(format!("loose_crop/{i}.png"))).unwrap();
+        let face = warp_face(
+            &image,
+            &similarity_transform(&meta.landmarks[i], &ARCFACE_TEMPLATE),
+        );
+        let (dx, dy) = (10 + i, 5 + 2 * i);
+        for (v, u) in [(0, 0), (50, 60), (111, 111)] {
+            for c in 0..3 {
+                assert_eq!(
+                    face.rgb[(v * 112 + u) * 3 + c],
+                    canvas[((v + dy) * 140 + u + dx) * 3 + c],
+                    "image {i} ({v},{u},{c})"
+                );
+            }
+        }
+    }
+    let device = qud_backend_flex::device();
+    let spec = qud_models::BackboneSpec {
+        embedding_dim: 16,
+        dropout: 0.0,
+    };
+    use burn::module::Module;
+    let model = qud_models::create("mobilefacenet", &spec, &device)
+        .unwrap()
+        .valid();
+    let rows = embed_ijb(&model, dir.path(), &meta, 3, true, 2, &device).unwrap();
+    assert_eq!((rows.len(), rows[0].len()), (8, 16));
+    let score = score_ijb("ijbb", &meta, &rows, true, true, FarTies::First, 2);
+    assert_eq!((score.templates, score.pairs), (4, 6));
+    assert!(score
+        .tar_at_far
+        .iter()
+        .all(|(_, t)| (0.0..=1.0).contains(t)));
+
+    std::fs::remove_file(dir.path().join("loose_crop/5.png")).unwrap();
+    let err = embed_ijb(&model, dir.path(), &meta, 3, true, 2, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("5.png"), "{err}");
+}
