@@ -3,44 +3,22 @@
 random 512-d features of the given sizes. Prints the wall time of pooling + scoring + ROC in
 seconds. Usage: python ijb.py TEMPLATES IMAGES PAIRS"""
 
+import importlib.util
+import os
 import sys
 import time
 
 import numpy as np
 from sklearn.metrics import roc_curve
-from sklearn.preprocessing import normalize
 
-
-def image2template_feature(img_feats, templates, medias):
-    unique_templates = np.unique(templates)
-    template_feats = np.zeros((len(unique_templates), img_feats.shape[1]))
-    for k, uqt in enumerate(unique_templates):
-        (ind_t,) = np.where(templates == uqt)
-        face_feats = img_feats[ind_t]
-        face_medias = medias[ind_t]
-        unique_medias, counts = np.unique(face_medias, return_counts=True)
-        media_feats = []
-        for u, ct in zip(unique_medias, counts):
-            (ind_m,) = np.where(face_medias == u)
-            if ct == 1:
-                media_feats += [face_feats[ind_m]]
-            else:
-                media_feats += [np.mean(face_feats[ind_m], axis=0, keepdims=True)]
-        template_feats[k] = np.sum(np.array(media_feats), axis=0)
-    return normalize(template_feats), unique_templates
-
-
-def verification(template_norm_feats, unique_templates, p1, p2):
-    template2id = np.zeros((max(unique_templates) + 1, 1), dtype=int)
-    for k, uqt in enumerate(unique_templates):
-        template2id[uqt] = k
-    score = np.zeros((len(p1),))
-    for start in range(0, len(p1), 100000):
-        s = np.arange(start, min(start + 100000, len(p1)))
-        feat1 = template_norm_feats[template2id[p1[s]]]
-        feat2 = template_norm_feats[template2id[p2[s]]]
-        score[s] = np.sum(feat1 * feat2, -1).flatten()
-    return score
+# The reference functions of the parity fixture (insightface's algorithm), not a copy of them.
+HERE = os.path.dirname(os.path.abspath(__file__))
+spec = importlib.util.spec_from_file_location(
+    "ijb_ref", os.path.join(HERE, "../../qud-eval/fixtures/make_ijb_fixture.py")
+)
+ref = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ref)
+image2template_feature, verification = ref.image2template_feature, ref.verification
 
 
 def main():

@@ -85,18 +85,22 @@ impl OnnxFaceModel {
                 Err(single) => return Err(single),
             },
         };
+        Ok(Self::with_plan(path, input, plan, batch, dim))
+    }
+
+    fn with_plan(path: &Path, input: &OnnxInput, plan: Plan, batch: usize, dim: usize) -> Self {
         let threads = match input.threads {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        Ok(Self {
+        Self {
             path: path.to_path_buf(),
             plan,
             batch,
             input: input.clone(),
             dim,
             threads,
-        })
+        }
     }
 
     /// An optimised plan for `batch` images and the embedding size it yields; an error when the
@@ -158,18 +162,7 @@ impl OnnxFaceModel {
         batch: usize,
     ) -> Result<Self, OnnxError> {
         let (plan, dim) = Self::plan(path, input, batch.max(1))?;
-        let threads = match input.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        };
-        Ok(Self {
-            path: path.to_path_buf(),
-            plan,
-            batch: batch.max(1),
-            input: input.clone(),
-            dim,
-            threads,
-        })
+        Ok(Self::with_plan(path, input, plan, batch.max(1), dim))
     }
 
     pub fn path(&self) -> &Path {

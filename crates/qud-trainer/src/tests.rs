@@ -664,24 +664,11 @@ fn evaluates_during_training_and_keeps_the_best() {
     let out = dir.path().join("run");
     let evals = std::fs::read_to_string(out.join("eval.jsonl")).unwrap();
     // 2 epochs of 2 steps: the epoch ends (steps 2 and 4) and every_steps = 3.
-    let steps: Vec<u64> = evals
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
-    assert_eq!(steps, [2, 3, 4], "{evals}");
+    assert_eq!(logged(&evals, "step"), [2.0, 3.0, 4.0], "{evals}");
     let best: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("best.json")).unwrap()).unwrap();
-    let logged_max = evals
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["accuracy"]
-                .as_f64()
-                .unwrap()
-        })
+    let logged_max = logged(&evals, "accuracy")
+        .into_iter()
         .fold(f64::MIN, f64::max);
     assert_eq!(best["pairs"]["accuracy"].as_f64().unwrap(), logged_max);
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
@@ -700,15 +687,19 @@ fn evaluates_during_training_and_keeps_the_best() {
     );
     train(&config, &TrainOptions::default()).unwrap();
     let evals = std::fs::read_to_string(dir.path().join("last-only/eval.jsonl")).unwrap();
-    let steps: Vec<u64> = evals
+    assert_eq!(logged(&evals, "step"), [4.0], "{evals}");
+}
+
+/// Field `key` of every line of a JSON-lines log.
+fn logged(lines: &str, key: &str) -> Vec<f64> {
+    lines
         .lines()
         .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
+            serde_json::from_str::<serde_json::Value>(l).unwrap()[key]
+                .as_f64()
                 .unwrap()
         })
-        .collect();
-    assert_eq!(steps, [4], "{evals}");
+        .collect()
 }
 
 /// An ONNX teacher (a graph with its batch fixed at 1, run by tract) distils like a Burn one, and
