@@ -150,7 +150,7 @@ pub fn read_issame(path: &Path) -> Result<Vec<bool>, BinError> {
         .collect()
 }
 
-/// A ROC plot (TAR against FAR on a log axis from 1e-4 to 1) with one curve per model, as a
+/// A ROC plot (TAR against FAR on a log axis from the smallest FAR's decade, 1e-4 to 1e-7, to 1) with one curve per model, as a
 /// self-contained SVG any browser shows.
 pub fn roc_svg(title: &str, curves: &[(&str, &RocPoints)]) -> String {
     const W: f64 = 640.0;
