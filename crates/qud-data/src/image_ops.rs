@@ -107,19 +107,37 @@ pub fn flip_horizontal(face: &FaceImage) -> FaceImage {
     FaceImage { rgb: out }
 }
 
+/// `(v / 255 - 0.5) / 0.5` in f32 for every byte `v`: torchvision's `ToTensor` then
+/// `Normalize(0.5, 0.5)`, bit for bit, without two divisions per value.
+const NORMALIZED_LEVELS: [f32; 256] = {
+    let mut levels = [0f32; 256];
+    let mut v = 0;
+    while v < 256 {
+        levels[v] = (v as f32 / 255.0 - 0.5) / 0.5;
+        v += 1;
+    }
+    levels
+};
+
 /// Write `face` (optionally flipped) as CHW floats `(x / 255 - 0.5) / 0.5` into `out`
 /// (`3 * 112 * 112` values).
 pub fn normalize_into(face: &FaceImage, flip: bool, out: &mut [f32]) {
     let plane = FACE_SIZE * FACE_SIZE;
     assert_eq!(out.len(), 3 * plane);
-    for y in 0..FACE_SIZE {
-        for x in 0..FACE_SIZE {
-            let sx = if flip { FACE_SIZE - 1 - x } else { x };
-            let src = (y * FACE_SIZE + sx) * 3;
-            let dst = y * FACE_SIZE + x;
-            for c in 0..3 {
-                out[c * plane + dst] = (face.rgb[src + c] as f32 / 255.0 - 0.5) / 0.5;
-            }
+    let (red, rest) = out.split_at_mut(plane);
+    let (green, blue) = rest.split_at_mut(plane);
+    for (y, row) in face.rgb.chunks_exact(3 * FACE_SIZE).enumerate() {
+        let span = y * FACE_SIZE..(y + 1) * FACE_SIZE;
+        let (r, g, b) = (
+            &mut red[span.clone()],
+            &mut green[span.clone()],
+            &mut blue[span],
+        );
+        for (x, pixel) in row.chunks_exact(3).enumerate() {
+            let x = if flip { FACE_SIZE - 1 - x } else { x };
+            r[x] = NORMALIZED_LEVELS[pixel[0] as usize];
+            g[x] = NORMALIZED_LEVELS[pixel[1] as usize];
+            b[x] = NORMALIZED_LEVELS[pixel[2] as usize];
         }
     }
 }

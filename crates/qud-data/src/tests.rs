@@ -51,6 +51,14 @@ fn flipped_normalisation_equals_normalising_the_flip() {
     white.rgb[0] = 0;
     normalize_into(&white, false, &mut a);
     assert_eq!((a[0], a[1], a[FACE_SIZE * FACE_SIZE]), (-1.0, 1.0, 1.0));
+    // Every byte value, every channel, at its CHW place, as torchvision computes it.
+    let ramp = FaceImage::from_rgb((0..n).map(|i| (i * 7 % 256) as u8).collect());
+    normalize_into(&ramp, false, &mut a);
+    for (i, &value) in ramp.rgb.iter().enumerate() {
+        let (pixel, channel) = (i / 3, i % 3);
+        let want = (value as f32 / 255.0 - 0.5) / 0.5;
+        assert_eq!(a[channel * FACE_SIZE * FACE_SIZE + pixel].to_bits(), want.to_bits());
+    }
 }
 
 #[test]
