@@ -114,6 +114,13 @@ impl Backbone for AnyBackbone {
             Self::IResNet(m) => m.macs(),
         }
     }
+
+    fn fold_batchnorm(&mut self) {
+        match self {
+            Self::MobileFaceNet(m) => m.fold_batchnorm(),
+            Self::IResNet(m) => m.fold_batchnorm(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -225,3 +225,47 @@ fn strict_import_lists_every_problem() {
     let err = load_weights(MobileFaceNet::new(128, &device), &odd).unwrap_err();
     assert!(err.to_string().contains("cannot tell the format"), "{err}");
 }
+
+/// Folding BatchNorms into the neighbouring weights computes the same function: on the real
+/// PyTorch MobileFaceNet file (random running statistics, see `make_fixtures.py`) and on
+/// iresnet18 with the formula weights (running variances 1..1.5, affine 1 +- 0.2).
+#[test]
+fn folded_batchnorm_keeps_the_embeddings() {
+    let device = qud_backend_flex::device();
+    let io = read_tensors(&fixture("mobilefacenet_d128_io.safetensors"));
+    let (shape, x) = io["input"].clone();
+    let mfn = load_weights(
+        MobileFaceNet::new(128, &device),
+        &fixture("mobilefacenet_d128.pth"),
+    )
+    .unwrap();
+    let mut folded = AnyBackbone::MobileFaceNet(mfn.clone());
+    folded.fold_batchnorm();
+    let plain = values(mfn.forward(tensor(&shape, x.clone(), &device)));
+    let y = values(folded.forward(tensor(&shape, x, &device)));
+    let err = relative_l2(&y, &plain);
+    assert!(err < 1e-5, "MobileFaceNet folded vs not: relative L2 {err}");
+    assert!(relative_l2(&y, &io["eval_output"].1) < 1e-4);
+    let AnyBackbone::MobileFaceNet(m) = &folded else {
+        unreachable!()
+    };
+    assert!(m.conv1.bn.folded && m.output_layer.bn.folded);
+    assert!(m.conv1.conv.bias.is_some());
+
+    let dir = tempfile::tempdir().unwrap();
+    let x = formula("input", &[2, 3, 112, 112]);
+    let model = IResNet::new("iresnet18", 512, 0.0, &device).unwrap();
+    let model = load_formula_weights(model, dir.path()).valid();
+    let plain = values(model.forward(tensor(&[2, 3, 112, 112], x.clone(), &device)));
+    let mut folded = AnyBackbone::IResNet(model);
+    folded.fold_batchnorm();
+    let y = values(folded.forward(tensor(&[2, 3, 112, 112], x, &device)));
+    let err = relative_l2(&y, &plain);
+    assert!(err < 1e-5, "iresnet18 folded vs not: relative L2 {err}");
+    let AnyBackbone::IResNet(m) = &folded else {
+        unreachable!()
+    };
+    // The pre-activation BatchNorm of a block precedes a padded conv and is kept.
+    assert!(m.bn2.folded && m.features.folded && m.layer1[0].bn3.folded);
+    assert!(!m.layer1[0].bn1.folded);
+}

@@ -26,6 +26,9 @@ pub struct TorchBatchNorm {
     pub num_features: usize,
     pub momentum: f64,
     pub epsilon: f64,
+    /// Folded into a neighbouring layer's weights (see [`fold_conv_batchnorm`]): `forward` passes
+    /// its input through. Inference only.
+    pub folded: bool,
 }
 
 impl TorchBatchNorm {
@@ -51,6 +54,7 @@ impl TorchBatchNorm {
             num_features,
             momentum: 0.1,
             epsilon: 1e-5,
+            folded: false,
         }
     }
 
@@ -76,6 +80,9 @@ impl TorchBatchNorm {
     /// `[N, C]` or `[N, C, H, W]`. Batch statistics (and a running-stat update) on an autodiff
     /// device in training mode, running statistics otherwise, as Burn decides train/eval.
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
+        if self.folded {
+            return input;
+        }
         let device = input.device();
         let (weight, bias) = self.affine(&device);
         if !(device.is_autodiff() && self.training.is_enabled()) {
@@ -101,6 +108,88 @@ impl TorchBatchNorm {
         self.running_var.value_sync();
         result.output
     }
+}
+
+impl TorchBatchNorm {
+    /// The eval-mode map as `y = x * scale + shift` per channel.
+    pub fn scale_shift(&self) -> (Tensor<1>, Tensor<1>) {
+        let var = self.running_var.value();
+        let (weight, bias) = self.affine(&var.device());
+        let scale = weight / var.add_scalar(self.epsilon).sqrt();
+        let shift = bias - self.running_mean.value() * scale.clone();
+        (scale, shift)
+    }
+}
+
+// BatchNorm folding for inference: an eval-mode BatchNorm is a per-channel affine map, so next to
+// a convolution or linear layer it can live in that layer's weights, and the network runs one
+// pass over each activation less. Only folds that are exact up to rounding are offered: a
+// BatchNorm *before* a padded convolution (iResNet's `bn1` in each block) is not one, as the
+// padding zeros would be shifted too.
+
+/// Fold `bn`, which follows `conv`, into `conv`'s weight and bias; `bn` becomes a pass-through.
+pub fn fold_conv_batchnorm(conv: &mut Conv2d, bn: &mut TorchBatchNorm) {
+    if bn.folded {
+        return;
+    }
+    let (scale, shift) = bn.scale_shift();
+    let out = scale.dims()[0];
+    let weight = conv.weight.val() * scale.clone().reshape([out, 1, 1, 1]);
+    let bias = match &conv.bias {
+        Some(b) => b.val() * scale + shift,
+        None => shift,
+    };
+    conv.weight = Param::from_tensor(weight);
+    conv.bias = Some(Param::from_tensor(bias));
+    bn.folded = true;
+}
+
+/// Fold `bn`, which follows `linear`, into it; `bn` becomes a pass-through.
+pub fn fold_linear_batchnorm(linear: &mut TorchLinear, bn: &mut TorchBatchNorm) {
+    if bn.folded {
+        return;
+    }
+    let (scale, shift) = bn.scale_shift();
+    let out = scale.dims()[0];
+    let weight = linear.weight.val() * scale.clone().reshape([out, 1]);
+    let bias = match &linear.bias {
+        Some(b) => b.val() * scale + shift,
+        None => shift,
+    };
+    linear.weight = Param::from_tensor(weight);
+    linear.bias = Some(Param::from_tensor(bias));
+    bn.folded = true;
+}
+
+/// Fold `bn`, whose `[N, C, H, W]` output is flattened into `linear`'s input, into `linear`
+/// (`W (x s + t) + b = (W s) x + (W t + b)`); `bn` becomes a pass-through.
+pub fn fold_batchnorm_linear(bn: &mut TorchBatchNorm, linear: &mut TorchLinear) {
+    if bn.folded {
+        return;
+    }
+    let (scale, shift) = bn.scale_shift();
+    let [out, input] = linear.weight.dims();
+    let channels = scale.dims()[0];
+    let spatial = input / channels;
+    // Flattening is channel-major: input feature c * H * W + p belongs to channel c.
+    let expand = |v: Tensor<1>| -> Tensor<1> {
+        v.reshape([channels, 1])
+            .expand([channels, spatial])
+            .reshape([input])
+    };
+    let (scale, shift) = (expand(scale), expand(shift));
+    let weight = linear.weight.val();
+    let moved = weight
+        .clone()
+        .matmul(shift.reshape([input, 1]))
+        .reshape([out]);
+    let bias = match &linear.bias {
+        Some(b) => b.val() + moved,
+        None => moved,
+    };
+    linear.weight = Param::from_tensor(weight * scale.reshape([1, input]));
+    linear.bias = Some(Param::from_tensor(bias));
+    bn.folded = true;
 }
 
 /// `torch.nn.PReLU(num_parameters)`: one slope per channel, named `weight`, initialised 0.25.

@@ -26,6 +26,11 @@ pub trait Backbone: Module {
     /// layers (BatchNorm, PReLU and additions, a few percent, are left out, as ptflops and
     /// insightface's GFLOPs tables count).
     fn macs(&self) -> u64;
+    /// For inference only (a teacher, `qud eval`, `qud embed`): fold the eval-mode BatchNorms into
+    /// the neighbouring convolution and linear weights where that is exact up to rounding. The
+    /// network computes the same function with fewer passes over its activations; it is no longer
+    /// fit for training or for export with PyTorch's key names.
+    fn fold_batchnorm(&mut self) {}
 }
 
 /// Anything that maps aligned faces to embeddings: every [`Backbone`], and models that are not

@@ -1,5 +1,5 @@
 //! Eval-mode forward throughput (images/s) at batch 64: MobileFaceNet and iresnet50 on every
-//! compiled CPU backend (iresnet50 on ndarray only with `QUD_BENCH_ALL=1`). The PyTorch reference is `python/backbones.py` (`cargo xtask bench
+//! compiled CPU backend, and on flex with BatchNorm folded (iresnet50 on ndarray only with `QUD_BENCH_ALL=1`). The PyTorch reference is `python/backbones.py` (`cargo xtask bench
 //! backbones` runs both).
 
 use burn::prelude::*;
@@ -21,7 +21,10 @@ fn forward(c: &mut Criterion) {
         } else {
             15
         }));
-        for backend in ["flex", "ndarray"] {
+        // `flex_folded`: the same network with its BatchNorms folded into the convolutions, as
+        // teachers, `qud eval` and `qud embed` run it.
+        for variant in ["flex", "flex_folded", "ndarray"] {
+            let backend = variant.trim_end_matches("_folded");
             // ndarray's convolutions make one iresnet50 batch take minutes; QUD_BENCH_ALL=1 runs it.
             if arch == "iresnet50"
                 && backend == "ndarray"
@@ -32,14 +35,17 @@ fn forward(c: &mut Criterion) {
             let Ok(device) = qud_backends::device(backend, "cpu") else {
                 continue;
             };
-            let model = qud_models::create(arch, &qud_models::BackboneSpec::default(), &device)
+            let mut model = qud_models::create(arch, &qud_models::BackboneSpec::default(), &device)
                 .expect("registered")
                 .valid();
+            if variant.ends_with("_folded") {
+                model.fold_batchnorm();
+            }
             let x = Tensor::<4>::from_data(
                 TensorData::new(input.clone(), [BATCH, 3, 112, 112]),
                 &device,
             );
-            group.bench_function(format!("{arch}/{backend}"), |b| {
+            group.bench_function(format!("{arch}/{variant}"), |b| {
                 b.iter(|| {
                     model
                         .forward(x.clone())

@@ -6,7 +6,7 @@ mod tools;
 use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use clap::{Parser, Subcommand};
-use qud_backbone::FaceEmbedder;
+use qud_backbone::{Backbone, FaceEmbedder};
 use qud_config::ConfigLoader;
 use std::path::PathBuf;
 
@@ -266,7 +266,9 @@ impl ModelArgs {
             Some(seed) if self.weights.is_none() => format!("{arch} (random init, seed {seed})"),
             _ => arch.clone(),
         };
-        Ok((Box::new(model.valid()), device, name))
+        let mut model = model.valid();
+        model.fold_batchnorm();
+        Ok((Box::new(model), device, name))
     }
 }
 

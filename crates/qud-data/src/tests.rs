@@ -57,7 +57,10 @@ fn flipped_normalisation_equals_normalising_the_flip() {
     for (i, &value) in ramp.rgb.iter().enumerate() {
         let (pixel, channel) = (i / 3, i % 3);
         let want = (value as f32 / 255.0 - 0.5) / 0.5;
-        assert_eq!(a[channel * FACE_SIZE * FACE_SIZE + pixel].to_bits(), want.to_bits());
+        assert_eq!(
+            a[channel * FACE_SIZE * FACE_SIZE + pixel].to_bits(),
+            want.to_bits()
+        );
     }
 }
 

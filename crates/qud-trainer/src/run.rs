@@ -162,7 +162,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
     let mut losses = Vec::new();
     let mut final_eval = Vec::new();
     let run_eval = |student: &crate::Student, step: usize, epoch: usize, log: &mut JsonLines| {
-        let model = student.backbone.valid();
+        let mut model = student.backbone.valid();
+        model.fold_batchnorm();
         let scores: Vec<SetScore> = eval_sets
             .iter()
             .map(|set| qud_eval::evaluate(&model, set, config.eval.batch_size, &device))

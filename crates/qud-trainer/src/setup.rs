@@ -214,7 +214,9 @@ pub(crate) fn build_teacher(config: &Config, device: &Device) -> Result<Teacher,
                 ))
             }
         };
-        Teacher::Backbone(Box::new(initialize_now(model).valid()))
+        let mut model = initialize_now(model).valid();
+        model.fold_batchnorm();
+        Teacher::Backbone(Box::new(model))
     };
     if teacher.output_dim() != config.student.embedding_dim {
         return Err(TrainError::Config(format!(

@@ -9,7 +9,10 @@
 use burn::nn::conv::Conv2d;
 use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
-use qud_backbone::layers::{conv2d, TorchBatchNorm, TorchLinear, TorchPRelu};
+use qud_backbone::layers::{
+    conv2d, fold_batchnorm_linear, fold_conv_batchnorm, fold_linear_batchnorm, TorchBatchNorm,
+    TorchLinear, TorchPRelu,
+};
 use qud_backbone::{Backbone, MacCounter};
 
 /// Blocks per stage of each depth, as insightface defines them.
@@ -68,6 +71,16 @@ impl IBasicBlock {
             None => x,
         };
         out + identity
+    }
+
+    /// `bn2` and `bn3` and the downsampling BatchNorm follow convolutions; `bn1` precedes a
+    /// padded one and stays.
+    fn fold(&mut self) {
+        fold_conv_batchnorm(&mut self.conv1, &mut self.bn2);
+        fold_conv_batchnorm(&mut self.conv2, &mut self.bn3);
+        if let Some((conv, bn)) = &mut self.downsample {
+            fold_conv_batchnorm(conv, bn);
+        }
     }
 }
 
@@ -165,6 +178,24 @@ impl Backbone for IResNet {
 
     fn arch(&self) -> &str {
         &self.arch
+    }
+
+    fn fold_batchnorm(&mut self) {
+        fold_conv_batchnorm(&mut self.conv1, &mut self.bn1);
+        for block in [
+            &mut self.layer1,
+            &mut self.layer2,
+            &mut self.layer3,
+            &mut self.layer4,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            block.fold();
+        }
+        // Dropout between `bn2` and `fc` is the identity at inference.
+        fold_batchnorm_linear(&mut self.bn2, &mut self.fc);
+        fold_linear_batchnorm(&mut self.fc, &mut self.features);
     }
 }
 

@@ -8,7 +8,10 @@
 
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
-use qud_backbone::layers::{conv2d, kaiming_fan_out_std, TorchBatchNorm, TorchLinear, TorchPRelu};
+use qud_backbone::layers::{
+    conv2d, fold_conv_batchnorm, fold_linear_batchnorm, kaiming_fan_out_std, TorchBatchNorm,
+    TorchLinear, TorchPRelu,
+};
 use qud_backbone::{Backbone, MacCounter};
 
 /// Hyper-parameters of one convolution: channels, square kernel, stride, padding, groups.
@@ -67,6 +70,10 @@ impl ConvBlock {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.prelu.forward(self.bn.forward(self.conv.forward(x)))
     }
+
+    fn fold(&mut self) {
+        fold_conv_batchnorm(&mut self.conv, &mut self.bn);
+    }
 }
 
 /// `Linear_block`: conv (no bias) -> BatchNorm2d, no activation.
@@ -86,6 +93,10 @@ impl LinearBlock {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.bn.forward(self.conv.forward(x))
+    }
+
+    fn fold(&mut self) {
+        fold_conv_batchnorm(&mut self.conv, &mut self.bn);
     }
 }
 
@@ -126,6 +137,12 @@ impl DepthWise {
         }
     }
 
+    fn fold(&mut self) {
+        self.conv.fold();
+        self.conv_dw.fold();
+        self.project.fold();
+    }
+
     fn count(&self, macs: &mut MacCounter) {
         macs.conv(&self.conv.conv)
             .conv(&self.conv_dw.conv)
@@ -161,6 +178,10 @@ impl Residual {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         self.model.iter().fold(x, |x, block| block.forward(x))
+    }
+
+    fn fold(&mut self) {
+        self.model.iter_mut().for_each(DepthWise::fold);
     }
 
     fn count(&self, macs: &mut MacCounter) {
@@ -278,6 +299,23 @@ impl Backbone for MobileFaceNet {
 
     fn arch(&self) -> &str {
         "mobilefacenet"
+    }
+
+    fn fold_batchnorm(&mut self) {
+        self.conv1.fold();
+        self.conv2_dw.fold();
+        for (down, blocks) in [
+            (&mut self.conv_23, &mut self.conv_3),
+            (&mut self.conv_34, &mut self.conv_4),
+            (&mut self.conv_45, &mut self.conv_5),
+        ] {
+            down.fold();
+            blocks.fold();
+        }
+        self.conv_6_sep.fold();
+        let head = &mut self.output_layer;
+        head.conv_6_dw.fold();
+        fold_linear_batchnorm(&mut head.linear, &mut head.bn);
     }
 }
 
