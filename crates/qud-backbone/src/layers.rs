@@ -127,38 +127,39 @@ impl TorchBatchNorm {
 // BatchNorm *before* a padded convolution (iResNet's `bn1` in each block) is not one, as the
 // padding zeros would be shifted too.
 
-/// Fold `bn`, which follows `conv`, into `conv`'s weight and bias; `bn` becomes a pass-through.
-pub fn fold_conv_batchnorm(conv: &mut Conv2d, bn: &mut TorchBatchNorm) {
-    if bn.folded {
-        return;
-    }
+/// `weight` scaled by `bn`'s scale per output channel (dimension 0) and the bias that completes
+/// the fold; marks `bn` folded.
+fn fold_output_channels<const D: usize>(
+    weight: Tensor<D>,
+    bias: Option<Tensor<1>>,
+    bn: &mut TorchBatchNorm,
+) -> (Param<Tensor<D>>, Option<Param<Tensor<1>>>) {
     let (scale, shift) = bn.scale_shift();
-    let out = scale.dims()[0];
-    let weight = conv.weight.val() * scale.clone().reshape([out, 1, 1, 1]);
-    let bias = match &conv.bias {
-        Some(b) => b.val() * scale + shift,
+    let mut per_channel = [1usize; D];
+    per_channel[0] = scale.dims()[0];
+    let weight = weight * scale.clone().reshape(per_channel);
+    let bias = match bias {
+        Some(b) => b * scale + shift,
         None => shift,
     };
-    conv.weight = Param::from_tensor(weight);
-    conv.bias = Some(Param::from_tensor(bias));
     bn.folded = true;
+    (Param::from_tensor(weight), Some(Param::from_tensor(bias)))
+}
+
+/// Fold `bn`, which follows `conv`, into `conv`'s weight and bias; `bn` becomes a pass-through.
+pub fn fold_conv_batchnorm(conv: &mut Conv2d, bn: &mut TorchBatchNorm) {
+    if !bn.folded {
+        let bias = conv.bias.as_ref().map(Param::val);
+        (conv.weight, conv.bias) = fold_output_channels(conv.weight.val(), bias, bn);
+    }
 }
 
 /// Fold `bn`, which follows `linear`, into it; `bn` becomes a pass-through.
 pub fn fold_linear_batchnorm(linear: &mut TorchLinear, bn: &mut TorchBatchNorm) {
-    if bn.folded {
-        return;
+    if !bn.folded {
+        let bias = linear.bias.as_ref().map(Param::val);
+        (linear.weight, linear.bias) = fold_output_channels(linear.weight.val(), bias, bn);
     }
-    let (scale, shift) = bn.scale_shift();
-    let out = scale.dims()[0];
-    let weight = linear.weight.val() * scale.clone().reshape([out, 1]);
-    let bias = match &linear.bias {
-        Some(b) => b.val() * scale + shift,
-        None => shift,
-    };
-    linear.weight = Param::from_tensor(weight);
-    linear.bias = Some(Param::from_tensor(bias));
-    bn.folded = true;
 }
 
 /// Fold `bn`, whose `[N, C, H, W]` output is flattened into `linear`'s input, into `linear`

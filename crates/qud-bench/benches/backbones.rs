@@ -3,9 +3,10 @@
 //! backbones` runs both).
 
 use burn::prelude::*;
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use qud_backbone::Backbone;
-use std::time::Duration;
+use qud_models::{IResNet, MobileFaceNet};
+use std::time::{Duration, Instant};
 
 const BATCH: usize = 64;
 
@@ -100,5 +101,157 @@ fn onnx_tract(c: &mut Criterion) {
     group.finish();
 }
 
+/// Where an eval-mode forward spends its time, by kind of layer: each layer run on its own, the
+/// device synchronised after it. Printed before the criterion groups (`QUD_BENCH_PROFILE=0`
+/// skips it); the sums are a little above a plain forward's time, which overlaps nothing anyway
+/// on the CPU backends.
+struct LayerTimes {
+    device: Device,
+    kinds: Vec<(&'static str, f64)>,
+}
+
+impl LayerTimes {
+    fn op<const D: usize>(
+        &mut self,
+        kind: &'static str,
+        f: impl FnOnce() -> Tensor<D>,
+    ) -> Tensor<D> {
+        let start = Instant::now();
+        let out = f();
+        self.device.sync().expect("device sync");
+        let seconds = start.elapsed().as_secs_f64();
+        match self.kinds.iter_mut().find(|(k, _)| *k == kind) {
+            Some((_, total)) => *total += seconds,
+            None => self.kinds.push((kind, seconds)),
+        }
+        out
+    }
+
+    fn conv_block(
+        &mut self,
+        kind: &'static str,
+        b: &qud_mobilefacenet::ConvBlock,
+        x: Tensor<4>,
+    ) -> Tensor<4> {
+        let x = self.op(kind, || b.conv.forward(x));
+        let x = self.op("BatchNorm", || b.bn.forward(x));
+        self.op("PReLU", || b.prelu.forward(x))
+    }
+
+    fn depthwise(&mut self, b: &qud_mobilefacenet::DepthWise, x: Tensor<4>) -> Tensor<4> {
+        let y = self.conv_block("conv 1x1", &b.conv, x.clone());
+        let y = self.conv_block("conv 3x3 depthwise", &b.conv_dw, y);
+        let y = self.op("conv 1x1", || b.project.conv.forward(y));
+        let y = self.op("BatchNorm", || b.project.bn.forward(y));
+        if b.residual {
+            self.op("residual add", || x + y)
+        } else {
+            y
+        }
+    }
+
+    fn mobilefacenet(&mut self, m: &MobileFaceNet, x: Tensor<4>) {
+        let x = self.conv_block("conv 3x3 dense", &m.conv1, x);
+        let mut x = self.conv_block("conv 3x3 depthwise", &m.conv2_dw, x);
+        for (down, blocks) in [
+            (&m.conv_23, &m.conv_3),
+            (&m.conv_34, &m.conv_4),
+            (&m.conv_45, &m.conv_5),
+        ] {
+            x = self.depthwise(down, x);
+            for block in &blocks.model {
+                x = self.depthwise(block, x);
+            }
+        }
+        let x = self.conv_block("conv 1x1", &m.conv_6_sep, x);
+        let head = &m.output_layer;
+        let x = self.op("head (7x7 depthwise, linear, BN)", || {
+            let x: Tensor<2> = head.conv_6_dw.forward(x).flatten(1, 3);
+            head.bn.forward(head.linear.forward(x))
+        });
+        drop(x);
+    }
+
+    fn iresnet(&mut self, m: &IResNet, x: Tensor<4>) {
+        let x = self.op("conv 3x3 dense", || m.conv1.forward(x));
+        let x = self.op("BatchNorm", || m.bn1.forward(x));
+        let mut x = self.op("PReLU", || m.prelu.forward(x));
+        for b in [&m.layer1, &m.layer2, &m.layer3, &m.layer4]
+            .into_iter()
+            .flatten()
+        {
+            let y = self.op("BatchNorm", || b.bn1.forward(x.clone()));
+            let y = self.op("conv 3x3 dense", || b.conv1.forward(y));
+            let y = self.op("BatchNorm", || b.bn2.forward(y));
+            let y = self.op("PReLU", || b.prelu.forward(y));
+            let y = self.op("conv 3x3 dense", || b.conv2.forward(y));
+            let y = self.op("BatchNorm", || b.bn3.forward(y));
+            let identity = match &b.downsample {
+                Some((conv, bn)) => {
+                    let d = self.op("conv 1x1 (downsample)", || conv.forward(x));
+                    self.op("BatchNorm", || bn.forward(d))
+                }
+                None => x,
+            };
+            x = self.op("residual add", || y + identity);
+        }
+        let x = self.op("head (BN, linear, BN)", || {
+            let x: Tensor<2> = m.bn2.forward(x).flatten(1, 3);
+            m.features.forward(m.fc.forward(x))
+        });
+        drop(x);
+    }
+
+    fn print(&self, title: &str, runs: usize) {
+        let total: f64 = self.kinds.iter().map(|(_, t)| t).sum();
+        println!(
+            "{title}: {:.1} ms a forward, by layer kind",
+            1e3 * total / runs as f64
+        );
+        for (kind, t) in &self.kinds {
+            println!(
+                "  {kind:<36} {:>8.1} ms {:>5.1} %",
+                1e3 * t / runs as f64,
+                100.0 * t / total
+            );
+        }
+    }
+}
+
+fn layer_breakdown() {
+    let Ok(device) = qud_backends::device("flex", "cpu") else {
+        return;
+    };
+    let input = qud_bench::random_faces(BATCH);
+    let x = Tensor::<4>::from_data(TensorData::new(input, [BATCH, 3, 112, 112]), &device);
+    let spec = qud_models::BackboneSpec::default();
+    for (arch, runs) in [("mobilefacenet", 5), ("iresnet50", 1)] {
+        let model = qud_models::create(arch, &spec, &device)
+            .expect("registered")
+            .valid();
+        let mut times = LayerTimes {
+            device: device.clone(),
+            kinds: Vec::new(),
+        };
+        for run in 0..=runs {
+            if run == 1 {
+                times.kinds.clear(); // the first forward warms the allocator up
+            }
+            match &model {
+                qud_models::AnyBackbone::MobileFaceNet(m) => times.mobilefacenet(m, x.clone()),
+                qud_models::AnyBackbone::IResNet(m) => times.iresnet(m, x.clone()),
+            }
+        }
+        times.print(&format!("{arch}, batch {BATCH}, flex, unfolded"), runs);
+    }
+}
+
 criterion_group!(benches, forward, onnx_tract);
-criterion_main!(benches);
+
+fn main() {
+    if std::env::var("QUD_BENCH_PROFILE").map_or(true, |v| v != "0") {
+        layer_breakdown();
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
