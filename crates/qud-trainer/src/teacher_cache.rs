@@ -572,6 +572,68 @@ mod tests {
         ));
     }
 
+    /// The cache is keyed by sample index and flip, so each rank of a sharded loader, and a loader
+    /// resumed mid-epoch, reads exactly the rows the teacher computes for its own batches.
+    #[test]
+    fn sharded_and_resumed_loaders_read_their_own_rows() {
+        let device = qud_backend_flex::device();
+        let dir = tempfile::tempdir().unwrap();
+        let data = std::sync::Arc::new(SyntheticFaces::new(3, 4, 2));
+        let model = teacher(&device);
+        let path = dir.path().join("c.qtc");
+        let cache = TeacherCache::build(
+            &path,
+            KEY,
+            CacheDtype::F32,
+            data.as_ref(),
+            &model,
+            &device,
+            4,
+            1,
+        )
+        .unwrap();
+        let (mut seen, mut flips) = (Vec::new(), Vec::new());
+        for rank in 0..2 {
+            let options = qud_data::LoaderOptions {
+                batch_size: 2,
+                world: 2,
+                rank,
+                seed: 5,
+                workers: 1,
+                ..Default::default()
+            };
+            let loader = qud_data::Loader::new(data.clone(), options);
+            let straight: Vec<_> = loader.epoch(1, 0).into_iter().map(Result::unwrap).collect();
+            let resumed: Vec<_> = loader.epoch(1, 1).into_iter().map(Result::unwrap).collect();
+            assert_eq!((straight.len(), resumed.len()), (3, 2));
+            for (batch, again) in straight[1..].iter().zip(&resumed) {
+                assert_eq!(
+                    (&batch.indices, &batch.flips),
+                    (&again.indices, &again.flips)
+                );
+            }
+            for batch in &straight {
+                let want = l2_normalize(model.forward(batch.tensor(&device)))
+                    .into_data()
+                    .try_into_vec_as::<f32>()
+                    .unwrap();
+                let got = cache.rows(&batch.indices, &batch.flips).unwrap();
+                let diff = want
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(diff < 1e-5, "rank {rank}: cache differs by {diff}");
+                seen.extend(batch.indices.iter().copied());
+                flips.extend(batch.flips.iter().copied());
+            }
+        }
+        // Both flips occur, and the two ranks read disjoint samples covering the set.
+        assert!(flips.contains(&true) && flips.contains(&false));
+        seen.sort_unstable();
+        assert_eq!(seen, (0..12).collect::<Vec<_>>());
+    }
+
     /// f16 storage: every component within 5e-4 of the f32 cache (unit vectors, so components are
     /// below 1 and f16's relative step 2^-11 bounds the error).
     #[test]
