@@ -14,8 +14,8 @@
 //!
 //! A cache is used only when its key (teacher weights, dataset, preprocessing, dtype) matches and
 //! every checksum holds; it is built into a temporary file and renamed, so concurrent runs and
-//! crashes never leave a half-written cache under the final name. Rows are read with positioned
-//! reads through the page cache.
+//! crashes never leave a half-written cache under the final name. The verified file is read
+//! through a read-only memory map, so a row costs a copy out of the page cache, no system call.
 
 use burn::prelude::*;
 use qud_backbone::FaceEmbedder;
@@ -24,8 +24,6 @@ use qud_data::{decode_batch, FaceDataset};
 use qud_loss::l2_normalize;
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
-#[cfg(unix)]
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -219,7 +217,7 @@ impl Header {
 #[derive(Debug)]
 pub struct TeacherCache {
     path: PathBuf,
-    file: File,
+    map: memmap2::Mmap,
     dim: usize,
     dtype: CacheDtype,
     samples: usize,
@@ -240,14 +238,13 @@ impl TeacherCache {
             path: path.to_path_buf(),
             source,
         };
-        let mut file = match File::open(path) {
+        let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(CacheError::Missing(path.to_path_buf()))
             }
             Err(e) => return Err(io(e)),
         };
-        let mut head = [0u8; HEADER_LEN as usize];
         let len = file.metadata().map_err(io)?.len();
         let corrupt = |reason: String| CacheError::Corrupt {
             path: path.to_path_buf(),
@@ -256,8 +253,12 @@ impl TeacherCache {
         if len < HEADER_LEN {
             return Err(corrupt(format!("truncated: {len} bytes")));
         }
-        file.read_exact(&mut head).map_err(io)?;
-        let header = Header::decode(&head, path)?;
+        // SAFETY: the map is read-only and this project never writes a cache in place: a cache
+        // is built under a temporary name and renamed over the old one, which leaves the inode
+        // mapped here untouched. Truncating the file by hand while a run reads it is what the
+        // map cannot survive (SIGBUS), as with any memory-mapped dataset.
+        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+        let header = Header::decode(&map[..HEADER_LEN as usize], path)?;
         let mismatch = |what| CacheError::KeyMismatch {
             path: path.to_path_buf(),
             what,
@@ -283,14 +284,12 @@ impl TeacherCache {
                 "{len} bytes, expected {expected} (truncated or overlong)"
             )));
         }
-        let mut table = vec![0u8; 4 * blocks];
-        file.read_exact(&mut table).map_err(io)?;
+        let table = &map[HEADER_LEN as usize..data_offset as usize];
         let block_bytes = header.block_rows * row_bytes(dim, dtype);
-        let mut buf = vec![0u8; block_bytes];
+        let data = &map[data_offset as usize..];
         for (b, crc) in table.chunks_exact(4).enumerate() {
-            let size = block_bytes.min((expected - data_offset) as usize - b * block_bytes);
-            file.read_exact(&mut buf[..size]).map_err(io)?;
-            if crc32fast::hash(&buf[..size]) != u32::from_le_bytes(crc.try_into().unwrap()) {
+            let block = &data[b * block_bytes..data.len().min((b + 1) * block_bytes)];
+            if crc32fast::hash(block) != u32::from_le_bytes(crc.try_into().unwrap()) {
                 return Err(corrupt(format!(
                     "block {b} (rows {}..) checksum mismatch",
                     b * header.block_rows
@@ -299,7 +298,7 @@ impl TeacherCache {
         }
         Ok(Self {
             path: path.to_path_buf(),
-            file,
+            map,
             dim,
             dtype,
             samples,
@@ -424,7 +423,6 @@ impl TeacherCache {
     /// The cached features of `(index, flip)` pairs as `[B, dim]` f32 rows.
     pub fn rows(&self, indices: &[usize], flips: &[bool]) -> Result<Vec<f32>, CacheError> {
         let width = row_bytes(self.dim, self.dtype);
-        let mut buf = vec![0u8; width];
         let mut out = Vec::with_capacity(indices.len() * self.dim);
         for (&i, &flip) in indices.iter().zip(flips) {
             if i >= self.samples {
@@ -433,11 +431,8 @@ impl TeacherCache {
                     reason: format!("sample {i} beyond the {} cached", self.samples),
                 });
             }
-            let offset = self.data_offset + ((2 * i + usize::from(flip)) * width) as u64;
-            read_at(&self.file, &mut buf, offset).map_err(|source| CacheError::Io {
-                path: self.path.clone(),
-                source,
-            })?;
+            let offset = self.data_offset as usize + (2 * i + usize::from(flip)) * width;
+            let buf = &self.map[offset..offset + width];
             match self.dtype {
                 CacheDtype::F32 => out.extend(
                     buf.chunks_exact(4)
@@ -455,18 +450,6 @@ impl TeacherCache {
     pub fn path(&self) -> &Path {
         &self.path
     }
-}
-
-#[cfg(unix)]
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    file.read_exact_at(buf, offset)
-}
-
-#[cfg(not(unix))]
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut f = file.try_clone()?;
-    f.seek(SeekFrom::Start(offset))?;
-    f.read_exact(buf)
 }
 
 #[cfg(test)]
