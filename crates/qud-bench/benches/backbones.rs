@@ -133,7 +133,8 @@ impl LayerTimes {
         b: &qud_mobilefacenet::ConvBlock,
         x: Tensor<4>,
     ) -> Tensor<4> {
-        let x = self.op(kind, || b.conv.forward(x));
+        // As the network runs it: depthwise convolutions through qud's CPU kernel.
+        let x = self.op(kind, || qud_cpu_kernels::conv2d(&b.conv, x));
         let x = self.op("BatchNorm", || b.bn.forward(x));
         self.op("PReLU", || b.prelu.forward(x))
     }

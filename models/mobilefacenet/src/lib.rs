@@ -13,6 +13,7 @@ use qud_backbone::layers::{
     TorchLinear, TorchPRelu,
 };
 use qud_backbone::{Backbone, MacCounter};
+use qud_cpu_kernels::conv2d as conv2d_fast;
 
 /// Hyper-parameters of one convolution: channels, square kernel, stride, padding, groups.
 #[derive(Clone, Copy, Debug)]
@@ -68,7 +69,8 @@ impl ConvBlock {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.prelu.forward(self.bn.forward(self.conv.forward(x)))
+        self.prelu
+            .forward(self.bn.forward(conv2d_fast(&self.conv, x)))
     }
 
     fn fold(&mut self) {
@@ -92,7 +94,7 @@ impl LinearBlock {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.bn.forward(self.conv.forward(x))
+        self.bn.forward(conv2d_fast(&self.conv, x))
     }
 
     fn fold(&mut self) {

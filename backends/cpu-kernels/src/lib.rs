@@ -1,0 +1,176 @@
+//! Hand-written CPU kernels for inference, each with Burn's generic path as the fallback.
+//!
+//! [`conv2d`] is a drop-in for `Conv2d::forward`: a depthwise convolution (one filter per channel)
+//! on a host CPU device outside autodiff runs [`depthwise_conv2d_host`], a direct loop over each
+//! channel's plane, split over the rayon threads; every other case calls Burn. Burn's flex backend
+//! lowers a grouped convolution to one small matrix product per group, which for depthwise
+//! filters (9 multiply-accumulates per output) costs far more than the arithmetic.
+
+use burn::nn::conv::Conv2d;
+use burn::nn::PaddingConfig2d;
+use burn::prelude::*;
+use rayon::prelude::*;
+
+/// Shape and hyper-parameters of a depthwise convolution on NCHW data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Depthwise {
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    /// Square kernel side.
+    pub kernel: usize,
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+impl Depthwise {
+    /// Output `(height, width)`, as PyTorch computes it.
+    pub fn output_size(&self) -> (usize, usize) {
+        let side = |n: usize| (n + 2 * self.padding - self.kernel) / self.stride + 1;
+        (side(self.height), side(self.width))
+    }
+}
+
+/// Depthwise convolution on host memory: `input` `[N, C, H, W]`, `weight` `[C, 1, k, k]`, optional
+/// `bias` `[C]`; returns `[N, C, OH, OW]`. Taps are added in row-major kernel order after the bias.
+pub fn depthwise_conv2d_host(
+    shape: &Depthwise,
+    input: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let Depthwise {
+        channels: c,
+        height: h,
+        width: w,
+        kernel: k,
+        stride: s,
+        padding: p,
+        ..
+    } = *shape;
+    assert_eq!(input.len(), shape.batch * c * h * w, "input size");
+    assert_eq!(weight.len(), c * k * k, "weight size");
+    let (oh, ow) = shape.output_size();
+    let mut out = vec![0f32; shape.batch * c * oh * ow];
+    if out.is_empty() {
+        return out;
+    }
+    out.par_chunks_mut(oh * ow)
+        .zip(input.par_chunks(h * w))
+        .enumerate()
+        .for_each(|(plane, (out, input))| {
+            let channel = plane % c;
+            let taps = &weight[channel * k * k..(channel + 1) * k * k];
+            out.fill(bias.map_or(0.0, |b| b[channel]));
+            for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+                for ky in 0..k {
+                    // Input row oy * s + ky - p; rows in the padding contribute nothing.
+                    let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                        continue;
+                    };
+                    let line = &input[iy * w..(iy + 1) * w];
+                    for kx in 0..k {
+                        let tap = taps[ky * k + kx];
+                        // Output columns whose input column ox * s + kx - p lies inside the row.
+                        let first = p.saturating_sub(kx).div_ceil(s);
+                        let end = ((w + p).saturating_sub(kx)).div_ceil(s).min(ow);
+                        if first >= end {
+                            continue;
+                        }
+                        let start = first * s + kx - p;
+                        if s == 1 {
+                            let line = &line[start..start + (end - first)];
+                            for (o, v) in row[first..end].iter_mut().zip(line) {
+                                *o += tap * v;
+                            }
+                        } else {
+                            for (o, v) in row[first..end]
+                                .iter_mut()
+                                .zip(line[start..].iter().step_by(s))
+                            {
+                                *o += tap * v;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    out
+}
+
+/// A CPU backend whose tensors live in host memory (flex, ndarray).
+fn is_host_cpu(device: &Device) -> bool {
+    let name = format!("{:?}", device.as_dispatch());
+    name.starts_with("Flex") || name.starts_with("NdArray")
+}
+
+/// The depthwise parameters of `conv` on `input`, when the host kernel applies to it.
+fn depthwise_shape(conv: &Conv2d, input: &Tensor<4>) -> Option<Depthwise> {
+    let [batch, channels, height, width] = input.dims();
+    let [out, per_group, kh, kw] = conv.weight.dims();
+    let padding = match conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right)
+            if top == left && top == bottom && top == right =>
+        {
+            top
+        }
+        PaddingConfig2d::Valid => 0,
+        _ => return None,
+    };
+    let applies = conv.groups == channels
+        && out == channels
+        && per_group == 1
+        && kh == kw
+        && conv.stride[0] == conv.stride[1]
+        && conv.dilation == [1, 1]
+        && height + 2 * padding >= kh
+        && width + 2 * padding >= kw;
+    applies.then_some(Depthwise {
+        batch,
+        channels,
+        height,
+        width,
+        kernel: kh,
+        stride: conv.stride[0],
+        padding,
+    })
+}
+
+/// `conv.forward(input)`, through the host kernel when `conv` is depthwise and `input` is an f32
+/// tensor on a host CPU device outside autodiff (inference); through Burn otherwise.
+pub fn conv2d(conv: &Conv2d, input: Tensor<4>) -> Tensor<4> {
+    let device = input.device();
+    let shape = match depthwise_shape(conv, &input) {
+        Some(shape)
+            if !device.is_autodiff()
+                && is_host_cpu(&device)
+                && input.dtype() == burn::tensor::DType::F32 =>
+        {
+            shape
+        }
+        _ => return conv.forward(input),
+    };
+    // Taking the tensor's data moves its buffer out when nothing else holds it, and the slices
+    // below borrow it: no copy on the way in.
+    let x = input.into_data();
+    let weight = conv
+        .weight
+        .val()
+        .reshape([shape.channels * shape.kernel * shape.kernel])
+        .into_data();
+    let bias = conv.bias.as_ref().map(|b| b.val().into_data());
+    let slice = |d: &TensorData| -> Vec<f32> { d.try_to_vec::<f32>().expect("f32 parameters") };
+    let (weight, bias) = (slice(&weight), bias.as_ref().map(slice));
+    let x = x.as_slice::<f32>().expect("an f32 tensor's data is f32");
+    let out = depthwise_conv2d_host(&shape, x, &weight, bias.as_deref());
+    let (oh, ow) = shape.output_size();
+    Tensor::from_data(
+        TensorData::new(out, [shape.batch, shape.channels, oh, ow]),
+        &device,
+    )
+}
+
+#[cfg(test)]
+mod tests;
