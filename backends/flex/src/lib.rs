@@ -16,15 +16,18 @@ pub fn device() -> Device {
     Device::flex()
 }
 
+/// `cpu` and `cpu:N`. There is one CPU device; `cpu:1`, `cpu:2`, ... name further replicas on it,
+/// so that `run.devices = ["cpu:0", "cpu:1"]` trains data parallel with the numerics of a
+/// two-GPU run (BatchNorm statistics per device) at no speedup: for tests and reproduction.
 fn parse(spec: &DeviceSpec) -> Option<Device> {
-    (spec.kind == "cpu" && spec.index.unwrap_or(0) == 0).then(device)
+    (spec.kind == "cpu").then(device)
 }
 
 pub fn plugin() -> BackendPlugin {
     BackendPlugin::new(
         "flex",
         "Burn's flex CPU backend (default; SIMD, multi-threaded)",
-        "cpu",
+        "cpu, cpu:N (replica N of the one CPU device)",
         CAPABILITIES,
         parse,
     )
@@ -38,5 +41,6 @@ mod tests {
         qud_backend_core::smoke_test(&device).unwrap();
         assert!(device.supports_dtype(burn::tensor::DType::BF16));
         assert!(super::plugin().device("wgpu:0").is_err());
+        assert_eq!(super::plugin().device("cpu:1").unwrap(), device);
     }
 }

@@ -435,6 +435,12 @@ impl Config {
             "must name at least one device",
         );
         check(
+            r.devices.len() <= 1 || self.optim.batch_size >= 2 * r.devices.len(),
+            "optim.batch_size",
+            format!("{} over {} devices", self.optim.batch_size, r.devices.len()),
+            "is the total over run.devices and must give every device at least 2 samples (BatchNorm needs 2)",
+        );
+        check(
             r.log_every > 0,
             "run.log_every",
             r.log_every.to_string(),

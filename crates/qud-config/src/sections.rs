@@ -377,7 +377,8 @@ pub struct RunConfig {
     pub seed: u64,
     /// Backend plugin name: `flex`, `ndarray`, `wgpu`, `cuda`.
     pub backend: String,
-    /// Devices of that backend: `cpu`, `cuda:0`, `wgpu:1`, ...
+    /// Devices of that backend: `cpu`, `cuda:0`, `wgpu:1`, ... Several: data parallel with
+    /// DDP's semantics, the first being the main device (qud-trainer's `parallel`).
     pub devices: Vec<String>,
     pub precision: Precision,
     /// Write a checkpoint every this many steps (and at each epoch end); 0 = epoch ends only.

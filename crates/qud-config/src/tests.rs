@@ -282,3 +282,26 @@ fn lr_schedule_follows_the_reference_formula() {
     o.lr_milestones = vec![];
     assert_eq!(o.lr_at_epoch(100), lr0);
 }
+
+#[test]
+fn the_total_batch_gives_every_device_two_samples() {
+    let devices = r#"run.devices=["cpu:0", "cpu:1", "cpu:2"]"#;
+    let err = loader()
+        .without_env()
+        .set(devices)
+        .set("optim.batch_size=5")
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("optim.batch_size") && err.contains("5 over 3 devices"),
+        "{err}"
+    );
+    let ok = loader()
+        .without_env()
+        .set(devices)
+        .set("optim.batch_size=6")
+        .load()
+        .unwrap();
+    assert_eq!(ok.run.devices.len(), 3);
+}

@@ -129,6 +129,34 @@ impl Batch {
     pub fn labels(&self) -> Option<Vec<u32>> {
         self.labels.iter().copied().collect()
     }
+
+    /// The batch cut into `parts` consecutive pieces, in order, whose sizes differ by at most one
+    /// (the first `len % parts` get the extra sample): one per data-parallel device, so that the
+    /// pieces concatenated in rank order are the batch again. `skipped` stays with the first.
+    pub fn split(&self, parts: usize) -> Vec<Batch> {
+        let parts = parts.max(1);
+        let pixels = 3 * FACE_SIZE * FACE_SIZE;
+        let (base, extra) = (self.len() / parts, self.len() % parts);
+        let mut start = 0;
+        (0..parts)
+            .map(|rank| {
+                let end = start + base + usize::from(rank < extra);
+                let piece = Batch {
+                    images: self.images[start * pixels..end * pixels].to_vec(),
+                    indices: self.indices[start..end].to_vec(),
+                    flips: self.flips[start..end].to_vec(),
+                    labels: self.labels[start..end].to_vec(),
+                    skipped: if rank == 0 {
+                        self.skipped.clone()
+                    } else {
+                        Vec::new()
+                    },
+                };
+                start = end;
+                piece
+            })
+            .collect()
+    }
 }
 
 /// Decode the samples `plan` into one batch, splitting the work over `workers` threads. A sample

@@ -236,6 +236,27 @@ proptest! {
             prop_assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
         }
     }
+
+    #[test]
+    fn device_pieces_of_a_batch_concatenate_to_the_batch(len in 0usize..9, parts in 1usize..5, seed in any::<u64>()) {
+        let pixels = 3 * FACE_SIZE * FACE_SIZE;
+        let batch = Batch {
+            images: (0..len * pixels).map(|i| (i as u64 ^ seed) as f32).collect(),
+            indices: (0..len).map(|i| i * 7 + 1).collect(),
+            flips: (0..len).map(|i| (seed >> i) & 1 == 1).collect(),
+            labels: (0..len).map(|i| (i % 2 == 0).then_some(i as u32)).collect(),
+            skipped: vec![(99, "broken".into())],
+        };
+        let pieces = batch.split(parts);
+        prop_assert_eq!(pieces.len(), parts);
+        let sizes: Vec<usize> = pieces.iter().map(Batch::len).collect();
+        prop_assert!(sizes.windows(2).all(|w| w[0] >= w[1] && w[0] - w[1] <= 1), "{:?}", sizes);
+        prop_assert_eq!(pieces.iter().flat_map(|b| b.indices.clone()).collect::<Vec<_>>(), batch.indices.clone());
+        prop_assert_eq!(pieces.iter().flat_map(|b| b.flips.clone()).collect::<Vec<_>>(), batch.flips.clone());
+        prop_assert_eq!(pieces.iter().flat_map(|b| b.labels.clone()).collect::<Vec<_>>(), batch.labels.clone());
+        prop_assert!(pieces.iter().flat_map(|b| b.images.clone()).eq(batch.images.iter().copied()));
+        prop_assert_eq!(pieces.iter().map(|b| b.skipped.len()).sum::<usize>(), 1);
+    }
 }
 
 /// A dataset whose sample 2 is a corrupt JPEG.

@@ -4,11 +4,13 @@
 //! QUD (Kolf, Damer, Boutros, BMVC 2024), step by step as ../shared/DESIGN.md section 2:
 //! student features in train mode, teacher features from the frozen eval-mode teacher, InfoNCE
 //! against the queue *before* this batch, enqueue the teacher features, backward, global
-//! gradient-norm clip, SGD step.
+//! gradient-norm clip, SGD step. With several `run.devices` a step is data parallel with DDP's
+//! semantics (`parallel`).
 
 mod checkpoint;
 pub mod objective;
 pub mod optim;
+mod parallel;
 pub mod report;
 mod run;
 mod setup;

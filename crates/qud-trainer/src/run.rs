@@ -2,14 +2,15 @@
 
 use crate::checkpoint::{self, Position};
 use crate::optim::{clip_global_norm, learning_rate, sgd};
-use crate::setup::{build_student, build_teacher, eval_sets, open_dataset};
+use crate::parallel;
+use crate::setup::{build_student, build_teacher, eval_sets, open_dataset, Teacher};
 use crate::{io_error, TrainError};
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use qud_backbone::{Backbone, FaceEmbedder};
-use qud_config::{Config, MethodKind, OnBadSample};
-use qud_data::{Loader, LoaderOptions};
+use qud_config::{Config, MethodKind};
+use qud_data::{Batch, Loader};
 use qud_eval::SetScore;
 use qud_loss::{feature_mse, info_nce, l2_normalize};
 use qud_queue::FeatureQueue;
@@ -74,26 +75,23 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
         .write_toml(&out.join("config.toml"))
         .map_err(|e| TrainError::Config(e.to_string()))?;
 
-    let device = crate::setup::run_device(config)?;
+    let devices = crate::setup::run_devices(config)?;
+    let device = devices[0].clone();
     let train_device = device.clone().autodiff();
+    if devices.len() > 1 {
+        tracing::info!(
+            "data parallel over {} devices {:?}: BatchNorm statistics per device, as PyTorch DDP",
+            devices.len(),
+            config.run.devices
+        );
+        if devices[1..].contains(&device) {
+            tracing::warn!("run.devices names one device more than once: its replicas give a multi-device run's numerics, not its speed");
+        }
+    }
 
     let dataset = open_dataset(config)?;
     tracing::info!("data: {}", dataset.describe());
-    let loader = Loader::new(
-        dataset.clone(),
-        LoaderOptions {
-            batch_size: config.optim.batch_size,
-            shuffle: true,
-            flip_prob: config.data.flip_prob,
-            seed: config.run.seed,
-            drop_last: true,
-            workers: config.data.workers,
-            prefetch: config.data.prefetch,
-            rank: 0,
-            world: 1,
-            skip_bad_samples: config.data.on_bad_sample == OnBadSample::Skip,
-        },
-    );
+    let loader = Loader::new(dataset.clone(), crate::setup::loader_options(config));
     let steps_per_epoch = loader.batches_per_epoch();
     if steps_per_epoch == 0 {
         return Err(TrainError::Config(format!(
@@ -118,6 +116,14 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                 )?),
             ))
         })?;
+    let teacher_replicas: Vec<Option<Teacher>> = devices
+        .iter()
+        .enumerate()
+        .map(|(rank, d)| match &teacher {
+            Some(t) if rank > 0 && *d != device => t.replica(d),
+            _ => None,
+        })
+        .collect();
     tracing::info!(
         "student {} ({} parameters), method {:?}, {} steps per epoch",
         student.backbone.arch(),
@@ -214,55 +220,41 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             }
             let step = position.step;
             let lr = learning_rate(&config.optim, epoch, step, steps_per_epoch);
-            let x = batch.tensor(&device);
-            // The teacher's normalised features: from the cache, or computed.
-            let teacher_features = |x: Tensor<4>| -> Result<Tensor<2>, TrainError> {
-                let teacher = teacher.as_ref().expect("distillation has a teacher");
-                Ok(match &cache {
-                    Some(cache) => Tensor::from_data(
-                        TensorData::new(
-                            cache.rows(&batch.indices, &batch.flips)?,
-                            [batch.len(), teacher.output_dim()],
-                        ),
-                        &device,
-                    ),
-                    None => l2_normalize(teacher.embed_faces(x)),
+            let want_similarities = since_log + 1 >= config.run.log_every;
+            let pieces = batch.split(devices.len());
+            let negatives = queue.as_ref().map(FeatureQueue::negatives);
+            let shards = parallel::for_each_rank(&devices, |rank| {
+                let piece = &pieces[rank];
+                if piece.is_empty() {
+                    return Ok(None);
+                }
+                let replica;
+                let model = if rank == 0 {
+                    &student
+                } else {
+                    replica = parallel::replica(&student, &devices[rank]);
+                    &replica
+                };
+                shard_step(ShardInputs {
+                    config,
+                    model,
+                    teacher: teacher_replicas[rank].as_ref().or(teacher.as_ref()),
+                    cache: cache.as_ref(),
+                    device: &devices[rank],
+                    piece,
+                    negatives: negatives.clone(),
+                    weight: piece.len() as f64 / batch.len() as f64,
+                    want_similarities,
                 })
-            };
-
-            // One step of the method: loss on the student's features.
-            let features = student.backbone.forward(x.clone().autodiff());
-            let (loss, similarities) = match method {
-                MethodKind::Qud => {
-                    let k = teacher_features(x)?;
-                    let queue = queue.as_mut().expect("QUD has a queue");
-                    let out = info_nce(
-                        l2_normalize(features),
-                        k.clone(),
-                        queue.negatives(),
-                        config.method.tau,
-                    );
-                    queue.enqueue(k)?;
-                    let sims = (since_log + 1 >= config.run.log_every)
-                        .then(|| (out.positive_similarity(), out.negative_similarity()));
-                    (out.loss, sims)
-                }
-                MethodKind::Mse => {
-                    let k = teacher_features(x)?;
-                    (feature_mse(l2_normalize(features), k), None)
-                }
-                MethodKind::Arcface => {
-                    let labels = batch.labels().ok_or_else(|| {
-                        TrainError::Config("arcface needs labelled samples".into())
-                    })?;
-                    let head = student.head.as_ref().expect("arcface has a head");
-                    (
-                        head.loss(features, &labels, config.method.margin, config.method.scale),
-                        None,
-                    )
-                }
-            };
-            let loss_value = loss.clone().without_autodiff().into_scalar::<f32>();
+                .map(Some)
+            });
+            let shards: Vec<ShardStep> = shards
+                .into_iter()
+                .collect::<Result<Vec<_>, TrainError>>()?
+                .into_iter()
+                .flatten()
+                .collect();
+            let loss_value: f32 = shards.iter().map(|s| s.loss).sum();
             if !loss_value.is_finite() {
                 return Err(TrainError::NonFinite {
                     step,
@@ -270,7 +262,27 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                     last_checkpoint: last_checkpoint.clone(),
                 });
             }
-            let grads = GradientsParams::from_grads(loss.backward(), &student);
+            let similarities = want_similarities
+                .then(|| {
+                    shards.iter().try_fold((0.0, 0.0), |(p, n), s| {
+                        let (sp, sn) = s.similarities?;
+                        Some((p + s.share * sp, n + s.share * sn))
+                    })
+                })
+                .flatten();
+            if let Some(queue) = queue.as_mut() {
+                let keys: Vec<Tensor<2>> = shards
+                    .iter()
+                    .filter_map(|s| s.keys.clone())
+                    .map(|k| k.to_device(&device))
+                    .collect();
+                queue.enqueue(Tensor::cat(keys, 0))?;
+            }
+            let grads = parallel::sum_gradients(
+                &student,
+                shards.into_iter().map(|s| s.grads).collect(),
+                &device,
+            );
             let (grads, grad_norm) = clip_global_norm(&student, grads, config.optim.grad_clip);
             student = optim.step(lr, student, grads);
             losses.push(loss_value);
@@ -340,6 +352,94 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
         losses,
         final_eval,
         student_weights,
+    })
+}
+
+/// What one device needs for its share of a step.
+struct ShardInputs<'a> {
+    config: &'a Config,
+    model: &'a crate::Student,
+    teacher: Option<&'a Teacher>,
+    cache: Option<&'a crate::TeacherCache>,
+    device: &'a Device,
+    piece: &'a Batch,
+    /// The queue before this batch (QUD), on the main device.
+    negatives: Option<Tensor<2>>,
+    /// This piece's share of the batch: its mean loss counts that much in the batch's mean.
+    weight: f64,
+    want_similarities: bool,
+}
+
+/// What one device's share of a step produced.
+struct ShardStep {
+    /// The loss of the piece, weighted by its share.
+    loss: f32,
+    share: f32,
+    grads: (GradientsParams, Device),
+    /// The teacher's features of the piece (QUD), to enqueue.
+    keys: Option<Tensor<2>>,
+    /// Mean cosine similarity to the positive and to the queue (QUD, when logging).
+    similarities: Option<(f32, f32)>,
+}
+
+/// One device's share of a step: the student's features of its piece, the method's loss
+/// (weighted by the piece's share of the batch) and its gradients.
+fn shard_step(s: ShardInputs<'_>) -> Result<ShardStep, TrainError> {
+    let method = &s.config.method;
+    let x = s.piece.tensor(s.device);
+    // The teacher's normalised features: from the cache, or computed.
+    let teacher_features = |x: Tensor<4>| -> Result<Tensor<2>, TrainError> {
+        let teacher = s.teacher.expect("distillation has a teacher");
+        Ok(match s.cache {
+            Some(cache) => Tensor::from_data(
+                TensorData::new(
+                    cache.rows(&s.piece.indices, &s.piece.flips)?,
+                    [s.piece.len(), teacher.output_dim()],
+                ),
+                s.device,
+            ),
+            None => l2_normalize(teacher.embed_faces(x)),
+        })
+    };
+    let features = s.model.backbone.forward(x.clone().autodiff());
+    let (loss, keys, similarities) = match method.kind {
+        MethodKind::Qud => {
+            let k = teacher_features(x)?;
+            let negatives = s.negatives.expect("QUD has a queue").to_device(s.device);
+            let out = info_nce(l2_normalize(features), k.clone(), negatives, method.tau);
+            let sims = s
+                .want_similarities
+                .then(|| (out.positive_similarity(), out.negative_similarity()));
+            (out.loss, Some(k), sims)
+        }
+        MethodKind::Mse => {
+            let k = teacher_features(x)?;
+            (feature_mse(l2_normalize(features), k), None, None)
+        }
+        MethodKind::Arcface => {
+            let labels = s
+                .piece
+                .labels()
+                .ok_or_else(|| TrainError::Config("arcface needs labelled samples".into()))?;
+            let head = s.model.head.as_ref().expect("arcface has a head");
+            let loss = head.loss(features, &labels, method.margin, method.scale);
+            (loss, None, None)
+        }
+    };
+    // One device: the loss as it is (bit for bit the single-device run).
+    let loss = if s.weight == 1.0 {
+        loss
+    } else {
+        loss.mul_scalar(s.weight)
+    };
+    let value = loss.clone().without_autodiff().into_scalar::<f32>();
+    let grads = GradientsParams::from_grads(loss.backward(), s.model);
+    Ok(ShardStep {
+        loss: value,
+        share: s.weight as f32,
+        grads: (grads, s.device.clone()),
+        keys,
+        similarities,
     })
 }
 

@@ -155,6 +155,20 @@ pub enum Teacher {
     Onnx(qud_onnx::OnnxFaceModel),
 }
 
+impl Teacher {
+    /// The teacher for another data-parallel device: a copy of a backbone teacher there; `None`
+    /// when this one serves every device (an ONNX model runs on the host whatever the device).
+    pub(crate) fn replica(&self, device: &Device) -> Option<Teacher> {
+        match self {
+            // `valid()` gives the copy running-state cells of its own.
+            Teacher::Backbone(model) => {
+                Some(Teacher::Backbone(Box::new(model.valid().to_device(device))))
+            }
+            Teacher::Onnx(_) => None,
+        }
+    }
+}
+
 impl FaceEmbedder for Teacher {
     fn embed_faces(&self, images: Tensor<4>) -> Tensor<2> {
         match self {
@@ -324,6 +338,36 @@ pub(crate) fn teacher_cache(
 pub(crate) fn run_device(config: &Config) -> Result<Device, TrainError> {
     let name = config.run.devices.first().map_or("cpu", String::as_str);
     Ok(qud_backends::device(&config.run.backend, name)?)
+}
+
+/// How the run draws its batches: the global batch, shuffled and flipped from the seed; data
+/// parallelism cuts each batch into per-device pieces afterwards.
+pub(crate) fn loader_options(config: &Config) -> qud_data::LoaderOptions {
+    qud_data::LoaderOptions {
+        batch_size: config.optim.batch_size,
+        shuffle: true,
+        flip_prob: config.data.flip_prob,
+        seed: config.run.seed,
+        drop_last: true,
+        workers: config.data.workers,
+        prefetch: config.data.prefetch,
+        rank: 0,
+        world: 1,
+        skip_bad_samples: config.data.on_bad_sample == qud_config::OnBadSample::Skip,
+    }
+}
+
+/// Every device of `run.devices`, in rank order; the first is the main one.
+pub(crate) fn run_devices(config: &Config) -> Result<Vec<Device>, TrainError> {
+    if config.run.devices.is_empty() {
+        return Ok(vec![run_device(config)?]);
+    }
+    config
+        .run
+        .devices
+        .iter()
+        .map(|name| Ok(qud_backends::device(&config.run.backend, name)?))
+        .collect()
 }
 
 /// `qud cache-teacher`: make sure the cache of `config` exists and is intact; returns its path.

@@ -752,3 +752,128 @@ fn onnx_teacher_trains_with_and_without_the_cache() {
     .to_string();
     assert!(err.contains("16") && err.contains("32"), "{err}");
 }
+
+/// Two data-parallel devices (replicas on the CPU) with two samples each train as one device
+/// with the batch of four whose BatchNorm sees each half apart: DDP's semantics. The reference
+/// below is that single-device computation written out: the student forwards each half of the
+/// batch, the halves' losses are averaged, one backward, one clipped SGD step, and the whole
+/// batch's teacher features are enqueued.
+#[test]
+fn two_devices_train_as_one_device_with_the_whole_batch() {
+    use crate::optim::sgd;
+    use crate::setup::{build_student, build_teacher, initialize_now, loader_options, seeded};
+    use qud_backbone::{Backbone, FaceEmbedder};
+    use qud_loss::{info_nce, l2_normalize};
+
+    let dir = tempfile::tempdir().unwrap();
+    let two = [r#"run.devices=["cpu:0", "cpu:1"]"#, "teacher.cache=\"off\""];
+    let config = tiny(&dir.path().join("two"), "qud", &two);
+    let parallel = train(&config, &TrainOptions::default()).unwrap();
+    assert_eq!(parallel.losses.len(), 4);
+
+    let device = Device::flex();
+    let dataset = crate::open_dataset(&config).unwrap();
+    let (teacher, mut student) = seeded(&device, config.run.seed, || {
+        let teacher = build_teacher(&config, &device).unwrap();
+        let student = build_student(&config, None, &device.clone().autodiff()).unwrap();
+        (teacher, initialize_now(student))
+    });
+    let mut queue = qud_queue::FeatureQueue::new(
+        config.method.queue_size,
+        config.student.embedding_dim,
+        config.method.queue_kind,
+        config.run.seed,
+        &device,
+    );
+    let mut optim = sgd(&config.optim);
+    let loader = qud_data::Loader::new(dataset, loader_options(&config));
+    let mut losses = Vec::new();
+    for epoch in 0..config.optim.epochs {
+        for batch in loader.epoch(epoch, 0) {
+            let batch = batch.unwrap();
+            let lr = learning_rate(&config.optim, epoch, losses.len(), 2);
+            let x = batch.tensor(&device);
+            let keys = l2_normalize(teacher.embed_faces(x.clone()));
+            let half = |h: usize| {
+                let features = student
+                    .backbone
+                    .forward(x.clone().narrow(0, 2 * h, 2).autodiff());
+                let keys = keys.clone().narrow(0, 2 * h, 2);
+                let out = info_nce(
+                    l2_normalize(features),
+                    keys,
+                    queue.negatives(),
+                    config.method.tau,
+                );
+                out.loss.mul_scalar(0.5)
+            };
+            let loss = half(0) + half(1);
+            losses.push(loss.clone().without_autodiff().into_scalar::<f32>());
+            let grads = GradientsParams::from_grads(loss.backward(), &student);
+            let (grads, _) = clip_global_norm(&student, grads, config.optim.grad_clip);
+            student = optim.step(lr, student, grads);
+            queue.enqueue(keys).unwrap();
+        }
+    }
+
+    for (step, (a, b)) in parallel.losses.iter().zip(&losses).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+            "step {step}: loss {a} on two devices vs {b} on one: {:?} vs {losses:?}",
+            parallel.losses
+        );
+    }
+    // BatchNorm running statistics are device 0's in the parallel run (DDP keeps rank 0's
+    // buffers) and both halves' here: they are not part of the comparison.
+    let reference = dir.path().join("reference.safetensors");
+    qud_models::save_safetensors(&student.backbone.valid(), &reference).unwrap();
+    let learned = |path: &std::path::Path| {
+        tensors(path)
+            .into_iter()
+            .filter(|(name, _)| !name.contains("running_") && !name.contains("num_batches"))
+            .collect::<Vec<_>>()
+    };
+    let (a, b) = (learned(&parallel.student_weights), learned(&reference));
+    assert_eq!(a.len(), b.len());
+    assert!(!a.is_empty());
+    for ((name, x), (_, y)) in a.iter().zip(&b) {
+        let diff = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            diff <= 1e-5,
+            "{name} differs by {diff} between two devices and one"
+        );
+    }
+    // The queue holds the teacher features of all four samples of every batch in batch order.
+    let restored = crate::checkpoint::load_latest(
+        &parallel.output_dir,
+        &config,
+        student,
+        sgd(&config.optim),
+        &device,
+    )
+    .unwrap();
+    let saved = restored
+        .queue
+        .expect("QUD checkpoints its queue")
+        .negatives();
+    let diff = (saved - queue.negatives()).abs().max().into_scalar::<f32>();
+    assert!(diff <= 1e-6, "queue differs by {diff}");
+
+    // Teacher features read from the cache feed the devices the same way.
+    let cached = tiny(
+        &dir.path().join("two-cached"),
+        "qud",
+        &[two[0], "teacher.cache=\"auto\""],
+    );
+    let with_cache = train(&cached, &TrainOptions::default()).unwrap();
+    for (a, b) in with_cache.losses.iter().zip(&parallel.losses) {
+        assert!(
+            (a - b).abs() <= 1e-5,
+            "loss {a} with the cache vs {b} without"
+        );
+    }
+}
