@@ -118,12 +118,23 @@ fn test(args: &[String]) -> Result<()> {
 
     if wgpu {
         let mut smoke = cargo();
-        smoke.args(["test", "-p", "qud-backend-wgpu"]);
+        smoke.args([
+            "test",
+            "-p",
+            "qud-backend-wgpu",
+            "-p",
+            "qud-trainer",
+            "--features",
+            "qud-backends/wgpu",
+            "--",
+            "smoke",
+            "wgpu_matches_flex",
+        ]);
         smoke.env(
             "QUD_WGPU_DEVICE",
             std::env::var("QUD_WGPU_DEVICE").unwrap_or_else(|_| "wgpu".into()),
         );
-        run("wgpu smoke test", smoke)?;
+        run("wgpu smoke test, parity with flex and five QUD steps", smoke)?;
     }
     Ok(())
 }

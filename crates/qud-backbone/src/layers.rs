@@ -13,6 +13,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::module::batch_norm_train;
+use burn::tensor::{DType, FloatDType};
 
 /// `torch.nn.BatchNorm1d/2d`: eps 1e-5, momentum 0.1, running variance from the unbiased batch
 /// variance; `affine = false` has no `weight`/`bias`.
@@ -66,12 +67,20 @@ impl TorchBatchNorm {
 
     fn affine(&self, device: &Device) -> (Tensor<1>, Tensor<1>) {
         let n = self.num_features;
+        // Under mixed precision the parameters arrive cast to f16 / bf16 (`cast_trainable`).
+        let f32 = |t: Tensor<1>| {
+            if t.dtype() == DType::F32 {
+                t
+            } else {
+                t.cast(FloatDType::F32)
+            }
+        };
         let weight = match &self.weight {
-            Some(w) => w.val(),
+            Some(w) => f32(w.val()),
             None => Tensor::ones([n], device),
         };
         let bias = match &self.bias {
-            Some(b) => b.val(),
+            Some(b) => f32(b.val()),
             None => Tensor::zeros([n], device),
         };
         (weight, bias)
@@ -79,9 +88,16 @@ impl TorchBatchNorm {
 
     /// `[N, C]` or `[N, C, H, W]`. Batch statistics (and a running-stat update) on an autodiff
     /// device in training mode, running statistics otherwise, as Burn decides train/eval.
+    ///
+    /// Mixed precision: an f16 / bf16 input is normalised in f32 (statistics, affine and running
+    /// statistics stay f32) and the output cast back, as PyTorch's autocast does.
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
         if self.folded {
             return input;
+        }
+        let dtype = input.dtype();
+        if dtype != DType::F32 {
+            return self.forward(input.cast(FloatDType::F32)).cast(dtype);
         }
         let device = input.device();
         let (weight, bias) = self.affine(&device);

@@ -88,6 +88,24 @@ impl MacCounter {
     }
 }
 
+/// Mixed precision: `model` with every trainable parameter cast to `dtype` *inside* the autodiff
+/// graph, so that the forward computes in f16 / bf16 while the gradients land, in f32, on the
+/// original parameters (the master weights the optimizer keeps). Frozen tensors and BatchNorm
+/// running statistics are left as they are; [`layers::TorchBatchNorm`] normalises in f32.
+pub fn cast_trainable<M: Module>(model: M, dtype: burn::tensor::FloatDType) -> M {
+    struct Cast(burn::tensor::FloatDType);
+    impl burn::module::ModuleMapper for Cast {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            if param.val().is_require_grad() {
+                param.map(|tensor| tensor.cast(self.0))
+            } else {
+                param
+            }
+        }
+    }
+    model.map(&mut Cast(dtype))
+}
+
 /// Parameters as PyTorch counts them (`sum(p.numel() for p in model.parameters())`): every
 /// weight, frozen ones included, BatchNorm running statistics excluded.
 pub fn num_parameters<M: Module>(model: &M) -> usize {

@@ -360,7 +360,9 @@ impl Default for EvalConfig {
     }
 }
 
-/// Numeric precision of training.
+/// Numeric precision of training: `f16` / `bf16` run the student's forward and backward in that
+/// dtype over f32 master weights (loss, queue, teacher, BatchNorm and optimizer state in f32;
+/// f16 with dynamic loss scaling). qud-trainer's `precision` module.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {

@@ -25,6 +25,9 @@ pub struct Position {
     pub queue_size: usize,
     pub batch_size: usize,
     pub seed: u64,
+    /// The f16 loss scale (`run.precision = "f16"`).
+    #[serde(default)]
+    pub loss_scale: Option<crate::precision::LossScale>,
 }
 
 impl Position {
@@ -39,6 +42,7 @@ impl Position {
             queue_size: config.method.queue_size,
             batch_size: config.optim.batch_size,
             seed: config.run.seed,
+            loss_scale: None,
         }
     }
 

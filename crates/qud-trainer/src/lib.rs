@@ -11,6 +11,7 @@ mod checkpoint;
 pub mod objective;
 pub mod optim;
 mod parallel;
+pub mod precision;
 pub mod report;
 mod run;
 mod setup;

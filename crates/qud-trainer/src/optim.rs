@@ -45,7 +45,7 @@ pub fn learning_rate(
 /// before clipping. `max_norm <= 0` only measures.
 pub fn clip_global_norm<M: Module>(
     model: &M,
-    mut grads: GradientsParams,
+    grads: GradientsParams,
     max_norm: f64,
 ) -> (GradientsParams, f64) {
     struct SquaredNorm<'a> {
@@ -63,6 +63,29 @@ pub fn clip_global_norm<M: Module>(
             }
         }
     }
+    let mut squared = SquaredNorm {
+        grads: &grads,
+        total: None,
+    };
+    model.visit(&mut squared);
+    let norm = squared
+        .total
+        .map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt());
+    // torch: clip_coef = max_norm / (total_norm + 1e-6), applied when below 1.
+    let factor = max_norm / (norm + 1e-6);
+    if max_norm > 0.0 && factor < 1.0 {
+        (scale_gradients(model, grads, factor), norm)
+    } else {
+        (grads, norm)
+    }
+}
+
+/// Every gradient of `model`'s parameters times `factor`.
+pub fn scale_gradients<M: Module>(
+    model: &M,
+    mut grads: GradientsParams,
+    factor: f64,
+) -> GradientsParams {
     struct Scale<'a> {
         grads: &'a mut GradientsParams,
         factor: f64,
@@ -75,21 +98,9 @@ pub fn clip_global_norm<M: Module>(
             }
         }
     }
-    let mut squared = SquaredNorm {
-        grads: &grads,
-        total: None,
-    };
-    model.visit(&mut squared);
-    let norm = squared
-        .total
-        .map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt());
-    // torch: clip_coef = max_norm / (total_norm + 1e-6), applied when below 1.
-    let factor = max_norm / (norm + 1e-6);
-    if max_norm > 0.0 && factor < 1.0 {
-        model.visit(&mut Scale {
-            grads: &mut grads,
-            factor,
-        });
-    }
-    (grads, norm)
+    model.visit(&mut Scale {
+        grads: &mut grads,
+        factor,
+    });
+    grads
 }

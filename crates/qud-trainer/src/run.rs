@@ -1,15 +1,16 @@
 //! The loop, top to bottom: set up, then for every batch one step of the configured method.
 
 use crate::checkpoint::{self, Position};
-use crate::optim::{clip_global_norm, learning_rate, sgd};
+use crate::optim::{clip_global_norm, learning_rate, scale_gradients, sgd};
 use crate::parallel;
+use crate::precision::LossScale;
 use crate::setup::{build_student, build_teacher, eval_sets, open_dataset, Teacher};
 use crate::{io_error, TrainError};
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Device, Tensor, TensorData};
-use qud_backbone::{Backbone, FaceEmbedder};
-use qud_config::{Config, MethodKind};
+use burn::tensor::{Device, FloatDType, Tensor, TensorData};
+use qud_backbone::{cast_trainable, Backbone, FaceEmbedder};
+use qud_config::{Config, MethodKind, Precision};
 use qud_data::{Batch, Loader};
 use qud_eval::SetScore;
 use qud_loss::{feature_mse, info_nce, l2_normalize};
@@ -116,6 +117,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                 )?),
             ))
         })?;
+    crate::precision::check_supported(config.run.precision, &devices)?;
+    let compute_dtype = crate::precision::compute_dtype(config.run.precision);
     let teacher_replicas: Vec<Option<Teacher>> = devices
         .iter()
         .enumerate()
@@ -140,9 +143,13 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             &device,
         )
     });
+    let mut loss_scale = (config.run.precision == Precision::F16).then(LossScale::new);
     let (mut student, mut optim, mut queue, mut position) = if options.resume {
         let restored = checkpoint::load_latest(&out, config, student, sgd(&config.optim), &device)?;
         tracing::info!("resuming at step {}", restored.position.step);
+        if loss_scale.is_some() {
+            loss_scale = restored.position.loss_scale.or(loss_scale);
+        }
         (
             restored.student,
             restored.optim,
@@ -244,6 +251,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                     piece,
                     negatives: negatives.clone(),
                     weight: piece.len() as f64 / batch.len() as f64,
+                    loss_scale: loss_scale.map_or(1.0, |l| l.scale),
+                    compute_dtype,
                     want_similarities,
                 })
                 .map(Some)
@@ -283,8 +292,24 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                 shards.into_iter().map(|s| s.grads).collect(),
                 &device,
             );
+            let grads = match loss_scale {
+                Some(l) => scale_gradients(&student, grads, 1.0 / l.scale),
+                None => grads,
+            };
             let (grads, grad_norm) = clip_global_norm(&student, grads, config.optim.grad_clip);
-            student = optim.step(lr, student, grads);
+            let apply = match loss_scale.as_mut() {
+                Some(l) => l.update(grad_norm.is_finite()),
+                None => true,
+            };
+            if apply {
+                student = optim.step(lr, student, grads);
+            } else {
+                tracing::warn!(
+                    "step {}: f16 gradients overflowed; step skipped, loss scale now {}",
+                    step + 1,
+                    loss_scale.map_or(1.0, |l| l.scale)
+                );
+            }
             losses.push(loss_value);
 
             position = Position::new(config, step + 1, epoch, first_batch + b + 1);
@@ -315,6 +340,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             let stop = interrupted || options.max_steps.is_some_and(|m| step + 1 >= m);
             if epoch_done || stop || every(config.run.checkpoint_every) {
                 let keep = config.run.keep_checkpoints;
+                position.loss_scale = loss_scale;
                 let dir =
                     checkpoint::save(&out, &position, &student, &optim, queue.as_ref(), keep)?;
                 last_checkpoint = dir.display().to_string();
@@ -367,6 +393,10 @@ struct ShardInputs<'a> {
     negatives: Option<Tensor<2>>,
     /// This piece's share of the batch: its mean loss counts that much in the batch's mean.
     weight: f64,
+    /// The f16 loss scale (1 otherwise): the backward runs on the loss times this.
+    loss_scale: f64,
+    /// The student's compute dtype under mixed precision.
+    compute_dtype: Option<FloatDType>,
     want_similarities: bool,
 }
 
@@ -401,7 +431,12 @@ fn shard_step(s: ShardInputs<'_>) -> Result<ShardStep, TrainError> {
             None => l2_normalize(teacher.embed_faces(x)),
         })
     };
-    let features = s.model.backbone.forward(x.clone().autodiff());
+    let features = match s.compute_dtype {
+        None => s.model.backbone.forward(x.clone().autodiff()),
+        Some(dtype) => cast_trainable(s.model.backbone.clone(), dtype)
+            .forward(x.clone().cast(dtype).autodiff())
+            .cast(FloatDType::F32),
+    };
     let (loss, keys, similarities) = match method.kind {
         MethodKind::Qud => {
             let k = teacher_features(x)?;
@@ -433,6 +468,11 @@ fn shard_step(s: ShardInputs<'_>) -> Result<ShardStep, TrainError> {
         loss.mul_scalar(s.weight)
     };
     let value = loss.clone().without_autodiff().into_scalar::<f32>();
+    let loss = if s.loss_scale == 1.0 {
+        loss
+    } else {
+        loss.mul_scalar(s.loss_scale)
+    };
     let grads = GradientsParams::from_grads(loss.backward(), s.model);
     Ok(ShardStep {
         loss: value,

@@ -877,3 +877,197 @@ fn two_devices_train_as_one_device_with_the_whole_batch() {
         );
     }
 }
+
+/// `run.precision = "bf16" | "f16"`: the student computes in the low precision over f32 master
+/// weights; the losses follow the f32 run's closely, the saved weights are f32, an f16 run keeps
+/// its loss scale in its checkpoints, and a device without the dtype is refused.
+#[test]
+fn mixed_precision_follows_the_f32_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let off = "teacher.cache=\"off\"";
+    let full = train(
+        &tiny(&dir.path().join("f32"), "qud", &[off]),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    for (precision, tolerance) in [("bf16", 0.03), ("f16", 0.004)] {
+        let set = format!("run.precision=\"{precision}\"");
+        let config = tiny(&dir.path().join(precision), "qud", &[off, &set]);
+        let low = train(&config, &TrainOptions::default()).unwrap();
+        // Same weights at step 0: only the forward's rounding differs. Later steps follow
+        // gradients that differ by that rounding (`low_precision_gradients_point_as_f32`).
+        let (a, b) = (low.losses[0], full.losses[0]);
+        assert!(
+            (a - b).abs() <= tolerance * b,
+            "{precision}: first loss {a} vs {b} in f32"
+        );
+        assert!(low.losses.iter().all(|l| l.is_finite()), "{:?}", low.losses);
+        let bytes = std::fs::read(&low.student_weights).unwrap();
+        let saved = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert!(saved
+            .tensors()
+            .iter()
+            .all(|(_, t)| t.dtype() == safetensors::Dtype::F32));
+        let (_, last) = crate::checkpoint::list(&low.output_dir)
+            .unwrap()
+            .pop()
+            .unwrap();
+        let position = std::fs::read_to_string(last.join("position.json")).unwrap();
+        assert_eq!(
+            position.contains("\"scale\""),
+            precision == "f16",
+            "{position}"
+        );
+    }
+    let refused = tiny(
+        &dir.path().join("ndarray"),
+        "qud",
+        &[off, "run.backend=\"ndarray\"", "run.precision=\"bf16\""],
+    );
+    let err = train(&refused, &TrainOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("run.precision"), "{err}");
+}
+
+/// The student's gradients computed in bf16 / f16 over f32 master weights point where the f32
+/// ones do, for every parameter: MobileFaceNet at random initialisation, 8 random faces, a loss
+/// on the normalised embedding.
+#[test]
+fn low_precision_gradients_point_as_f32() {
+    use crate::setup::{build_student, initialize_now, seeded};
+    use burn::module::{ModuleVisitor, Param};
+    use burn::tensor::FloatDType;
+    use qud_backbone::{cast_trainable, Backbone};
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny(dir.path(), "qud", &[]);
+    let device = Device::flex();
+    let student = seeded(&device, 3, || {
+        initialize_now(build_student(&config, None, &device.clone().autodiff()).unwrap())
+    });
+    let x = Tensor::<4>::random(
+        [8, 3, 112, 112],
+        burn::tensor::Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
+    let target = Tensor::<2>::random(
+        [8, 32],
+        burn::tensor::Distribution::Normal(0.0, 1.0),
+        &device,
+    );
+    let grads_of = |dtype: Option<FloatDType>| {
+        let f = match dtype {
+            None => student.backbone.forward(x.clone().autodiff()),
+            Some(d) => cast_trainable(student.backbone.clone(), d)
+                .forward(x.clone().cast(d).autodiff())
+                .cast(FloatDType::F32),
+        };
+        let loss = (qud_loss::l2_normalize(f) * target.clone().autodiff()).sum();
+        let g = GradientsParams::from_grads(loss.backward(), &student);
+        struct Flat<'a>(&'a GradientsParams, Vec<f32>);
+        impl ModuleVisitor for Flat<'_> {
+            fn visit_float<const D: usize>(&mut self, p: &Param<Tensor<D>>) {
+                if let Some(g) = self.0.get::<D>(p.id) {
+                    self.1.extend(g.into_data().try_to_vec::<f32>().unwrap());
+                }
+            }
+        }
+        let mut flat = Flat(&g, vec![]);
+        student.visit(&mut flat);
+        flat.1
+    };
+    let a = grads_of(None);
+    for d in [FloatDType::BF16, FloatDType::F16] {
+        let b = grads_of(Some(d));
+        let dot: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let cosine = dot / na / nb;
+        // Measured: bf16 0.962, f16 0.994 (flex, this seed).
+        let floor = if d == FloatDType::BF16 { 0.93 } else { 0.98 };
+        assert_eq!(a.len(), b.len(), "{d:?}: gradients missing");
+        assert!(cosine >= floor, "{d:?}: gradient cosine {cosine} to f32");
+        assert!(
+            (nb / na - 1.0).abs() < 0.05,
+            "{d:?}: gradient norm {nb} vs {na}"
+        );
+    }
+}
+
+/// On a wgpu adapter (`cargo xtask test --wgpu` sets QUD_WGPU_DEVICE; without a GPU, Mesa's
+/// lavapipe is one): the same weights embed the same faces as on flex (1e-4 relative), and five
+/// QUD steps from the same weights on the same batches give flex's losses.
+#[test]
+fn wgpu_matches_flex() {
+    use crate::setup::{initialize_now, seeded};
+    use qud_backbone::Backbone;
+    let Ok(name) = std::env::var("QUD_WGPU_DEVICE") else {
+        eprintln!("QUD_WGPU_DEVICE unset: wgpu parity not run (cargo xtask test --wgpu)");
+        return;
+    };
+    let wgpu = qud_backends::device("wgpu", &name)
+        .unwrap_or_else(|e| panic!("QUD_WGPU_DEVICE={name}: {e} (build with the wgpu feature)"));
+    let flex = Device::flex();
+    let spec = qud_models::BackboneSpec {
+        embedding_dim: 32,
+        dropout: 0.0,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut weights = Vec::new();
+    for (i, arch) in ["mobilefacenet", "iresnet18"].into_iter().enumerate() {
+        let model = seeded(&flex, 40 + i as u64, || {
+            initialize_now(qud_models::create(arch, &spec, &flex).unwrap())
+        });
+        let x = seeded(&flex, 50, || {
+            Tensor::<4>::random(
+                [3, 3, 112, 112],
+                burn::tensor::Distribution::Uniform(-1.0, 1.0),
+                &flex,
+            )
+        });
+        let on_flex = model.valid().forward(x.clone());
+        let on_wgpu = model
+            .valid()
+            .to_device(&wgpu)
+            .forward(x.to_device(&wgpu))
+            .to_device(&flex);
+        let scale = on_flex.clone().abs().max().into_scalar::<f32>();
+        let diff = (on_flex - on_wgpu).abs().max().into_scalar::<f32>();
+        assert!(
+            diff <= 1e-4 * scale,
+            "{arch}: wgpu embeddings differ from flex by {diff} (scale {scale})"
+        );
+        let path = dir.path().join(format!("{arch}.safetensors"));
+        qud_models::save_safetensors(&model, &path).unwrap();
+        weights.push(path);
+    }
+
+    let from_files = [
+        format!("student.init_weights={}", weights[0].display()),
+        format!("teacher.weights={}", weights[1].display()),
+        "teacher.arch=iresnet18".into(),
+        "teacher.allow_random=false".into(),
+        "teacher.cache=\"off\"".into(),
+        "optim.epochs=3".into(),
+    ];
+    let run = |backend: &str, device: &str| {
+        let mut sets: Vec<String> = from_files.to_vec();
+        sets.push(format!("run.backend={backend:?}"));
+        sets.push(format!("run.devices=[{device:?}]"));
+        let sets: Vec<&str> = sets.iter().map(String::as_str).collect();
+        let config = tiny(&dir.path().join(backend), "qud", &sets);
+        let options = TrainOptions {
+            max_steps: Some(5),
+            ..TrainOptions::default()
+        };
+        train(&config, &options).unwrap().losses
+    };
+    let (cpu, gpu) = (run("flex", "cpu"), run("wgpu", &name));
+    assert_eq!(gpu.len(), 5);
+    for (step, (a, b)) in gpu.iter().zip(&cpu).enumerate() {
+        assert!(
+            (a - b).abs() <= 1e-3 * b.abs(),
+            "step {step}: loss {a} on wgpu vs {b} on flex: {gpu:?} vs {cpu:?}"
+        );
+    }
+}
