@@ -134,7 +134,10 @@ fn test(args: &[String]) -> Result<()> {
             "QUD_WGPU_DEVICE",
             std::env::var("QUD_WGPU_DEVICE").unwrap_or_else(|_| "wgpu".into()),
         );
-        run("wgpu smoke test, parity with flex and five QUD steps", smoke)?;
+        run(
+            "wgpu smoke test, parity with flex and five QUD steps",
+            smoke,
+        )?;
     }
     Ok(())
 }

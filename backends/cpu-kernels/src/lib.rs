@@ -6,6 +6,11 @@
 //! lowers a grouped convolution to one small matrix product per group, which for depthwise
 //! filters (9 multiply-accumulates per output) costs far more than the arithmetic.
 
+mod extension;
+
+pub use extension::DepthwiseBackend;
+
+use burn::backend::Dispatch;
 use burn::nn::conv::Conv2d;
 use burn::nn::PaddingConfig2d;
 use burn::prelude::*;
@@ -100,10 +105,158 @@ pub fn depthwise_conv2d_host(
     out
 }
 
+/// The input gradient of [`depthwise_conv2d_host`]: `grad_output` `[N, C, OH, OW]` and `weight`
+/// `[C, 1, k, k]` give `[N, C, H, W]`, each output's gradient scattered back onto the inputs its
+/// taps read.
+pub fn depthwise_conv2d_input_grad_host(
+    shape: &Depthwise,
+    grad_output: &[f32],
+    weight: &[f32],
+) -> Vec<f32> {
+    let Depthwise {
+        channels: c,
+        height: h,
+        width: w,
+        kernel: k,
+        stride: s,
+        padding: p,
+        ..
+    } = *shape;
+    let (oh, ow) = shape.output_size();
+    assert_eq!(
+        grad_output.len(),
+        shape.batch * c * oh * ow,
+        "gradient size"
+    );
+    assert_eq!(weight.len(), c * k * k, "weight size");
+    let mut grad = vec![0f32; shape.batch * c * h * w];
+    if grad.is_empty() || oh * ow == 0 {
+        return grad;
+    }
+    grad.par_chunks_mut(h * w)
+        .zip(grad_output.par_chunks(oh * ow))
+        .enumerate()
+        .for_each(|(plane, (grad, grad_output))| {
+            let taps = &weight[(plane % c) * k * k..(plane % c + 1) * k * k];
+            for (oy, row) in grad_output.chunks_exact(ow).enumerate() {
+                for ky in 0..k {
+                    let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                        continue;
+                    };
+                    let line = &mut grad[iy * w..(iy + 1) * w];
+                    for kx in 0..k {
+                        let tap = taps[ky * k + kx];
+                        let first = p.saturating_sub(kx).div_ceil(s);
+                        let end = ((w + p).saturating_sub(kx)).div_ceil(s).min(ow);
+                        if first >= end {
+                            continue;
+                        }
+                        let start = first * s + kx - p;
+                        if s == 1 {
+                            let line = &mut line[start..start + (end - first)];
+                            for (g, o) in line.iter_mut().zip(&row[first..end]) {
+                                *g += tap * o;
+                            }
+                        } else {
+                            // Indexing: `step_by` over a mutable slice does not vectorise and was
+                            // 7x slower here.
+                            let line = &mut line[start..start + (end - first - 1) * s + 1];
+                            for (j, o) in row[first..end].iter().enumerate() {
+                                line[j * s] += tap * o;
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    grad
+}
+
+/// The weight gradient of [`depthwise_conv2d_host`]: `input` `[N, C, H, W]` and `grad_output`
+/// `[N, C, OH, OW]` give `[C, 1, k, k]`, each tap's products summed over the batch and the
+/// output plane (per channel in parallel).
+pub fn depthwise_conv2d_weight_grad_host(
+    shape: &Depthwise,
+    input: &[f32],
+    grad_output: &[f32],
+) -> Vec<f32> {
+    let Depthwise {
+        batch: n,
+        channels: c,
+        height: h,
+        width: w,
+        kernel: k,
+        stride: s,
+        padding: p,
+    } = *shape;
+    let (oh, ow) = shape.output_size();
+    assert_eq!(input.len(), n * c * h * w, "input size");
+    assert_eq!(grad_output.len(), n * c * oh * ow, "gradient size");
+    let mut grad = vec![0f32; c * k * k];
+    grad.par_chunks_mut(k * k)
+        .enumerate()
+        .for_each(|(channel, taps)| {
+            for image in 0..n {
+                let plane = image * c + channel;
+                let input = &input[plane * h * w..(plane + 1) * h * w];
+                let grad_output = &grad_output[plane * oh * ow..(plane + 1) * oh * ow];
+                for (oy, row) in grad_output.chunks_exact(ow).enumerate() {
+                    for ky in 0..k {
+                        let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                            continue;
+                        };
+                        let line = &input[iy * w..(iy + 1) * w];
+                        for kx in 0..k {
+                            let first = p.saturating_sub(kx).div_ceil(s);
+                            let end = ((w + p).saturating_sub(kx)).div_ceil(s).min(ow);
+                            if first >= end {
+                                continue;
+                            }
+                            let start = first * s + kx - p;
+                            let grads = &row[first..end];
+                            let dot = if s == 1 {
+                                dot(&line[start..start + grads.len()], grads)
+                            } else {
+                                let line = &line[start..start + (grads.len() - 1) * s + 1];
+                                grads.iter().enumerate().map(|(j, g)| line[j * s] * g).sum()
+                            };
+                            taps[ky * k + kx] += dot;
+                        }
+                    }
+                }
+            }
+        });
+    grad
+}
+
+/// `a . b` with eight partial sums, which the compiler keeps in one vector register (a single
+/// running sum must be added in order and does not vectorise).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = a8
+        .remainder()
+        .iter()
+        .zip(b8.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a8.zip(b8) {
+        for i in 0..8 {
+            lanes[i] += x[i] * y[i];
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 /// A CPU backend whose tensors live in host memory (flex, ndarray).
 fn is_host_cpu(device: &Device) -> bool {
     let name = format!("{:?}", device.as_dispatch());
     name.starts_with("Flex") || name.starts_with("NdArray")
+}
+
+/// The flex backend, with or without autodiff: the one [`DepthwiseBackend`] serves.
+fn is_flex(device: &Device) -> bool {
+    format!("{:?}", device.clone().without_autodiff().as_dispatch()).starts_with("Flex")
 }
 
 /// The depthwise parameters of `conv` on `input`, when the host kernel applies to it.
@@ -138,20 +291,32 @@ fn depthwise_shape(conv: &Conv2d, input: &Tensor<4>) -> Option<Depthwise> {
     })
 }
 
-/// `conv.forward(input)`, through the host kernel when `conv` is depthwise and `input` is an f32
-/// tensor on a host CPU device outside autodiff (inference); through Burn otherwise.
+/// `conv.forward(input)`, through the host kernels when `conv` is depthwise and `input` is f32:
+/// on flex as a backend extension (inference and training: the backward pass is host kernels
+/// too), on the other host CPU backends outside autodiff by reading the data out; through Burn
+/// otherwise (GPUs, f16 / bf16, other shapes).
 pub fn conv2d(conv: &Conv2d, input: Tensor<4>) -> Tensor<4> {
     let device = input.device();
     let shape = match depthwise_shape(conv, &input) {
-        Some(shape)
-            if !device.is_autodiff()
-                && is_host_cpu(&device)
-                && input.dtype() == burn::tensor::DType::F32 =>
-        {
-            shape
-        }
+        Some(shape) if input.dtype() == burn::tensor::DType::F32 => shape,
         _ => return conv.forward(input),
     };
+    if is_flex(&device) {
+        let out = <Dispatch as DepthwiseBackend>::depthwise_conv2d(
+            input.into_dispatch(),
+            conv.weight.val().into_dispatch(),
+            shape.stride,
+            shape.padding,
+        );
+        let out = Tensor::<4>::from_dispatch(out);
+        return match &conv.bias {
+            Some(bias) => out + bias.val().reshape([1, shape.channels, 1, 1]),
+            None => out,
+        };
+    }
+    if device.is_autodiff() || !is_host_cpu(&device) {
+        return conv.forward(input);
+    }
     // Taking the tensor's data moves its buffer out when nothing else holds it, and the slices
     // below borrow it: no copy on the way in.
     let x = input.into_data();

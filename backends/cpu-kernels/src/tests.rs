@@ -71,7 +71,7 @@ proptest! {
 }
 
 #[test]
-fn only_depthwise_inference_on_the_host_takes_the_kernel() {
+fn only_depthwise_f32_convolutions_on_the_host_take_the_kernel() {
     let device = qud_backend_flex::device();
     let shape = Depthwise {
         batch: 1,
@@ -84,15 +84,101 @@ fn only_depthwise_inference_on_the_host_takes_the_kernel() {
     };
     let conv = burn_conv(&shape, false, &device);
     let x = Tensor::<4>::zeros([1, 4, 6, 6], &device);
-    assert!(is_host_cpu(&device));
+    assert!(is_host_cpu(&device) && is_flex(&device) && is_flex(&device.clone().autodiff()));
     assert_eq!(depthwise_shape(&conv, &x), Some(shape));
     // A dense convolution is not depthwise.
     let dense = Conv2dConfig::new([4, 4], [3, 3]).init(&device);
     assert_eq!(depthwise_shape(&dense, &x), None);
-    // Training (autodiff) keeps Burn's path, so gradients flow: the output is tracked.
-    let ad = device.clone().autodiff();
-    let conv = burn_conv(&shape, true, &ad);
-    let x = Tensor::<4>::ones([1, 4, 6, 6], &ad).require_grad();
-    let grads = conv2d(&conv, x.clone()).sum().backward();
-    assert!(x.grad(&grads).is_some());
+}
+
+/// Values in [-1, 1) from `seed` (a tiny LCG: tests running in parallel share Burn's generator).
+fn values(seed: u64, len: usize) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..len)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+/// The output and the gradients of the input, the weight and the bias, through `conv2d` (the
+/// extension on flex under autodiff) or through Burn's convolution, for one upstream gradient.
+fn gradients(shape: &Depthwise, bias: bool, seed: u64, extension: bool) -> Vec<Vec<f32>> {
+    use burn::module::Param;
+    let device = qud_backend_flex::device().autodiff();
+    let Depthwise {
+        batch: n,
+        channels: c,
+        height: h,
+        width: w,
+        kernel: k,
+        ..
+    } = *shape;
+    let tensor = |seed: u64, dims: Vec<usize>| {
+        let len = dims.iter().product();
+        Tensor::<1>::from_data(TensorData::new(values(seed, len), [len]), &device)
+    };
+    let mut conv = burn_conv(shape, bias, &device);
+    conv.weight = Param::from_tensor(tensor(seed, vec![c * k * k]).reshape([c, 1, k, k]));
+    if bias {
+        conv.bias = Some(Param::from_tensor(tensor(seed + 1, vec![c])));
+    }
+    let x = tensor(seed + 2, vec![n * c * h * w])
+        .reshape([n, c, h, w])
+        .detach()
+        .require_grad();
+    let y = if extension {
+        conv2d(&conv, x.clone())
+    } else {
+        conv.forward(x.clone())
+    };
+    let upstream = tensor(seed + 3, y.dims().to_vec())
+        .reshape(y.dims())
+        .detach();
+    let grads = (y.clone() * upstream).sum().backward();
+    let flat = |t: Tensor<4>| t.into_data().try_into_vec::<f32>().unwrap();
+    let mut out = vec![
+        flat(y.without_autodiff()),
+        flat(x.grad(&grads).expect("input gradient")),
+        flat(conv.weight.grad(&grads).expect("weight gradient")),
+    ];
+    if let Some(b) = &conv.bias {
+        let grad = b.grad(&grads).expect("bias gradient");
+        out.push(grad.into_data().try_into_vec::<f32>().unwrap());
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    #[test]
+    fn depthwise_gradients_match_burn(
+        batch in 1usize..3,
+        channels in 1usize..5,
+        height in 1usize..10,
+        width in 1usize..10,
+        kernel in prop_oneof![Just(1usize), Just(3), Just(5)],
+        stride in 1usize..4,
+        padding in 0usize..3,
+        bias in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        prop_assume!(padding < kernel);
+        let shape = Depthwise { batch, channels, height, width, kernel, stride, padding };
+        prop_assume!(height + 2 * padding >= kernel && width + 2 * padding >= kernel);
+        let ours = gradients(&shape, bias, seed, true);
+        let burn = gradients(&shape, bias, seed, false);
+        prop_assert_eq!(ours.len(), burn.len());
+        for (what, (a, b)) in ["output", "input grad", "weight grad", "bias grad"].iter().zip(ours.iter().zip(&burn)) {
+            prop_assert_eq!(a.len(), b.len());
+            let diff = max_relative_difference(a, b);
+            prop_assert!(diff < 1e-5, "{shape:?} bias {bias}: {what} max relative difference {diff}");
+        }
+    }
 }

@@ -1,0 +1,241 @@
+//! The depthwise kernels as a Burn backend extension (`#[backend_extension]`): flex runs them on
+//! its tensors' host memory, and flex under autodiff records a backward pass made of the two
+//! gradient kernels, so that training uses them as well as inference.
+
+use crate::{
+    depthwise_conv2d_host, depthwise_conv2d_input_grad_host, depthwise_conv2d_weight_grad_host,
+    Depthwise,
+};
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::NodeId;
+use burn::backend::ops::FloatTensorOps;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{backend_extension, Autodiff, AutodiffBackend, Backend, Flex, TensorMetadata};
+use burn::tensor::TensorData;
+use burn_flex::{FlexDevice, FlexTensor};
+
+/// Depthwise convolution without bias: `x` `[N, C, H, W]`, `weight` `[C, 1, k, k]`, square
+/// kernel, equal stride and zero padding on both axes.
+#[backend_extension(Flex, Autodiff)]
+pub trait DepthwiseBackend: Backend {
+    fn depthwise_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+
+    /// `[N, C, H, W]` from the output gradient `[N, C, OH, OW]`.
+    fn depthwise_conv2d_input_grad(
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        height: usize,
+        width: usize,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+
+    /// `[C, 1, k, k]` from the input and the output gradient.
+    fn depthwise_conv2d_weight_grad(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+}
+
+fn dims4(shape: &burn::tensor::Shape) -> [usize; 4] {
+    let dims: &[usize] = shape.as_ref();
+    dims.try_into().expect("a 4-d tensor")
+}
+
+fn geometry(x: [usize; 4], kernel: usize, stride: usize, padding: usize) -> Depthwise {
+    let [batch, channels, height, width] = x;
+    Depthwise {
+        batch,
+        channels,
+        height,
+        width,
+        kernel,
+        stride,
+        padding,
+    }
+}
+
+/// The f32 values of a flex tensor, in row-major order.
+fn values(tensor: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
+    match tensor.as_slice::<f32>() {
+        Some(slice) => std::borrow::Cow::Borrowed(slice),
+        None => std::borrow::Cow::Owned(
+            tensor
+                .to_contiguous()
+                .as_slice::<f32>()
+                .expect("an f32 tensor")
+                .to_vec(),
+        ),
+    }
+}
+
+fn flex_tensor(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+    Flex::float_from_data(TensorData::new(values, shape), &FlexDevice)
+}
+
+impl DepthwiseBackend for Flex {
+    fn depthwise_conv2d(
+        x: FlexTensor,
+        weight: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let kernel = dims4(&weight.shape())[2];
+        let shape = geometry(dims4(&x.shape()), kernel, stride, padding);
+        let out = depthwise_conv2d_host(&shape, &values(&x), &values(&weight), None);
+        let (oh, ow) = shape.output_size();
+        flex_tensor(out, [shape.batch, shape.channels, oh, ow])
+    }
+
+    fn depthwise_conv2d_input_grad(
+        grad: FlexTensor,
+        weight: FlexTensor,
+        height: usize,
+        width: usize,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let [batch, channels, _, _] = dims4(&grad.shape());
+        let kernel = dims4(&weight.shape())[2];
+        let shape = geometry([batch, channels, height, width], kernel, stride, padding);
+        let out = depthwise_conv2d_input_grad_host(&shape, &values(&grad), &values(&weight));
+        flex_tensor(out, [batch, channels, height, width])
+    }
+
+    fn depthwise_conv2d_weight_grad(
+        x: FlexTensor,
+        grad: FlexTensor,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let shape = geometry(dims4(&x.shape()), kernel, stride, padding);
+        let out = depthwise_conv2d_weight_grad_host(&shape, &values(&x), &values(&grad));
+        flex_tensor(out, [shape.channels, 1, kernel, kernel])
+    }
+}
+
+/// The backward step of [`DepthwiseBackend::depthwise_conv2d`] on the inner backend.
+#[derive(Debug)]
+struct DepthwiseBackward;
+
+impl<B: Backend + DepthwiseBackend> Backward<B, 2> for DepthwiseBackward {
+    /// Input and weight checkpoints, then `[height, width, kernel, stride, padding]`.
+    type State = (NodeId, NodeId, [usize; 5]);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_weight] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_state, weight_state, [height, width, kernel, stride, padding]) = ops.state;
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+        let weight = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(weight_state);
+        if let Some(node) = node_x {
+            let dx = B::depthwise_conv2d_input_grad(
+                grad.clone(),
+                weight,
+                height,
+                width,
+                stride,
+                padding,
+            );
+            grads.register::<B>(node.id, dx);
+        }
+        if let Some(node) = node_weight {
+            let dw = B::depthwise_conv2d_weight_grad(x, grad, kernel, stride, padding);
+            grads.register::<B>(node.id, dw);
+        }
+    }
+}
+
+impl<B: Backend + DepthwiseBackend, C: CheckpointStrategy> DepthwiseBackend for Autodiff<B, C> {
+    fn depthwise_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        let [_, _, height, width] = dims4(&x.primitive().shape());
+        let kernel = dims4(&weight.primitive().shape())[2];
+        match DepthwiseBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let weight_state = prep.checkpoint(&weight);
+                prep.finish(
+                    (
+                        x_state,
+                        weight_state,
+                        [height, width, kernel, stride, padding],
+                    ),
+                    B::depthwise_conv2d(
+                        x.into_primitive(),
+                        weight.into_primitive(),
+                        stride,
+                        padding,
+                    ),
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::depthwise_conv2d(
+                x.into_primitive(),
+                weight.into_primitive(),
+                stride,
+                padding,
+            )),
+        }
+    }
+
+    // The gradients themselves are not differentiated again (no second-order use in qud): they
+    // are computed on the inner backend and enter the graph as constants.
+    fn depthwise_conv2d_input_grad(
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        height: usize,
+        width: usize,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::depthwise_conv2d_input_grad(
+            Self::inner(grad),
+            Self::inner(weight),
+            height,
+            width,
+            stride,
+            padding,
+        ))
+    }
+
+    fn depthwise_conv2d_weight_grad(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::depthwise_conv2d_weight_grad(
+            Self::inner(x),
+            Self::inner(grad),
+            kernel,
+            stride,
+            padding,
+        ))
+    }
+}
