@@ -1,8 +1,9 @@
 """PyTorch reference for the `train` benchmark: one QUD step as the QUD repository computes it
 (MobileFaceNet student in train mode, iresnet50 teacher in eval mode under no_grad, queue of 1024
 normalised features, InfoNCE at tau 0.1, clip_grad_norm_ 5, SGD momentum 0.9 weight decay 5e-4),
-batch 64 on the CPU with the given thread count. One warm-up step, 3 timed. Prints
-`samples_per_s peak_rss_mb`."""
+batch 64 on the CPU with the given thread count. `train.py THREADS student B` times a MobileFaceNet
+train step alone at batch B instead (forward, loss on the normalised embedding, backward,
+clip_grad_norm_ 5, SGD). One warm-up step, 3 timed. Prints `samples_per_s peak_rss_mb`."""
 
 import importlib.util
 import os
@@ -19,8 +20,30 @@ ref = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(ref)
 
 
+def student_step(batch):
+    student = ref.MobileFaceNet(512).train()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1 * batch / 512, momentum=0.9, weight_decay=5e-4)
+    x = torch.rand(batch, 3, 112, 112) * 2 - 1
+    target = F.normalize(torch.ones(batch, 512), dim=1)
+    times = []
+    for step in range(4):
+        start = time.perf_counter()
+        loss = -(F.normalize(student(x), dim=1) * target).sum()
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 5.0)
+        optimizer.step()
+        if step > 0:
+            times.append(time.perf_counter() - start)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{3 * batch / sum(times):.3f} {peak_mb:.1f}")
+
+
 def main():
     torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else os.cpu_count())
+    if len(sys.argv) > 3 and sys.argv[2] == "student":
+        student_step(int(sys.argv[3]))
+        return
     batch = 64
     student = ref.MobileFaceNet(512).train()
     teacher = ref.IResNet([3, 4, 14, 3], 512).eval()
