@@ -36,6 +36,25 @@ impl Depthwise {
         let side = |n: usize| (n + 2 * self.padding - self.kernel) / self.stride + 1;
         (side(self.height), side(self.width))
     }
+
+    /// The input row that output row `oy` reads through kernel row `ky`; `None` in the padding.
+    fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.stride + ky)
+            .checked_sub(self.padding)
+            .filter(|&iy| iy < self.height)
+    }
+
+    /// For kernel column `kx`: the output columns `first..end` whose input column lies inside
+    /// the row, and the input column of `first` (the next ones follow at the stride).
+    fn columns(&self, kx: usize, output_width: usize) -> Option<(usize, usize, usize)> {
+        let (s, p) = (self.stride, self.padding);
+        let first = p.saturating_sub(kx).div_ceil(s);
+        let end = (self.width + p)
+            .saturating_sub(kx)
+            .div_ceil(s)
+            .min(output_width);
+        (first < end).then(|| (first, end, first * s + kx - p))
+    }
 }
 
 /// Depthwise convolution on host memory: `input` `[N, C, H, W]`, `weight` `[C, 1, k, k]`, optional
@@ -52,7 +71,6 @@ pub fn depthwise_conv2d_host(
         width: w,
         kernel: k,
         stride: s,
-        padding: p,
         ..
     } = *shape;
     assert_eq!(input.len(), shape.batch * c * h * w, "input size");
@@ -71,20 +89,15 @@ pub fn depthwise_conv2d_host(
             out.fill(bias.map_or(0.0, |b| b[channel]));
             for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
                 for ky in 0..k {
-                    // Input row oy * s + ky - p; rows in the padding contribute nothing.
-                    let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                    let Some(iy) = shape.input_row(oy, ky) else {
                         continue;
                     };
                     let line = &input[iy * w..(iy + 1) * w];
                     for kx in 0..k {
                         let tap = taps[ky * k + kx];
-                        // Output columns whose input column ox * s + kx - p lies inside the row.
-                        let first = p.saturating_sub(kx).div_ceil(s);
-                        let end = ((w + p).saturating_sub(kx)).div_ceil(s).min(ow);
-                        if first >= end {
+                        let Some((first, end, start)) = shape.columns(kx, ow) else {
                             continue;
-                        }
-                        let start = first * s + kx - p;
+                        };
                         if s == 1 {
                             let line = &line[start..start + (end - first)];
                             for (o, v) in row[first..end].iter_mut().zip(line) {
@@ -119,7 +132,6 @@ pub fn depthwise_conv2d_input_grad_host(
         width: w,
         kernel: k,
         stride: s,
-        padding: p,
         ..
     } = *shape;
     let (oh, ow) = shape.output_size();
@@ -140,27 +152,23 @@ pub fn depthwise_conv2d_input_grad_host(
             let taps = &weight[(plane % c) * k * k..(plane % c + 1) * k * k];
             for (oy, row) in grad_output.chunks_exact(ow).enumerate() {
                 for ky in 0..k {
-                    let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                    let Some(iy) = shape.input_row(oy, ky) else {
                         continue;
                     };
                     let line = &mut grad[iy * w..(iy + 1) * w];
                     for kx in 0..k {
                         let tap = taps[ky * k + kx];
-                        let first = p.saturating_sub(kx).div_ceil(s);
-                        let end = ((w + p).saturating_sub(kx)).div_ceil(s).min(ow);
-                        if first >= end {
+                        let Some((first, end, start)) = shape.columns(kx, ow) else {
                             continue;
-                        }
-                        let start = first * s + kx - p;
+                        };
+                        let line = &mut line[start..start + (end - first - 1) * s + 1];
                         if s == 1 {
-                            let line = &mut line[start..start + (end - first)];
                             for (g, o) in line.iter_mut().zip(&row[first..end]) {
                                 *g += tap * o;
                             }
                         } else {
                             // Indexing: `step_by` over a mutable slice does not vectorise and was
                             // 7x slower here.
-                            let line = &mut line[start..start + (end - first - 1) * s + 1];
                             for (j, o) in row[first..end].iter().enumerate() {
                                 line[j * s] += tap * o;
                             }
@@ -187,7 +195,7 @@ pub fn depthwise_conv2d_weight_grad_host(
         width: w,
         kernel: k,
         stride: s,
-        padding: p,
+        ..
     } = *shape;
     let (oh, ow) = shape.output_size();
     assert_eq!(input.len(), n * c * h * w, "input size");
@@ -202,25 +210,21 @@ pub fn depthwise_conv2d_weight_grad_host(
                 let grad_output = &grad_output[plane * oh * ow..(plane + 1) * oh * ow];
                 for (oy, row) in grad_output.chunks_exact(ow).enumerate() {
                     for ky in 0..k {
-                        let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&iy| iy < h) else {
+                        let Some(iy) = shape.input_row(oy, ky) else {
                             continue;
                         };
                         let line = &input[iy * w..(iy + 1) * w];
                         for kx in 0..k {
-                            let first = p.saturating_sub(kx).div_ceil(s);
-                            let end = ((w + p).saturating_sub(kx)).div_ceil(s).min(ow);
-                            if first >= end {
+                            let Some((first, end, start)) = shape.columns(kx, ow) else {
                                 continue;
-                            }
-                            let start = first * s + kx - p;
+                            };
                             let grads = &row[first..end];
-                            let dot = if s == 1 {
-                                dot(&line[start..start + grads.len()], grads)
+                            let line = &line[start..start + (grads.len() - 1) * s + 1];
+                            taps[ky * k + kx] += if s == 1 {
+                                dot(line, grads)
                             } else {
-                                let line = &line[start..start + (grads.len() - 1) * s + 1];
                                 grads.iter().enumerate().map(|(j, g)| line[j * s] * g).sum()
                             };
-                            taps[ky * k + kx] += dot;
                         }
                     }
                 }

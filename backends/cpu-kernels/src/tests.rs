@@ -178,7 +178,10 @@ proptest! {
         for (what, (a, b)) in ["output", "input grad", "weight grad", "bias grad"].iter().zip(ours.iter().zip(&burn)) {
             prop_assert_eq!(a.len(), b.len());
             let diff = max_relative_difference(a, b);
-            prop_assert!(diff < 1e-5, "{shape:?} bias {bias}: {what} max relative difference {diff}");
+            // Gradients are sums over the batch and the plane, added in another order than
+            // Burn's: f32 rounding reaches a few 1e-5 of the largest value there.
+            let tolerance = if *what == "output" { 1e-5 } else { 1e-4 };
+            prop_assert!(diff < tolerance, "{shape:?} bias {bias}: {what} max relative difference {diff}");
         }
     }
 }

@@ -1001,6 +1001,7 @@ fn low_precision_gradients_point_as_f32() {
 fn wgpu_matches_flex() {
     use crate::setup::{initialize_now, seeded};
     use qud_backbone::Backbone;
+    use qud_loss::l2_normalize;
     let Ok(name) = std::env::var("QUD_WGPU_DEVICE") else {
         eprintln!("QUD_WGPU_DEVICE unset: wgpu parity not run (cargo xtask test --wgpu)");
         return;
@@ -1029,13 +1030,42 @@ fn wgpu_matches_flex() {
         let on_wgpu = model
             .valid()
             .to_device(&wgpu)
-            .forward(x.to_device(&wgpu))
+            .forward(x.clone().to_device(&wgpu))
             .to_device(&flex);
         let scale = on_flex.clone().abs().max().into_scalar::<f32>();
         let diff = (on_flex - on_wgpu).abs().max().into_scalar::<f32>();
         assert!(
             diff <= 1e-4 * scale,
             "{arch}: wgpu embeddings differ from flex by {diff} (scale {scale})"
+        );
+        // Train mode: the gradients of one loss on the same weights and faces agree.
+        let gradient = |device: &Device| {
+            let device = device.clone().autodiff();
+            let net = model.valid().to_device(&device).train();
+            let features = l2_normalize(net.forward(x.clone().to_device(&device)));
+            let target = l2_normalize(Tensor::<2>::ones(features.dims(), &device));
+            let grads = (features * target).sum().backward();
+            let grads = GradientsParams::from_grads(grads, &net);
+            struct Flat<'a>(&'a GradientsParams, Vec<f32>);
+            impl burn::module::ModuleVisitor for Flat<'_> {
+                fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
+                    if let Some(g) = self.0.get::<D>(p.id) {
+                        self.1.extend(g.into_data().try_into_vec::<f32>().unwrap());
+                    }
+                }
+            }
+            let mut flat = Flat(&grads, Vec::new());
+            net.visit(&mut flat);
+            flat.1
+        };
+        let (a, b) = (gradient(&flex), gradient(&wgpu));
+        assert_eq!(a.len(), b.len(), "{arch}: gradients missing on wgpu");
+        let dot: f64 = a.iter().zip(&b).map(|(p, q)| *p as f64 * *q as f64).sum();
+        let norm = |v: &[f32]| v.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
+        let cosine = dot / (norm(&a) * norm(&b));
+        assert!(
+            cosine > 0.9999,
+            "{arch}: gradient cosine {cosine} between wgpu and flex"
         );
         let path = dir.path().join(format!("{arch}.safetensors"));
         qud_models::save_safetensors(&model, &path).unwrap();
@@ -1049,6 +1079,7 @@ fn wgpu_matches_flex() {
         "teacher.allow_random=false".into(),
         "teacher.cache=\"off\"".into(),
         "optim.epochs=3".into(),
+        "optim.lr=0.005".into(),
     ];
     let run = |backend: &str, device: &str| {
         let mut sets: Vec<String> = from_files.to_vec();
@@ -1064,9 +1095,13 @@ fn wgpu_matches_flex() {
     };
     let (cpu, gpu) = (run("flex", "cpu"), run("wgpu", &name));
     assert_eq!(gpu.len(), 5);
-    for (step, (a, b)) in gpu.iter().zip(&cpu).enumerate() {
+    assert!(gpu.iter().all(|l| l.is_finite()), "{gpu:?}");
+    // The first two steps agree closely; after that this tiny run (batch 4, BatchNorm over 4
+    // samples, tau 0.1) amplifies rounding: measured 1e-6, 5e-6, 5e-4, 3e-3 at lr 0.005 on
+    // lavapipe, and 10 % by step 3 between f32 and bf16. The gradients are compared above.
+    for (step, (a, b)) in gpu.iter().zip(&cpu).enumerate().take(2) {
         assert!(
-            (a - b).abs() <= 1e-3 * b.abs(),
+            (a - b).abs() <= 1e-4 * b.abs(),
             "step {step}: loss {a} on wgpu vs {b} on flex: {gpu:?} vs {cpu:?}"
         );
     }
