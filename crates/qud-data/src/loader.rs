@@ -133,8 +133,12 @@ impl Batch {
     /// The batch cut into `parts` consecutive pieces, in order, whose sizes differ by at most one
     /// (the first `len % parts` get the extra sample): one per data-parallel device, so that the
     /// pieces concatenated in rank order are the batch again. `skipped` stays with the first.
-    pub fn split(&self, parts: usize) -> Vec<Batch> {
+    /// One part is the batch itself, not a copy.
+    pub fn split(self, parts: usize) -> Vec<Batch> {
         let parts = parts.max(1);
+        if parts == 1 {
+            return vec![self];
+        }
         let pixels = 3 * FACE_SIZE * FACE_SIZE;
         let (base, extra) = (self.len() / parts, self.len() % parts);
         let mut start = 0;

@@ -247,7 +247,7 @@ proptest! {
             labels: (0..len).map(|i| (i % 2 == 0).then_some(i as u32)).collect(),
             skipped: vec![(99, "broken".into())],
         };
-        let pieces = batch.split(parts);
+        let pieces = batch.clone().split(parts);
         prop_assert_eq!(pieces.len(), parts);
         let sizes: Vec<usize> = pieces.iter().map(Batch::len).collect();
         prop_assert!(sizes.windows(2).all(|w| w[0] >= w[1] && w[0] - w[1] <= 1), "{:?}", sizes);

@@ -228,6 +228,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             let step = position.step;
             let lr = learning_rate(&config.optim, epoch, step, steps_per_epoch);
             let want_similarities = since_log + 1 >= config.run.log_every;
+            let batch_len = batch.len();
             let pieces = batch.split(devices.len());
             let negatives = queue.as_ref().map(FeatureQueue::negatives);
             let shards = parallel::for_each_rank(&devices, |rank| {
@@ -250,7 +251,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                     device: &devices[rank],
                     piece,
                     negatives: negatives.clone(),
-                    weight: piece.len() as f64 / batch.len() as f64,
+                    weight: piece.len() as f64 / batch_len as f64,
                     loss_scale: loss_scale.map_or(1.0, |l| l.scale),
                     compute_dtype,
                     want_similarities,
@@ -316,7 +317,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             progress.step(epoch, step + 1, loss_value);
             since_log += 1;
             if since_log >= config.run.log_every {
-                let rate = (since_log * batch.len()) as f64 / timer.elapsed().as_secs_f64();
+                let rate = (since_log * batch_len) as f64 / timer.elapsed().as_secs_f64();
                 let (pos, neg) = similarities.unzip();
                 tracing::info!("epoch {epoch} step {} loss {loss_value:.4} lr {lr:.5} |g| {grad_norm:.3} {rate:.1} img/s", step + 1);
                 metrics.write(json!({"step": step + 1, "epoch": epoch, "lr": lr, "loss": loss_value,
