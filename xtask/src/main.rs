@@ -9,6 +9,9 @@
 //!   NumPy reference on the same inputs when Python has the modules, and the ratio.
 //! - `real-check`: the ONNX teacher `../shared/models/fr_feature.onnx` on the real LFW `.bin`
 //!   against its README's accuracy (also part of `test`; skipped where `../shared` is absent).
+//! - `gpu-check [--backend cuda|wgpu] [--device NAME] [--teacher ARCH] [--batch N] [--steps N] [--images N]
+//!   [--timed N]`: parity with the CPU backend, a QUD run and QUD-step samples/s on one GPU
+//!   (`qud-bench`'s `gpu` benchmark); cuda when it builds here, wgpu otherwise.
 //! - `train [--config FILE] [--set k=v]... [--resume] [--max-steps N]`: without arguments the
 //!   embedded demo (`qud demo`), otherwise `qud train` with those arguments.
 
@@ -31,6 +34,7 @@ fn main() -> Result<()> {
         "lint" => lint(),
         "bench" => bench(rest),
         "real-check" => real_check(),
+        "gpu-check" => gpu_check(rest),
         "ci" => {
             lint()?;
             test(rest)
@@ -58,6 +62,13 @@ usage: cargo xtask <command>
   real-check      the real-data check: ../shared/models/fr_feature.onnx (run by tract) on the
                   real LFW .bin (../shared/data/lfw.bin) must give the accuracy its README
                   states, to 0.05 points; part of `test` too, skipped where ../shared is absent
+  gpu-check [--backend cuda|wgpu] [--device NAME] [--teacher ARCH] [--batch N] [--steps N]
+            [--images N] [--timed N]
+                  on one GPU: parity with the CPU backend (MobileFaceNet and the teacher,
+                  iresnet50 unless --teacher), a QUD run
+                  of --steps (200) at --batch (256) on --images (4096) synthetic faces, and
+                  QUD-step samples/s with and without the teacher cache next to PyTorch on CUDA;
+                  cuda where it builds (burn-cuda downloads LLVM at build time), else wgpu
   train [ARGS]    no ARGS: the embedded demo (synthetic faces, ArcFace teacher, QUD student);
                   otherwise `qud train ARGS`, e.g. --config configs/paper/ms1mv2_r50_qud.toml
                   --set data.root=/data/ms1m --set teacher.weights=r50.pth";
@@ -150,6 +161,65 @@ fn real_check() -> Result<()> {
     exclude_gpu(&mut check);
     check.args(["real_lfw_check", "--", "--nocapture"]);
     run("real-data check", check)
+}
+
+/// Build and run `qud-bench`'s `gpu` benchmark with `backend`'s plugin, its options passed as
+/// the QUD_GPU_* variables it reads.
+fn gpu_check(args: &[String]) -> Result<()> {
+    let mut backend = None;
+    let mut settings = Vec::new();
+    let mut rest = args.iter();
+    while let Some(flag) = rest.next() {
+        let value = rest
+            .next()
+            .with_context(|| format!("xtask gpu-check: {flag} needs a value"))?;
+        match flag.as_str() {
+            "--backend" if ["cuda", "wgpu"].contains(&value.as_str()) => {
+                backend = Some(value.clone())
+            }
+            "--backend" => bail!("xtask gpu-check: --backend is cuda or wgpu, not `{value}`"),
+            "--device" | "--teacher" | "--batch" | "--steps" | "--images" | "--timed" => {
+                let variable = format!("QUD_GPU_{}", flag[2..].to_ascii_uppercase());
+                settings.push((variable, value.clone()));
+            }
+            other => bail!("unknown option `{other}` for xtask gpu-check"),
+        }
+    }
+    let bench = |backend: &str| {
+        let mut command = cargo();
+        command.args([
+            "bench",
+            "--profile",
+            "dev",
+            "-p",
+            "qud-bench",
+            "--bench",
+            "gpu",
+            "--features",
+            &format!("qud-backends/{backend}"),
+        ]);
+        command
+    };
+    let backend = match backend {
+        Some(b) => b,
+        None => {
+            let mut build = bench("cuda");
+            build.arg("--no-run");
+            match run("build of the gpu check with cuda", build) {
+                Ok(()) => "cuda".into(),
+                Err(e) => {
+                    eprintln!(
+                        "xtask: {e}: burn-cuda's build downloads LLVM and needs network access; \
+                         using wgpu (Vulkan) on the same GPU"
+                    );
+                    "wgpu".into()
+                }
+            }
+        }
+    };
+    let mut check = bench(&backend);
+    check.env("QUD_GPU_BACKEND", &backend).envs(settings);
+    run(&format!("gpu check on {backend}"), check)
 }
 
 fn train(args: &[String]) -> Result<()> {

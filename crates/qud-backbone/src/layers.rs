@@ -124,9 +124,7 @@ impl TorchBatchNorm {
         self.running_var.value_sync();
         result.output
     }
-}
 
-impl TorchBatchNorm {
     /// The eval-mode map as `y = x * scale + shift` per channel.
     pub fn scale_shift(&self) -> (Tensor<1>, Tensor<1>) {
         let var = self.running_var.value();

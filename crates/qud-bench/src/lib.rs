@@ -1,6 +1,8 @@
 //! Inputs shared by the benchmarks and their Python references: files under
 //! `target/bench-data/`, written once and reused, so both sides measure the same bytes.
 
+pub mod steps;
+
 use qud_data::{encode_face, pack_records, FaceDataset, ImageEncoding, SyntheticFaces};
 use rand::SeedableRng;
 use rand_distr::Distribution;

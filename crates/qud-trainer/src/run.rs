@@ -4,6 +4,7 @@ use crate::checkpoint::{self, Position};
 use crate::optim::{clip_global_norm, learning_rate, scale_gradients, sgd};
 use crate::parallel;
 use crate::precision::LossScale;
+use crate::progress::Progress;
 use crate::setup::{build_student, build_teacher, eval_sets, open_dataset, Teacher};
 use crate::{io_error, TrainError};
 use burn::module::Module;
@@ -199,10 +200,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
     let mut reported_bad = std::collections::HashSet::new();
     let mut timer = Instant::now();
     let mut since_log = 0usize;
-    let mut progress = Progress::new(
+    let progress = Progress::new(
         position.step,
         config.optim.epochs * steps_per_epoch,
         config.optim.batch_size,
+        "img",
     );
     'epochs: for epoch in start_epoch..config.optim.epochs {
         let first_batch = if epoch == start_epoch {
@@ -314,7 +316,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             losses.push(loss_value);
 
             position = Position::new(config, step + 1, epoch, first_batch + b + 1);
-            progress.step(epoch, step + 1, loss_value);
+            progress.draw(
+                step + 1,
+                "train",
+                &format!("epoch {epoch} loss {loss_value:.4}"),
+            );
             since_log += 1;
             if since_log >= config.run.log_every {
                 let rate = (since_log * batch_len) as f64 / timer.elapsed().as_secs_f64();
@@ -482,56 +488,6 @@ fn shard_step(s: ShardInputs<'_>) -> Result<ShardStep, TrainError> {
         keys,
         similarities,
     })
-}
-
-/// A one-line progress bar (steps, samples/s, ETA) redrawn on stderr when it is a terminal;
-/// otherwise nothing, and the periodic log lines are the progress report.
-struct Progress {
-    enabled: bool,
-    start: Instant,
-    first_step: usize,
-    total: usize,
-    batch: usize,
-}
-
-impl Progress {
-    fn new(first_step: usize, total: usize, batch: usize) -> Self {
-        use std::io::IsTerminal;
-        Self {
-            enabled: std::io::stderr().is_terminal(),
-            start: Instant::now(),
-            first_step,
-            total,
-            batch,
-        }
-    }
-
-    fn step(&mut self, epoch: usize, step: usize, loss: f32) {
-        if !self.enabled {
-            return;
-        }
-        let done = step.saturating_sub(self.first_step).max(1) as f64;
-        let elapsed = self.start.elapsed().as_secs_f64();
-        let rate = done * self.batch as f64 / elapsed.max(1e-9);
-        let eta = (self.total.saturating_sub(step)) as f64 * elapsed / done;
-        let width = 30;
-        let filled = (width * step / self.total.max(1)).min(width);
-        eprint!(
-            "\r\x1b[2K[{}{}] step {step}/{} epoch {epoch} loss {loss:.4} {rate:.1} img/s ETA {}",
-            "#".repeat(filled),
-            "-".repeat(width - filled),
-            self.total,
-            clock(eta)
-        );
-        if step >= self.total {
-            eprintln!();
-        }
-    }
-}
-
-fn clock(seconds: f64) -> String {
-    let s = seconds.round() as u64;
-    format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
 /// Keep `<out>/best.json`: per verification set, the best accuracy so far and its step. Read back

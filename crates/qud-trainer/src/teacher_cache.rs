@@ -307,8 +307,8 @@ impl TeacherCache {
     }
 
     /// Build the cache for `dataset` with `teacher` (eval mode) on `device`, `batch` samples at a
-    /// time, decoding with `workers` threads; logs progress. Writes a temporary file next to
-    /// `path`, then renames it.
+    /// time, decoding with `workers` threads; draws a progress bar on a terminal, logs progress
+    /// every 10 s elsewhere. Writes a temporary file next to `path`, then renames it.
     #[allow(clippy::too_many_arguments)]
     pub fn build<M: FaceEmbedder + ?Sized>(
         path: &Path,
@@ -347,7 +347,7 @@ impl TeacherCache {
         let mut crcs = Vec::with_capacity(blocks);
         let mut block = crc32fast::Hasher::new();
         let mut in_block = 0usize;
-        let started = Instant::now();
+        let progress = crate::progress::Progress::new(0, samples, 1, "samples");
         let mut last_log = Instant::now();
         let batch = batch.max(1);
         for start in (0..samples).step_by(batch) {
@@ -391,14 +391,15 @@ impl TeacherCache {
                     in_block = 0;
                 }
             }
-            let done = (start + plan.len()) as f64;
-            if last_log.elapsed().as_secs_f64() > 10.0 || start + plan.len() == samples {
-                let rate = done / started.elapsed().as_secs_f64();
+            let done = start + plan.len();
+            progress.draw(done, "teacher cache", "");
+            if !progress.is_drawn() && (last_log.elapsed().as_secs_f64() > 10.0 || done == samples)
+            {
+                let (rate, left) = progress.rate_and_eta(done);
                 tracing::info!(
-                    "teacher cache: {:.1}% ({}/{samples} samples, {rate:.1}/s, {:.0} s left)",
-                    100.0 * done / samples as f64,
-                    start + plan.len(),
-                    (samples as f64 - done) / rate.max(1e-9)
+                    "teacher cache: {:.1}% ({done}/{samples} samples, {rate:.1}/s, {} left)",
+                    100.0 * done as f64 / samples as f64,
+                    crate::progress::clock(left)
                 );
                 last_log = Instant::now();
             }

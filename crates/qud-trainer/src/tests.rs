@@ -152,9 +152,14 @@ fn qud_resume_is_bit_exact() {
         embedding_dim: 32,
         dropout: 0.0,
     };
-    let model = qud_models::create("mobilefacenet", &spec, &qud_backend_flex::device()).unwrap();
-    qud_models::load_weights(model, &full.student_weights)
-        .expect("exported student reloads strictly");
+    let device = qud_backend_flex::device();
+    // Under the seeding lock: a lazily initialised parameter drawn here would shift the
+    // generator's stream under another test's seeded section.
+    crate::seeded(&device, 0, || {
+        let model = qud_models::create("mobilefacenet", &spec, &device).unwrap();
+        qud_models::load_weights(model, &full.student_weights)
+            .expect("exported student reloads strictly")
+    });
     let resolved = ConfigLoader::new()
         .without_env()
         .file(out.join("config.toml"))
@@ -541,11 +546,13 @@ fn one_qud_step_matches_pytorch() {
         embedding_dim: 128,
         dropout: 0.0,
     };
-    let backbone = qud_models::load_weights(
-        qud_models::create("mobilefacenet", &spec, &train_device).unwrap(),
-        &here.join("../../models/fixtures/mobilefacenet_d128.pth"),
-    )
-    .unwrap();
+    let backbone = crate::seeded(&device, 0, || {
+        qud_models::load_weights(
+            qud_models::create("mobilefacenet", &spec, &train_device).unwrap(),
+            &here.join("../../models/fixtures/mobilefacenet_d128.pth"),
+        )
+        .unwrap()
+    });
     let student = crate::Student {
         backbone,
         head: None,
@@ -945,16 +952,21 @@ fn low_precision_gradients_point_as_f32() {
     let student = seeded(&device, 3, || {
         initialize_now(build_student(&config, None, &device.clone().autodiff()).unwrap())
     });
-    let x = Tensor::<4>::random(
-        [8, 3, 112, 112],
-        burn::tensor::Distribution::Uniform(-1.0, 1.0),
-        &device,
-    );
-    let target = Tensor::<2>::random(
-        [8, 32],
-        burn::tensor::Distribution::Normal(0.0, 1.0),
-        &device,
-    );
+    // Drawn under the seeding lock: an unlocked draw would shift the stream of another test's
+    // seeded section running meanwhile (Burn's generator is per process).
+    let (x, target) = seeded(&device, 4, || {
+        let x = Tensor::<4>::random(
+            [8, 3, 112, 112],
+            burn::tensor::Distribution::Uniform(-1.0, 1.0),
+            &device,
+        );
+        let target = Tensor::<2>::random(
+            [8, 32],
+            burn::tensor::Distribution::Normal(0.0, 1.0),
+            &device,
+        );
+        (x, target)
+    });
     let grads_of = |dtype: Option<FloatDType>| {
         let f = match dtype {
             None => student.backbone.forward(x.clone().autodiff()),
@@ -999,9 +1011,6 @@ fn low_precision_gradients_point_as_f32() {
 /// QUD steps from the same weights on the same batches give flex's losses.
 #[test]
 fn wgpu_matches_flex() {
-    use crate::setup::{initialize_now, seeded};
-    use qud_backbone::Backbone;
-    use qud_loss::l2_normalize;
     let Ok(name) = std::env::var("QUD_WGPU_DEVICE") else {
         eprintln!("QUD_WGPU_DEVICE unset: wgpu parity not run (cargo xtask test --wgpu)");
         return;
@@ -1016,56 +1025,17 @@ fn wgpu_matches_flex() {
     let dir = tempfile::tempdir().unwrap();
     let mut weights = Vec::new();
     for (i, arch) in ["mobilefacenet", "iresnet18"].into_iter().enumerate() {
-        let model = seeded(&flex, 40 + i as u64, || {
-            initialize_now(qud_models::create(arch, &spec, &flex).unwrap())
-        });
-        let x = seeded(&flex, 50, || {
-            Tensor::<4>::random(
-                [3, 3, 112, 112],
-                burn::tensor::Distribution::Uniform(-1.0, 1.0),
-                &flex,
-            )
-        });
-        let on_flex = model.valid().forward(x.clone());
-        let on_wgpu = model
-            .valid()
-            .to_device(&wgpu)
-            .forward(x.clone().to_device(&wgpu))
-            .to_device(&flex);
-        let scale = on_flex.clone().abs().max().into_scalar::<f32>();
-        let diff = (on_flex - on_wgpu).abs().max().into_scalar::<f32>();
+        let (model, faces) =
+            crate::parity::random_backbone_and_faces(arch, &spec, &flex, 40 + i as u64, 3).unwrap();
+        let parity = crate::parity::compare(&model, &faces, &flex, &wgpu);
         assert!(
-            diff <= 1e-4 * scale,
-            "{arch}: wgpu embeddings differ from flex by {diff} (scale {scale})"
+            parity.embedding_difference <= 1e-4,
+            "{arch}: wgpu embeddings differ from flex: {parity:?}"
         );
         // Train mode: the gradients of one loss on the same weights and faces agree.
-        let gradient = |device: &Device| {
-            let device = device.clone().autodiff();
-            let net = model.valid().to_device(&device).train();
-            let features = l2_normalize(net.forward(x.clone().to_device(&device)));
-            let target = l2_normalize(Tensor::<2>::ones(features.dims(), &device));
-            let grads = (features * target).sum().backward();
-            let grads = GradientsParams::from_grads(grads, &net);
-            struct Flat<'a>(&'a GradientsParams, Vec<f32>);
-            impl burn::module::ModuleVisitor for Flat<'_> {
-                fn visit_float<const D: usize>(&mut self, p: &burn::module::Param<Tensor<D>>) {
-                    if let Some(g) = self.0.get::<D>(p.id) {
-                        self.1.extend(g.into_data().try_into_vec::<f32>().unwrap());
-                    }
-                }
-            }
-            let mut flat = Flat(&grads, Vec::new());
-            net.visit(&mut flat);
-            flat.1
-        };
-        let (a, b) = (gradient(&flex), gradient(&wgpu));
-        assert_eq!(a.len(), b.len(), "{arch}: gradients missing on wgpu");
-        let dot: f64 = a.iter().zip(&b).map(|(p, q)| *p as f64 * *q as f64).sum();
-        let norm = |v: &[f32]| v.iter().map(|p| (*p as f64).powi(2)).sum::<f64>().sqrt();
-        let cosine = dot / (norm(&a) * norm(&b));
         assert!(
-            cosine > 0.9999,
-            "{arch}: gradient cosine {cosine} between wgpu and flex"
+            parity.gradient_cosine > 0.9999,
+            "{arch}: gradients differ between wgpu and flex: {parity:?}"
         );
         let path = dir.path().join(format!("{arch}.safetensors"));
         qud_models::save_safetensors(&model, &path).unwrap();

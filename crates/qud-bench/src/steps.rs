@@ -1,0 +1,110 @@
+//! Timed training steps on any device, as the trainer computes them: the `train` benchmark (CPU,
+//! next to PyTorch) and `cargo xtask gpu-check` (one GPU) measure the same code.
+
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use qud_backbone::Backbone;
+use std::time::Instant;
+
+/// Warm-up steps (untimed: first-use allocation, GPU kernel compilation and autotuning) and timed
+/// steps of one measurement.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub warmup: usize,
+    pub steps: usize,
+}
+
+/// Samples/s of a MobileFaceNet train step at `batch` on `device`: forward in train mode, a loss
+/// on the normalised embedding, backward, global-norm clipping and SGD.
+pub fn student_step(device: &Device, batch: usize, timing: Timing) -> f64 {
+    let train_device = device.clone().autodiff();
+    let spec = qud_models::BackboneSpec::default();
+    // An Option so that each step can move the student through the optimizer.
+    let mut student = Some(qud_trainer::Student {
+        backbone: qud_models::create("mobilefacenet", &spec, &train_device).expect("student"),
+        head: None,
+    });
+    let mut optim = qud_trainer::optim::sgd(&qud_config::OptimConfig::default());
+    let x = Tensor::<4>::from_data(
+        TensorData::new(crate::random_faces(batch), [batch, 3, 112, 112]),
+        &train_device,
+    );
+    let target = qud_loss::l2_normalize(Tensor::<2>::ones([batch, 512], &train_device));
+    timed(device, batch, timing, || {
+        let net = student.take().expect("the student");
+        let features = qud_loss::l2_normalize(net.backbone.forward(x.clone()));
+        let loss = (features * target.clone()).sum().neg();
+        let grads = GradientsParams::from_grads(loss.backward(), &net);
+        let (grads, _) = qud_trainer::optim::clip_global_norm(&net, grads, 5.0);
+        student = Some(optim.step(0.1 * batch as f64 / 512.0, net, grads));
+    })
+}
+
+/// Samples/s of a QUD step at `batch` on `device`: MobileFaceNet student, `teacher_arch` (the
+/// paper's iresnet50) in eval mode with BatchNorm folded (as the trainer runs it), queue of 1,024, InfoNCE at tau 0.1,
+/// global-norm clipping, SGD. With `cached`, the teacher's keys come from host memory each step,
+/// as they do from the teacher-feature cache, instead of from the teacher's forward pass.
+pub fn qud_step(
+    device: &Device,
+    teacher_arch: &str,
+    batch: usize,
+    cached: bool,
+    timing: Timing,
+) -> f64 {
+    let train_device = device.clone().autodiff();
+    let spec = qud_models::BackboneSpec::default();
+    let mut teacher = qud_models::create(teacher_arch, &spec, device)
+        .expect("teacher")
+        .valid();
+    teacher.fold_batchnorm();
+    // An Option so that each step can move the student through the optimizer.
+    let mut student = Some(qud_trainer::Student {
+        backbone: qud_models::create("mobilefacenet", &spec, &train_device).expect("student"),
+        head: None,
+    });
+    let mut optim = qud_trainer::optim::sgd(&qud_config::OptimConfig::default());
+    let mut queue = qud_queue::FeatureQueue::new(1024, 512, qud_queue::QueueKind::Fifo, 0, device);
+    let x = Tensor::<4>::from_data(
+        TensorData::new(crate::random_faces(batch), [batch, 3, 112, 112]),
+        device,
+    );
+    let cached_keys: Vec<f32> = qud_loss::l2_normalize(teacher.forward(x.clone()))
+        .into_data()
+        .try_into_vec::<f32>()
+        .expect("f32 keys");
+    timed(device, batch, timing, || {
+        let k = if cached {
+            Tensor::<2>::from_data(TensorData::new(cached_keys.clone(), [batch, 512]), device)
+        } else {
+            qud_loss::l2_normalize(teacher.forward(x.clone()))
+        };
+        let net = student.take().expect("the student");
+        let features = net.backbone.forward(x.clone().autodiff());
+        let out = qud_loss::info_nce(
+            qud_loss::l2_normalize(features),
+            k.clone(),
+            queue.negatives(),
+            0.1,
+        );
+        queue.enqueue(k).expect("finite keys");
+        let grads = GradientsParams::from_grads(out.loss.backward(), &net);
+        let (grads, _) = qud_trainer::optim::clip_global_norm(&net, grads, 5.0);
+        student = Some(optim.step(0.1 * batch as f64 / 512.0, net, grads));
+    })
+}
+
+/// `batch * steps / seconds` over the timed steps of `step`, waiting for `device` to finish
+/// each step's work (GPU backends queue it).
+fn timed(device: &Device, batch: usize, timing: Timing, mut step: impl FnMut()) -> f64 {
+    let mut seconds = 0.0;
+    for i in 0..timing.warmup + timing.steps {
+        let start = Instant::now();
+        step();
+        device.sync().expect("device work finishes");
+        if i >= timing.warmup {
+            seconds += start.elapsed().as_secs_f64();
+        }
+    }
+    (timing.steps * batch) as f64 / seconds
+}
