@@ -186,18 +186,8 @@ fn gpu_check(args: &[String]) -> Result<()> {
         }
     }
     let bench = |backend: &str| {
-        let mut command = cargo();
-        command.args([
-            "bench",
-            "--profile",
-            "dev",
-            "-p",
-            "qud-bench",
-            "--bench",
-            "gpu",
-            "--features",
-            &format!("qud-backends/{backend}"),
-        ]);
+        let mut command = bench_command("gpu");
+        command.args(["--features", &format!("qud-backends/{backend}")]);
         command
     };
     let backend = match backend {
@@ -327,18 +317,7 @@ fn bench(args: &[String]) -> Result<()> {
     if !["backbones", "data", "eval", "cache", "train", "ijb"].contains(&name) {
         bail!("unknown benchmark `{name}`: backbones, data, eval, cache, train or ijb");
     }
-    // The dev profile builds dependencies at opt-level 3 (Cargo.toml) and shares them with the
-    // tests, so a benchmark costs no second build of Burn.
-    let mut bench = cargo();
-    bench.args([
-        "bench",
-        "--profile",
-        "dev",
-        "-p",
-        "qud-bench",
-        "--bench",
-        name,
-    ]);
+    let bench = bench_command(name);
     if ["cache", "train", "ijb"].contains(&name) {
         // Whole epochs or steps, timed by the benchmark itself, which runs its PyTorch
         // reference (train) and prints its own table.
@@ -416,6 +395,23 @@ fn bench(args: &[String]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `cargo bench` of `qud-bench`'s benchmark `name`. The dev profile builds dependencies at
+/// opt-level 3 (Cargo.toml) and shares them with the tests, so a benchmark costs no second build
+/// of Burn.
+fn bench_command(name: &str) -> Command {
+    let mut bench = cargo();
+    bench.args([
+        "bench",
+        "--profile",
+        "dev",
+        "-p",
+        "qud-bench",
+        "--bench",
+        name,
+    ]);
+    bench
 }
 
 fn print_row(id: &str, rate: f64, reference: Option<f64>) {

@@ -177,26 +177,12 @@ fn pytorch(teacher: &str, batch: usize, cached: bool, timing: Timing) -> Result<
             "no PyTorch reference: {python} has no torch with a CUDA device"
         ));
     }
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/train.py");
-    let mut command = std::process::Command::new(&python);
-    command
-        .arg(&script)
-        .args(["1", "qud", &batch.to_string(), "cuda"])
-        .args(cached.then_some("cached"))
-        .args([timing.warmup.to_string(), timing.steps.to_string()]);
-    let out = command
-        .output()
-        .map_err(|e| format!("PyTorch reference: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "PyTorch reference failed: {}",
-            err.lines().last().unwrap_or("")
-        ));
+    let mut args: Vec<String> = ["1", "qud", &batch.to_string(), "cuda"]
+        .map(String::from)
+        .into();
+    if cached {
+        args.push("cached".into());
     }
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .next()
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| format!("PyTorch reference: unreadable output {text:?}"))
+    args.extend([timing.warmup.to_string(), timing.steps.to_string()]);
+    qud_bench::steps::pytorch_reference(&args).map(|(rate, _)| rate)
 }

@@ -22,29 +22,12 @@ fn peak_rss_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Samples/s of `python/train.py` with `args` after the thread count, or why there is none.
+/// Samples/s and peak RSS of `python/train.py` with `args` after the thread count.
 fn pytorch(threads: usize, args: &[&str]) -> Result<(f64, f64), String> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/train.py");
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(&python)
-        .arg(&script)
-        .arg(threads.to_string())
-        .args(args)
-        .output()
-        .map_err(|e| format!("no PyTorch reference: {python}: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "PyTorch reference failed: {}",
-            err.lines().last().unwrap_or("")
-        ));
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let mut fields = text.split_whitespace().map(|v| v.parse::<f64>().ok());
-    match (fields.next().flatten(), fields.next().flatten()) {
-        (Some(rate), Some(peak)) => Ok((rate, peak)),
-        _ => Err(format!("PyTorch reference: unreadable output {text:?}")),
-    }
+    let args: Vec<String> = std::iter::once(threads.to_string())
+        .chain(args.iter().map(|a| a.to_string()))
+        .collect();
+    qud_bench::steps::pytorch_reference(&args)
 }
 
 fn main() {
