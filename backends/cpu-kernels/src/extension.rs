@@ -4,7 +4,7 @@
 
 use crate::{
     depthwise_conv2d_host, depthwise_conv2d_input_grad_host, depthwise_conv2d_weight_grad_host,
-    Depthwise,
+    prelu_alpha_grad_host, prelu_host, prelu_input_grad_host, Depthwise,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -80,7 +80,7 @@ fn values(tensor: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
-fn flex_tensor(values: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
+fn flex_tensor(values: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
     Flex::float_from_data(TensorData::new(values, shape), &FlexDevice)
 }
 
@@ -236,6 +236,128 @@ impl<B: Backend + DepthwiseBackend, C: CheckpointStrategy> DepthwiseBackend for 
             kernel,
             stride,
             padding,
+        ))
+    }
+}
+
+/// PReLU with one slope per channel: `x` `[N, C, ...]`, `alpha` `[C]`.
+#[backend_extension(Flex, Autodiff)]
+pub trait PreluBackend: Backend {
+    fn prelu_channels(x: FloatTensor<Self>, alpha: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The gradient of `x`, shaped as `x`.
+    fn prelu_channels_input_grad(
+        x: FloatTensor<Self>,
+        alpha: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// The gradient of `alpha`, `[C]`.
+    fn prelu_channels_alpha_grad(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+/// `(channels, plane)` of a `[N, C, ...]` shape: the plane is everything after dimension 1.
+fn channels_and_plane(shape: &burn::tensor::Shape) -> (usize, usize) {
+    let dims: &[usize] = shape.as_ref();
+    (dims[1], dims[2..].iter().product())
+}
+
+impl PreluBackend for Flex {
+    fn prelu_channels(x: FlexTensor, alpha: FlexTensor) -> FlexTensor {
+        let shape = x.shape();
+        let (_, plane) = channels_and_plane(&shape);
+        flex_tensor(prelu_host(&values(&x), &values(&alpha), plane), shape)
+    }
+
+    fn prelu_channels_input_grad(x: FlexTensor, alpha: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        let shape = x.shape();
+        let (_, plane) = channels_and_plane(&shape);
+        let out = prelu_input_grad_host(&values(&x), &values(&alpha), &values(&grad), plane);
+        flex_tensor(out, shape)
+    }
+
+    fn prelu_channels_alpha_grad(x: FlexTensor, grad: FlexTensor) -> FlexTensor {
+        let (channels, plane) = channels_and_plane(&x.shape());
+        let out = prelu_alpha_grad_host(&values(&x), &values(&grad), channels, plane);
+        flex_tensor(out, [channels])
+    }
+}
+
+/// The backward step of [`PreluBackend::prelu_channels`] on the inner backend.
+#[derive(Debug)]
+struct PreluBackward;
+
+impl<B: Backend + PreluBackend> Backward<B, 2> for PreluBackward {
+    /// Input and slope checkpoints.
+    type State = (NodeId, NodeId);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_alpha] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_state, alpha_state) = ops.state;
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+        let alpha = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(alpha_state);
+        if let Some(node) = node_alpha {
+            let da = B::prelu_channels_alpha_grad(x.clone(), grad.clone());
+            grads.register::<B>(node.id, da);
+        }
+        if let Some(node) = node_x {
+            let dx = B::prelu_channels_input_grad(x, alpha, grad);
+            grads.register::<B>(node.id, dx);
+        }
+    }
+}
+
+impl<B: Backend + PreluBackend, C: CheckpointStrategy> PreluBackend for Autodiff<B, C> {
+    fn prelu_channels(x: FloatTensor<Self>, alpha: FloatTensor<Self>) -> FloatTensor<Self> {
+        match PreluBackward
+            .prepare::<C>([x.node(), alpha.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let alpha_state = prep.checkpoint(&alpha);
+                prep.finish(
+                    (x_state, alpha_state),
+                    B::prelu_channels(x.into_primitive(), alpha.into_primitive()),
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::prelu_channels(
+                x.into_primitive(),
+                alpha.into_primitive(),
+            )),
+        }
+    }
+
+    // As for the depthwise gradients: computed on the inner backend, constants in the graph.
+    fn prelu_channels_input_grad(
+        x: FloatTensor<Self>,
+        alpha: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::prelu_channels_input_grad(
+            Self::inner(x),
+            Self::inner(alpha),
+            Self::inner(grad),
+        ))
+    }
+
+    fn prelu_channels_alpha_grad(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::prelu_channels_alpha_grad(
+            Self::inner(x),
+            Self::inner(grad),
         ))
     }
 }

@@ -7,8 +7,10 @@
 //! filters (9 multiply-accumulates per output) costs far more than the arithmetic.
 
 mod extension;
+mod prelu;
 
-pub use extension::DepthwiseBackend;
+pub use extension::{DepthwiseBackend, PreluBackend};
+pub use prelu::{prelu_alpha_grad_host, prelu_host, prelu_input_grad_host};
 
 use burn::backend::Dispatch;
 use burn::nn::conv::Conv2d;
@@ -259,6 +261,20 @@ fn is_host_cpu(device: &Device) -> bool {
 }
 
 /// The flex backend, with or without autodiff: the one [`DepthwiseBackend`] serves.
+/// `burn::tensor::activation::prelu` with one slope per channel (`alpha` `[C]`, `x` `[N, C, ...]`):
+/// on flex in f32, autodiff or not, the host kernels of [`PreluBackend`]; Burn's otherwise.
+pub fn prelu<const D: usize>(x: Tensor<D>, alpha: Tensor<1>) -> Tensor<D> {
+    let f32 = burn::tensor::DType::F32;
+    let channels_match = D >= 2 && alpha.dims()[0] == x.dims()[1];
+    if !(channels_match && x.dtype() == f32 && alpha.dtype() == f32 && is_flex(&x.device())) {
+        return burn::tensor::activation::prelu(x, alpha);
+    }
+    Tensor::from_dispatch(<Dispatch as PreluBackend>::prelu_channels(
+        x.into_dispatch(),
+        alpha.into_dispatch(),
+    ))
+}
+
 fn is_flex(device: &Device) -> bool {
     format!("{:?}", device.clone().without_autodiff().as_dispatch()).starts_with("Flex")
 }

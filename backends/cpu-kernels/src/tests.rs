@@ -185,3 +185,70 @@ proptest! {
         }
     }
 }
+
+/// The output and the gradients of the input and the slopes of PReLU on `dims` (channels on
+/// dimension 1), through [`prelu`] (the extension on flex under autodiff) or Burn's.
+fn prelu_gradients<const D: usize>(dims: [usize; D], seed: u64, extension: bool) -> Vec<Vec<f32>> {
+    let device = qud_backend_flex::device().autodiff();
+    let len = dims.iter().product();
+    let x = Tensor::<1>::from_data(TensorData::new(values(seed, len), [len]), &device)
+        .reshape(dims)
+        .require_grad();
+    let channels = dims[1];
+    let alpha = Tensor::<1>::from_data(
+        TensorData::new(values(seed + 1, channels), [channels]),
+        &device,
+    )
+    .require_grad();
+    let y = if extension {
+        prelu(x.clone(), alpha.clone())
+    } else {
+        burn::tensor::activation::prelu(x.clone(), alpha.clone())
+    };
+    let upstream = Tensor::<1>::from_data(TensorData::new(values(seed + 2, len), [len]), &device)
+        .reshape(dims);
+    let grads = (y.clone() * upstream).sum().backward();
+    let flat = |t: Tensor<D>| t.into_data().try_into_vec::<f32>().unwrap();
+    vec![
+        flat(y),
+        x.grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap(),
+        alpha
+            .grad(&grads)
+            .unwrap()
+            .into_data()
+            .try_into_vec::<f32>()
+            .unwrap(),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn prelu_matches_burn(
+        batch in 1usize..4,
+        channels in 1usize..9,
+        height in 1usize..12,
+        width in 1usize..12,
+        flat in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let (ours, burn) = if flat {
+            (prelu_gradients([batch, channels], seed, true), prelu_gradients([batch, channels], seed, false))
+        } else {
+            let dims = [batch, channels, height, width];
+            (prelu_gradients(dims, seed, true), prelu_gradients(dims, seed, false))
+        };
+        for (what, (a, b)) in ["output", "input grad", "slope grad"].iter().zip(ours.iter().zip(&burn)) {
+            prop_assert_eq!(a.len(), b.len());
+            let diff = max_relative_difference(a, b);
+            // The slope gradient sums over the batch and the plane in another order than Burn.
+            let tolerance = if *what == "slope grad" { 1e-5 } else { 0.0 };
+            prop_assert!(diff <= tolerance, "{batch}x{channels}x{height}x{width} flat {flat}: {what} max relative difference {diff}");
+        }
+    }
+}

@@ -220,9 +220,10 @@ impl TorchPRelu {
         }
     }
 
-    /// Channels on dimension 1.
+    /// Channels on dimension 1. On flex, one pass over the activation forward and backward
+    /// (`qud_cpu_kernels::prelu`); Burn's PReLU elsewhere.
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        burn::tensor::activation::prelu(input, self.weight.val())
+        qud_cpu_kernels::prelu(input, self.weight.val())
     }
 }
 
