@@ -1,4 +1,7 @@
-//! Hand-written CPU kernels for inference, each with Burn's generic path as the fallback.
+//! Hand-written CPU kernels, forward and backward, each with Burn's generic path as the fallback.
+//!
+//! [`prelu`] is a drop-in for `burn::tensor::activation::prelu` with one slope per channel: on
+//! flex its output and both gradients take one pass each over the activation (`prelu.rs`).
 //!
 //! [`conv2d`] is a drop-in for `Conv2d::forward`: a depthwise convolution (one filter per channel)
 //! on a host CPU device outside autodiff runs [`depthwise_conv2d_host`], a direct loop over each
