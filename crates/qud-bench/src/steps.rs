@@ -42,8 +42,8 @@ pub fn student_step(device: &Device, batch: usize, timing: Timing) -> f64 {
 }
 
 /// Samples/s of a QUD step at `batch` on `device`: MobileFaceNet student, `teacher_arch` (the
-/// paper's iresnet50) in eval mode with BatchNorm folded (as the trainer runs it), queue of 1,024, InfoNCE at tau 0.1,
-/// global-norm clipping, SGD. With `cached`, the teacher's keys come from host memory each step,
+/// paper's iresnet50) in eval mode with BatchNorm folded (as the trainer runs it), queue of
+/// 1,024, InfoNCE at tau 0.1, global-norm clipping, SGD. With `cached`, the teacher's keys come from host memory each step,
 /// as they do from the teacher-feature cache, instead of from the teacher's forward pass.
 pub fn qud_step(
     device: &Device,

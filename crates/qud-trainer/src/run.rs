@@ -316,11 +316,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             losses.push(loss_value);
 
             position = Position::new(config, step + 1, epoch, first_batch + b + 1);
-            progress.draw(
-                step + 1,
-                "train",
-                &format!("epoch {epoch} loss {loss_value:.4}"),
-            );
+            if progress.is_drawn() {
+                let detail = format!("epoch {epoch} loss {loss_value:.4}");
+                progress.draw(step + 1, "train", &detail);
+            }
             since_log += 1;
             if since_log >= config.run.log_every {
                 let rate = (since_log * batch_len) as f64 / timer.elapsed().as_secs_f64();
