@@ -3,8 +3,9 @@
 //! gradient kernels, so that training uses them as well as inference.
 
 use crate::{
+    dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host,
     depthwise_conv2d_host, depthwise_conv2d_input_grad_host, depthwise_conv2d_weight_grad_host,
-    prelu_alpha_grad_host, prelu_host, prelu_input_grad_host, Depthwise,
+    prelu_alpha_grad_host, prelu_host, prelu_input_grad_host, Dense, Depthwise,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -358,6 +359,208 @@ impl<B: Backend + PreluBackend, C: CheckpointStrategy> PreluBackend for Autodiff
         Self::from_inner(B::prelu_channels_alpha_grad(
             Self::inner(x),
             Self::inner(grad),
+        ))
+    }
+}
+
+/// Dense convolution (groups = 1) without bias: `x` `[N, C, H, W]`, `weight` `[O, C, k, k]`,
+/// square kernel, equal stride and zero padding on both axes.
+#[backend_extension(Flex, Autodiff)]
+pub trait DenseConvBackend: Backend {
+    fn dense_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+
+    /// `[N, C, H, W]` from the output gradient `[N, O, OH, OW]`.
+    fn dense_conv2d_input_grad(
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        height: usize,
+        width: usize,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+
+    /// `[O, C, k, k]` from the input and the output gradient.
+    fn dense_conv2d_weight_grad(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self>;
+}
+
+fn dense_geometry(
+    x: [usize; 4],
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Dense {
+    let [batch, in_channels, height, width] = x;
+    Dense {
+        batch,
+        in_channels,
+        out_channels,
+        height,
+        width,
+        kernel,
+        stride,
+        padding,
+    }
+}
+
+impl DenseConvBackend for Flex {
+    fn dense_conv2d(
+        x: FlexTensor,
+        weight: FlexTensor,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let [out_channels, _, kernel, _] = dims4(&weight.shape());
+        let shape = dense_geometry(dims4(&x.shape()), out_channels, kernel, stride, padding);
+        let out = dense_conv2d_host(&shape, &values(&x), &values(&weight));
+        let (oh, ow) = shape.output_size();
+        flex_tensor(out, [shape.batch, out_channels, oh, ow])
+    }
+
+    fn dense_conv2d_input_grad(
+        grad: FlexTensor,
+        weight: FlexTensor,
+        height: usize,
+        width: usize,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let [batch, _, _, _] = dims4(&grad.shape());
+        let [out_channels, in_channels, kernel, _] = dims4(&weight.shape());
+        let shape = dense_geometry(
+            [batch, in_channels, height, width],
+            out_channels,
+            kernel,
+            stride,
+            padding,
+        );
+        let out = dense_conv2d_input_grad_host(&shape, &values(&grad), &values(&weight));
+        flex_tensor(out, [batch, in_channels, height, width])
+    }
+
+    fn dense_conv2d_weight_grad(
+        x: FlexTensor,
+        grad: FlexTensor,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> FlexTensor {
+        let out_channels = dims4(&grad.shape())[1];
+        let shape = dense_geometry(dims4(&x.shape()), out_channels, kernel, stride, padding);
+        let out = dense_conv2d_weight_grad_host(&shape, &values(&x), &values(&grad));
+        flex_tensor(out, [out_channels, shape.in_channels, kernel, kernel])
+    }
+}
+
+/// The backward step of [`DenseConvBackend::dense_conv2d`] on the inner backend.
+#[derive(Debug)]
+struct DenseConvBackward;
+
+impl<B: Backend + DenseConvBackend> Backward<B, 2> for DenseConvBackward {
+    /// Input and weight checkpoints, then `[height, width, kernel, stride, padding]`.
+    type State = (NodeId, NodeId, [usize; 5]);
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 2>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_weight] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_state, weight_state, [height, width, kernel, stride, padding]) = ops.state;
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+        let weight = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(weight_state);
+        if let Some(node) = node_x {
+            let dx =
+                B::dense_conv2d_input_grad(grad.clone(), weight, height, width, stride, padding);
+            grads.register::<B>(node.id, dx);
+        }
+        if let Some(node) = node_weight {
+            let dw = B::dense_conv2d_weight_grad(x, grad, kernel, stride, padding);
+            grads.register::<B>(node.id, dw);
+        }
+    }
+}
+
+impl<B: Backend + DenseConvBackend, C: CheckpointStrategy> DenseConvBackend for Autodiff<B, C> {
+    fn dense_conv2d(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        let [_, _, height, width] = dims4(&x.primitive().shape());
+        let kernel = dims4(&weight.primitive().shape())[2];
+        match DenseConvBackward
+            .prepare::<C>([x.node(), weight.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let x_state = prep.checkpoint(&x);
+                let weight_state = prep.checkpoint(&weight);
+                prep.finish(
+                    (
+                        x_state,
+                        weight_state,
+                        [height, width, kernel, stride, padding],
+                    ),
+                    B::dense_conv2d(x.into_primitive(), weight.into_primitive(), stride, padding),
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::dense_conv2d(
+                x.into_primitive(),
+                weight.into_primitive(),
+                stride,
+                padding,
+            )),
+        }
+    }
+
+    // As for the depthwise gradients: computed on the inner backend, constants in the graph.
+    fn dense_conv2d_input_grad(
+        grad: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        height: usize,
+        width: usize,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::dense_conv2d_input_grad(
+            Self::inner(grad),
+            Self::inner(weight),
+            height,
+            width,
+            stride,
+            padding,
+        ))
+    }
+
+    fn dense_conv2d_weight_grad(
+        x: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::dense_conv2d_weight_grad(
+            Self::inner(x),
+            Self::inner(grad),
+            kernel,
+            stride,
+            padding,
         ))
     }
 }

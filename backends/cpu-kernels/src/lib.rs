@@ -3,16 +3,22 @@
 //! [`prelu`] is a drop-in for `burn::tensor::activation::prelu` with one slope per channel: on
 //! flex its output and both gradients take one pass each over the activation (`prelu.rs`).
 //!
-//! [`conv2d`] is a drop-in for `Conv2d::forward`: a depthwise convolution (one filter per channel)
-//! on a host CPU device outside autodiff runs [`depthwise_conv2d_host`], a direct loop over each
-//! channel's plane, split over the rayon threads; every other case calls Burn. Burn's flex backend
-//! lowers a grouped convolution to one small matrix product per group, which for depthwise
-//! filters (9 multiply-accumulates per output) costs far more than the arithmetic.
+//! [`conv2d`] is a drop-in for `Conv2d::forward`. A depthwise convolution (one filter per channel)
+//! on a host CPU device runs [`depthwise_conv2d_host`], a direct loop over each channel's plane,
+//! split over the rayon threads: Burn's flex backend lowers a grouped convolution to one small
+//! matrix product per group, which for depthwise filters (9 multiply-accumulates per output)
+//! costs far more than the arithmetic. A dense one (groups = 1) on flex runs
+//! [`dense_conv2d_host`], im2col and one large GEMM per chunk of images (`dense.rs` says why).
+//! Both have their own backward on flex under autodiff. Every other case calls Burn.
 
+pub(crate) mod dense;
 mod extension;
 mod prelu;
 
-pub use extension::{DepthwiseBackend, PreluBackend};
+pub use dense::{
+    dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host, Dense,
+};
+pub use extension::{DenseConvBackend, DepthwiseBackend, PreluBackend};
 pub use prelu::{prelu_alpha_grad_host, prelu_host, prelu_input_grad_host};
 
 use burn::backend::Dispatch;
@@ -282,19 +288,24 @@ fn is_flex(device: &Device) -> bool {
     format!("{:?}", device.clone().without_autodiff().as_dispatch()).starts_with("Flex")
 }
 
+/// The zero padding of `conv` when it is the same on all four sides.
+fn symmetric_padding(conv: &Conv2d) -> Option<usize> {
+    match conv.padding {
+        PaddingConfig2d::Explicit(top, left, bottom, right)
+            if top == left && top == bottom && top == right =>
+        {
+            Some(top)
+        }
+        PaddingConfig2d::Valid => Some(0),
+        _ => None,
+    }
+}
+
 /// The depthwise parameters of `conv` on `input`, when the host kernel applies to it.
 fn depthwise_shape(conv: &Conv2d, input: &Tensor<4>) -> Option<Depthwise> {
     let [batch, channels, height, width] = input.dims();
     let [out, per_group, kh, kw] = conv.weight.dims();
-    let padding = match conv.padding {
-        PaddingConfig2d::Explicit(top, left, bottom, right)
-            if top == left && top == bottom && top == right =>
-        {
-            top
-        }
-        PaddingConfig2d::Valid => 0,
-        _ => return None,
-    };
+    let padding = symmetric_padding(conv)?;
     let applies = conv.groups == channels
         && out == channels
         && per_group == 1
@@ -314,14 +325,54 @@ fn depthwise_shape(conv: &Conv2d, input: &Tensor<4>) -> Option<Depthwise> {
     })
 }
 
-/// `conv.forward(input)`, through the host kernels when `conv` is depthwise and `input` is f32:
-/// on flex as a backend extension (inference and training: the backward pass is host kernels
-/// too), on the other host CPU backends outside autodiff by reading the data out; through Burn
-/// otherwise (GPUs, f16 / bf16, other shapes).
+/// The dense parameters of `conv` on `input`, when the host kernel applies to it.
+fn dense_shape(conv: &Conv2d, input: &Tensor<4>) -> Option<Dense> {
+    let [batch, in_channels, height, width] = input.dims();
+    let [out_channels, per_group, kh, kw] = conv.weight.dims();
+    let padding = symmetric_padding(conv)?;
+    let applies = conv.groups == 1
+        && per_group == in_channels
+        && kh == kw
+        && conv.stride[0] == conv.stride[1]
+        && conv.dilation == [1, 1]
+        && height + 2 * padding >= kh
+        && width + 2 * padding >= kw;
+    applies.then_some(Dense {
+        batch,
+        in_channels,
+        out_channels,
+        height,
+        width,
+        kernel: kh,
+        stride: conv.stride[0],
+        padding,
+    })
+}
+
+/// `conv.forward(input)`, through the host kernels when `input` is f32 and `conv` is depthwise
+/// or dense (groups = 1): on flex as a backend extension (inference and training: the backward
+/// pass is host kernels too); for depthwise also on the other host CPU backends outside autodiff
+/// by reading the data out; through Burn otherwise (GPUs, f16 / bf16, other shapes).
 pub fn conv2d(conv: &Conv2d, input: Tensor<4>) -> Tensor<4> {
     let device = input.device();
+    let f32 = input.dtype() == burn::tensor::DType::F32;
+    if f32 && is_flex(&device) {
+        if let Some(shape) = dense_shape(conv, &input) {
+            let out = <Dispatch as DenseConvBackend>::dense_conv2d(
+                input.into_dispatch(),
+                conv.weight.val().into_dispatch(),
+                shape.stride,
+                shape.padding,
+            );
+            let out = Tensor::<4>::from_dispatch(out);
+            return match &conv.bias {
+                Some(bias) => out + bias.val().reshape([1, shape.out_channels, 1, 1]),
+                None => out,
+            };
+        }
+    }
     let shape = match depthwise_shape(conv, &input) {
-        Some(shape) if input.dtype() == burn::tensor::DType::F32 => shape,
+        Some(shape) if f32 => shape,
         _ => return conv.forward(input),
     };
     if is_flex(&device) {

@@ -252,3 +252,174 @@ proptest! {
         }
     }
 }
+
+/// The output and the gradients of the input, the weight and the bias of a dense convolution,
+/// through `conv2d` (the extension on flex under autodiff) or through Burn's convolution.
+fn dense_gradients(shape: &Dense, bias: bool, seed: u64, extension: bool) -> Vec<Vec<f32>> {
+    use burn::module::Param;
+    let device = qud_backend_flex::device().autodiff();
+    let Dense {
+        batch: n,
+        in_channels: c,
+        out_channels: o,
+        height: h,
+        width: w,
+        kernel: k,
+        stride,
+        padding,
+    } = *shape;
+    let tensor = |seed: u64, len: usize| {
+        Tensor::<1>::from_data(TensorData::new(values(seed, len), [len]), &device)
+    };
+    let mut conv = Conv2dConfig::new([c, o], [k, k])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(
+            padding, padding, padding, padding,
+        ))
+        .with_bias(bias)
+        .init(&device);
+    conv.weight = Param::from_tensor(tensor(seed, o * c * k * k).reshape([o, c, k, k]));
+    if bias {
+        conv.bias = Some(Param::from_tensor(tensor(seed + 1, o)));
+    }
+    let x = tensor(seed + 2, n * c * h * w)
+        .reshape([n, c, h, w])
+        .detach()
+        .require_grad();
+    let y = if extension {
+        assert_eq!(dense_shape(&conv, &x), Some(*shape));
+        conv2d(&conv, x.clone())
+    } else {
+        conv.forward(x.clone())
+    };
+    let upstream = tensor(seed + 3, y.dims().iter().product()).reshape(y.dims());
+    let grads = (y.clone() * upstream).sum().backward();
+    let flat = |t: Tensor<4>| t.into_data().try_into_vec::<f32>().unwrap();
+    let mut out = vec![
+        flat(y.without_autodiff()),
+        flat(x.grad(&grads).expect("input gradient")),
+        flat(conv.weight.grad(&grads).expect("weight gradient")),
+    ];
+    if let Some(b) = &conv.bias {
+        let grad = b.grad(&grads).expect("bias gradient");
+        out.push(grad.into_data().try_into_vec::<f32>().unwrap());
+    }
+    out
+}
+
+fn assert_dense_matches_burn(shape: &Dense, bias: bool, seed: u64) -> Result<(), String> {
+    let ours = dense_gradients(shape, bias, seed, true);
+    let burn = dense_gradients(shape, bias, seed, false);
+    for (what, (a, b)) in ["output", "input grad", "weight grad", "bias grad"]
+        .iter()
+        .zip(ours.iter().zip(&burn))
+    {
+        if a.len() != b.len() {
+            return Err(format!(
+                "{shape:?}: {what} has {} values, Burn {}",
+                a.len(),
+                b.len()
+            ));
+        }
+        // Sums over channels, taps, the batch and the plane, in another order than Burn's.
+        let diff = max_relative_difference(a, b);
+        if diff >= 1e-5 {
+            return Err(format!(
+                "{shape:?} bias {bias}: {what} max relative difference {diff}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(40))]
+
+    /// Small planes: several images share one product (the regrouping paths).
+    #[test]
+    fn dense_convolution_matches_burn(
+        batch in 1usize..6,
+        in_channels in 1usize..6,
+        out_channels in 1usize..6,
+        height in 1usize..10,
+        width in 1usize..10,
+        kernel in prop_oneof![Just(1usize), Just(3), Just(5)],
+        stride in 1usize..3,
+        padding in 0usize..3,
+        bias in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        prop_assume!(padding < kernel && height + 2 * padding >= kernel && width + 2 * padding >= kernel);
+        let shape = Dense { batch, in_channels, out_channels, height, width, kernel, stride, padding };
+        prop_assert!(assert_dense_matches_burn(&shape, bias, seed).is_ok(), "{:?}", assert_dense_matches_burn(&shape, bias, seed));
+    }
+}
+
+/// Planes of more than 1,024 outputs: one image a product, the 1 x 1 case without a column
+/// matrix, batches split over the threads, and Winograd on a large plane.
+#[test]
+fn dense_convolution_on_large_planes_matches_burn() {
+    for (kernel, stride, padding) in [(1, 1, 0), (3, 1, 1), (3, 2, 1), (1, 2, 0)] {
+        let shape = Dense {
+            batch: 3,
+            in_channels: 5,
+            out_channels: 7,
+            height: 66,
+            width: 70,
+            kernel,
+            stride,
+            padding,
+        };
+        assert_dense_matches_burn(&shape, kernel == 3, 7).unwrap();
+    }
+    // Winograd with more than 512 tiles an image (odd sides: a half-filled last tile).
+    let shape = Dense {
+        batch: 3,
+        in_channels: 16,
+        out_channels: 17,
+        height: 47,
+        width: 49,
+        kernel: 3,
+        stride: 1,
+        padding: 1,
+    };
+    assert!(dense::winograd_applies(&shape));
+    assert_dense_matches_burn(&shape, true, 11).unwrap();
+}
+
+#[test]
+fn grouped_convolutions_are_not_dense() {
+    let device = qud_backend_flex::device();
+    let x = Tensor::<4>::zeros([1, 4, 6, 6], &device);
+    let grouped = Conv2dConfig::new([4, 4], [3, 3])
+        .with_groups(2)
+        .init(&device);
+    assert_eq!(dense_shape(&grouped, &x), None);
+    let depthwise = Conv2dConfig::new([4, 4], [3, 3])
+        .with_groups(4)
+        .init(&device);
+    assert_eq!(dense_shape(&depthwise, &x), None);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(16))]
+
+    /// 3 x 3 stride 1 with 16 channels or more: the Winograd forward, odd and even sizes, inside
+    /// and padded borders.
+    #[test]
+    fn winograd_convolution_matches_burn(
+        batch in 1usize..4,
+        in_channels in 16usize..20,
+        out_channels in 16usize..20,
+        height in 1usize..12,
+        width in 1usize..12,
+        padding in 0usize..3,
+        seed in any::<u64>(),
+    ) {
+        prop_assume!(height + 2 * padding >= 3 && width + 2 * padding >= 3);
+        let shape = Dense { batch, in_channels, out_channels, height, width, kernel: 3, stride: 1, padding };
+        prop_assert!(dense::winograd_applies(&shape));
+        let result = assert_dense_matches_burn(&shape, seed % 2 == 0, seed);
+        prop_assert!(result.is_ok(), "{:?}", result);
+    }
+}

@@ -133,7 +133,7 @@ impl LayerTimes {
         b: &qud_mobilefacenet::ConvBlock,
         x: Tensor<4>,
     ) -> Tensor<4> {
-        // As the network runs it: depthwise convolutions through qud's CPU kernel.
+        // As the network runs it: convolutions through qud's CPU kernels.
         let x = self.op(kind, || qud_cpu_kernels::conv2d(&b.conv, x));
         let x = self.op("BatchNorm", || b.bn.forward(x));
         self.op("PReLU", || b.prelu.forward(x))
@@ -142,7 +142,7 @@ impl LayerTimes {
     fn depthwise(&mut self, b: &qud_mobilefacenet::DepthWise, x: Tensor<4>) -> Tensor<4> {
         let y = self.conv_block("conv 1x1", &b.conv, x.clone());
         let y = self.conv_block("conv 3x3 depthwise", &b.conv_dw, y);
-        let y = self.op("conv 1x1", || b.project.conv.forward(y));
+        let y = self.op("conv 1x1", || qud_cpu_kernels::conv2d(&b.project.conv, y));
         let y = self.op("BatchNorm", || b.project.bn.forward(y));
         if b.residual {
             self.op("residual add", || x + y)
@@ -174,7 +174,8 @@ impl LayerTimes {
     }
 
     fn iresnet(&mut self, m: &IResNet, x: Tensor<4>) {
-        let x = self.op("conv 3x3 dense", || m.conv1.forward(x));
+        let conv = qud_cpu_kernels::conv2d;
+        let x = self.op("conv 3x3 dense", || conv(&m.conv1, x));
         let x = self.op("BatchNorm", || m.bn1.forward(x));
         let mut x = self.op("PReLU", || m.prelu.forward(x));
         for b in [&m.layer1, &m.layer2, &m.layer3, &m.layer4]
@@ -182,14 +183,14 @@ impl LayerTimes {
             .flatten()
         {
             let y = self.op("BatchNorm", || b.bn1.forward(x.clone()));
-            let y = self.op("conv 3x3 dense", || b.conv1.forward(y));
+            let y = self.op("conv 3x3 dense", || conv(&b.conv1, y));
             let y = self.op("BatchNorm", || b.bn2.forward(y));
             let y = self.op("PReLU", || b.prelu.forward(y));
-            let y = self.op("conv 3x3 dense", || b.conv2.forward(y));
+            let y = self.op("conv 3x3 dense", || conv(&b.conv2, y));
             let y = self.op("BatchNorm", || b.bn3.forward(y));
             let identity = match &b.downsample {
-                Some((conv, bn)) => {
-                    let d = self.op("conv 1x1 (downsample)", || conv.forward(x));
+                Some((down, bn)) => {
+                    let d = self.op("conv 1x1 (downsample)", || conv(down, x));
                     self.op("BatchNorm", || bn.forward(d))
                 }
                 None => x,

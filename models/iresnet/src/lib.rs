@@ -14,6 +14,7 @@ use qud_backbone::layers::{
     TorchLinear, TorchPRelu,
 };
 use qud_backbone::{Backbone, MacCounter};
+use qud_cpu_kernels::conv2d as conv2d_fast;
 
 /// Blocks per stage of each depth, as insightface defines them.
 pub const DEPTHS: &[(&str, [usize; 4])] = &[
@@ -61,13 +62,11 @@ impl IBasicBlock {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let out = self.conv1.forward(self.bn1.forward(x.clone()));
-        let out = self
-            .conv2
-            .forward(self.prelu.forward(self.bn2.forward(out)));
+        let out = conv2d_fast(&self.conv1, self.bn1.forward(x.clone()));
+        let out = conv2d_fast(&self.conv2, self.prelu.forward(self.bn2.forward(out)));
         let out = self.bn3.forward(out);
         let identity = match &self.downsample {
-            Some((conv, bn)) => bn.forward(conv.forward(x)),
+            Some((conv, bn)) => bn.forward(conv2d_fast(conv, x)),
             None => x,
         };
         out + identity
@@ -162,7 +161,7 @@ impl Backbone for IResNet {
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let x = self
             .prelu
-            .forward(self.bn1.forward(self.conv1.forward(images)));
+            .forward(self.bn1.forward(conv2d_fast(&self.conv1, images)));
         let x = [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
             .into_iter()
             .flatten()
