@@ -5,7 +5,8 @@
 use crate::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host,
     depthwise_conv2d_host, depthwise_conv2d_input_grad_host, depthwise_conv2d_weight_grad_host,
-    prelu_alpha_grad_host, prelu_host, prelu_input_grad_host, Dense, Depthwise,
+    prelu_alpha_grad_host, prelu_host, prelu_in_place_host, prelu_input_grad_host, Dense,
+    Depthwise,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -267,9 +268,18 @@ fn channels_and_plane(shape: &burn::tensor::Shape) -> (usize, usize) {
 }
 
 impl PreluBackend for Flex {
-    fn prelu_channels(x: FlexTensor, alpha: FlexTensor) -> FlexTensor {
+    fn prelu_channels(mut x: FlexTensor, alpha: FlexTensor) -> FlexTensor {
         let shape = x.shape();
         let (_, plane) = channels_and_plane(&shape);
+        let whole = x.layout().contiguous_offsets() == Some((0, shape.num_elements()));
+        // Outside autodiff nothing else holds the activation: overwrite it.
+        if whole {
+            if let Some(slice) = x.try_storage_mut::<f32>() {
+                let n = shape.num_elements();
+                prelu_in_place_host(&mut slice[..n], &values(&alpha), plane);
+                return x;
+            }
+        }
         flex_tensor(prelu_host(&values(&x), &values(&alpha), plane), shape)
     }
 

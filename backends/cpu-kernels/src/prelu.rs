@@ -29,6 +29,23 @@ pub fn prelu_host(x: &[f32], alpha: &[f32], plane: usize) -> Vec<f32> {
     out
 }
 
+/// [`prelu_host`] overwriting `x`: an inference forward reuses the activation's buffer, where
+/// a fresh one would fault in a page every 4 KB.
+pub fn prelu_in_place_host(x: &mut [f32], alpha: &[f32], plane: usize) {
+    let chunk = plane * planes_per_task(plane);
+    x.par_chunks_mut(chunk).enumerate().for_each(|(task, x)| {
+        let first = task * planes_per_task(plane);
+        for (k, x) in x.chunks_mut(plane).enumerate() {
+            let a = alpha[(first + k) % alpha.len()];
+            for v in x {
+                if *v < 0.0 {
+                    *v *= a;
+                }
+            }
+        }
+    });
+}
+
 /// The input gradient: `grad` where `x >= 0`, `alpha[c] * grad` elsewhere.
 pub fn prelu_input_grad_host(x: &[f32], alpha: &[f32], grad: &[f32], plane: usize) -> Vec<f32> {
     let mut out = vec![0f32; x.len()];

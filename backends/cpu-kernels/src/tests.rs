@@ -375,10 +375,10 @@ fn dense_convolution_on_large_planes_matches_burn() {
     // Winograd with more than 512 tiles an image (odd sides: a half-filled last tile).
     let shape = Dense {
         batch: 3,
-        in_channels: 16,
-        out_channels: 17,
-        height: 47,
-        width: 49,
+        in_channels: 128,
+        out_channels: 129,
+        height: 45,
+        width: 47,
         kernel: 3,
         stride: 1,
         padding: 1,
@@ -404,13 +404,13 @@ fn grouped_convolutions_are_not_dense() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(16))]
 
-    /// 3 x 3 stride 1 with 16 channels or more: the Winograd forward, odd and even sizes, inside
-    /// and padded borders.
+    /// 3 x 3 stride 1 with 128 channels or more: the Winograd forward, odd and even sizes,
+    /// inside and padded borders.
     #[test]
     fn winograd_convolution_matches_burn(
         batch in 1usize..4,
-        in_channels in 16usize..20,
-        out_channels in 16usize..20,
+        in_channels in 128usize..131,
+        out_channels in 128usize..131,
         height in 1usize..12,
         width in 1usize..12,
         padding in 0usize..3,
@@ -422,4 +422,34 @@ proptest! {
         let result = assert_dense_matches_burn(&shape, seed % 2 == 0, seed);
         prop_assert!(result.is_ok(), "{:?}", result);
     }
+}
+
+/// Outside autodiff a uniquely held activation is overwritten in place; a shared one is not.
+#[test]
+fn inference_prelu_overwrites_only_an_unshared_activation() {
+    let device = qud_backend_flex::device();
+    let dims = [2, 3, 5, 7];
+    let len = dims.iter().product();
+    let x =
+        || Tensor::<1>::from_data(TensorData::new(values(5, len), [len]), &device).reshape(dims);
+    let alpha = Tensor::<1>::from_data(TensorData::new(values(6, 3), [3]), &device);
+    let want = burn::tensor::activation::prelu(x(), alpha.clone())
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap();
+    let unshared = prelu(x(), alpha.clone())
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap();
+    assert_eq!(unshared, want);
+    let kept = x();
+    let shared = prelu(kept.clone(), alpha)
+        .into_data()
+        .try_into_vec::<f32>()
+        .unwrap();
+    assert_eq!(shared, want);
+    assert_eq!(
+        kept.into_data().try_into_vec::<f32>().unwrap(),
+        values(5, len)
+    );
 }
