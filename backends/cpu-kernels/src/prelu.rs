@@ -37,10 +37,10 @@ pub fn prelu_in_place_host(x: &mut [f32], alpha: &[f32], plane: usize) {
         let first = task * planes_per_task(plane);
         for (k, x) in x.chunks_mut(plane).enumerate() {
             let a = alpha[(first + k) % alpha.len()];
+            // A select, not a branch: the signs are random, and a conditional store does not
+            // vectorise.
             for v in x {
-                if *v < 0.0 {
-                    *v *= a;
-                }
+                *v = if *v >= 0.0 { *v } else { a * *v };
             }
         }
     });
