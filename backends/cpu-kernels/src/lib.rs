@@ -349,6 +349,17 @@ fn dense_shape(conv: &Conv2d, input: &Tensor<4>) -> Option<Dense> {
     })
 }
 
+/// `out` plus `conv`'s bias (`[O]`) on every output channel, when it has one.
+fn with_bias(conv: &Conv2d, out: Tensor<4>) -> Tensor<4> {
+    match &conv.bias {
+        Some(bias) => {
+            let channels = bias.dims()[0];
+            out + bias.val().reshape([1, channels, 1, 1])
+        }
+        None => out,
+    }
+}
+
 /// `conv.forward(input)`, through the host kernels when `input` is f32 and `conv` is depthwise
 /// or dense (groups = 1): on flex as a backend extension (inference and training: the backward
 /// pass is host kernels too); for depthwise also on the other host CPU backends outside autodiff
@@ -368,11 +379,7 @@ pub fn conv2d(conv: &Conv2d, input: Tensor<4>) -> Tensor<4> {
                 shape.stride,
                 shape.padding,
             );
-            let out = Tensor::<4>::from_dispatch(out);
-            return match &conv.bias {
-                Some(bias) => out + bias.val().reshape([1, shape.out_channels, 1, 1]),
-                None => out,
-            };
+            return with_bias(conv, Tensor::from_dispatch(out));
         }
     }
     let shape = match depthwise_shape(conv, &input) {
@@ -386,11 +393,7 @@ pub fn conv2d(conv: &Conv2d, input: Tensor<4>) -> Tensor<4> {
             shape.stride,
             shape.padding,
         );
-        let out = Tensor::<4>::from_dispatch(out);
-        return match &conv.bias {
-            Some(bias) => out + bias.val().reshape([1, shape.channels, 1, 1]),
-            None => out,
-        };
+        return with_bias(conv, Tensor::from_dispatch(out));
     }
     if device.is_autodiff() || !is_host_cpu(&device) {
         return conv.forward(input);
