@@ -738,6 +738,14 @@ impl<B: Backend + BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for 
         beta: FloatTensor<Self>,
         epsilon: f64,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let forward = |x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>| {
+            let (x, gamma, beta) = (
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+            );
+            B::batch_norm_train_channels(x, gamma, beta, epsilon)
+        };
         // The statistics leave as constants: callers only feed them to the running statistics.
         match BatchNormTrainBackward
             .prepare::<C>([x.node(), gamma.node(), beta.node()])
@@ -745,25 +753,14 @@ impl<B: Backend + BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for 
             .stateful()
         {
             OpsKind::Tracked(mut prep) => {
-                let x_state = prep.checkpoint(&x);
-                let gamma_state = prep.checkpoint(&gamma);
-                let (out, mean, var) = B::batch_norm_train_channels(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                );
+                let (x_state, gamma_state) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+                let (out, mean, var) = forward(x, gamma, beta);
                 let state = (x_state, gamma_state, mean.clone(), var.clone(), epsilon);
                 let out = prep.finish(state, out);
                 (out, Self::from_inner(mean), Self::from_inner(var))
             }
             OpsKind::UnTracked(prep) => {
-                let (out, mean, var) = B::batch_norm_train_channels(
-                    x.into_primitive(),
-                    gamma.into_primitive(),
-                    beta.into_primitive(),
-                    epsilon,
-                );
+                let (out, mean, var) = forward(x, gamma, beta);
                 (
                     prep.finish(out),
                     Self::from_inner(mean),

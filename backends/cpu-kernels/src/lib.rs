@@ -10,6 +10,9 @@
 //! costs far more than the arithmetic. A dense one (groups = 1) on flex runs
 //! [`dense_conv2d_host`], im2col and one large GEMM per chunk of images (`dense.rs` says why).
 //! Both have their own backward on flex under autodiff. Every other case calls Burn.
+//!
+//! [`batch_norm_train`] and [`batch_norm`] are drop-ins for Burn's: on flex in f32, one pass each
+//! for the statistics, the output and the gradients (`batchnorm.rs`).
 
 mod batchnorm;
 pub(crate) mod dense;

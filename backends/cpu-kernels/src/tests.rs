@@ -513,10 +513,20 @@ proptest! {
         let ours = batch_norm_gradients(dims, offset, seed, true);
         let burn = batch_norm_gradients(dims, offset, seed, false);
         let what = ["output", "mean", "variance", "input grad", "gamma grad", "beta grad"];
+        // gamma and beta's gradients are sums of `count` terms of about unit size that cancel:
+        // the sum can come out near zero while its rounding error scales with the terms, so
+        // they are measured against the sum's typical size, sqrt(count), when that is larger.
+        let count = (batch * height * width) as f32;
         for (what, (a, b)) in what.iter().zip(ours.iter().zip(&burn)) {
             prop_assert_eq!(a.len(), b.len());
-            let diff = max_relative_difference(a, b);
-            prop_assert!(diff <= 1e-5, "{dims:?} offset {offset}: {what} max relative difference {diff}");
+            let floor = if matches!(*what, "gamma grad" | "beta grad") { count.sqrt() } else { 1e-3 };
+            let scale = b.iter().fold(floor, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale;
+            // Around 8 an f32 input carries 16x less absolute precision than around 0.5, so each
+            // `x - mean` differs by ~1e-6 between any two summation orders, and the sums over the
+            // batch and the plane add that up: both implementations drift from exact by 1e-5.
+            let tolerance = if offset == 0.0 { 1e-5 } else { 5e-5 };
+            prop_assert!(diff <= tolerance, "{dims:?} offset {offset}: {what} max relative difference {diff}");
         }
     }
 }
