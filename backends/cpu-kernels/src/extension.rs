@@ -2,6 +2,10 @@
 //! its tensors' host memory, and flex under autodiff records a backward pass made of the two
 //! gradient kernels, so that training uses them as well as inference.
 
+use crate::batchnorm::{
+    batch_norm_apply_host, batch_norm_apply_in_place_host, batch_norm_backward_host,
+    batch_norm_scale, batch_norm_statistics_host, Normalisation,
+};
 use crate::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host,
     depthwise_conv2d_host, depthwise_conv2d_input_grad_host, depthwise_conv2d_weight_grad_host,
@@ -571,6 +575,242 @@ impl<B: Backend + DenseConvBackend, C: CheckpointStrategy> DenseConvBackend for 
             kernel,
             stride,
             padding,
+        ))
+    }
+}
+
+/// BatchNorm over dimension 1 of `x` `[N, C, ...]`; `gamma`, `beta`, statistics `[C]`.
+#[backend_extension(Flex, Autodiff)]
+pub trait BatchNormBackend: Backend {
+    /// Training mode: normalised with the batch's own statistics, returned as
+    /// `(output, mean, biased variance)`.
+    fn batch_norm_train_channels(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `(x_grad, gamma_grad, beta_grad)` of [`Self::batch_norm_train_channels`].
+    fn batch_norm_train_channels_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Inference mode: normalised with the given statistics.
+    fn batch_norm_channels(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self>;
+}
+
+impl BatchNormBackend for Flex {
+    fn batch_norm_train_channels(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let shape = x.shape();
+        let (channels, plane) = channels_and_plane(&shape);
+        let x = values(&x);
+        let (mean, var) = batch_norm_statistics_host(&x, channels, plane);
+        let scale = batch_norm_scale(&values(&gamma), &var, epsilon);
+        let beta = values(&beta);
+        let norm = Normalisation {
+            mean: &mean,
+            scale: &scale,
+            beta: &beta,
+        };
+        let out = batch_norm_apply_host(&x, norm, plane);
+        (
+            flex_tensor(out, shape),
+            flex_tensor(mean, [channels]),
+            flex_tensor(var, [channels]),
+        )
+    }
+
+    fn batch_norm_train_channels_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        mean: FlexTensor,
+        variance: FlexTensor,
+        epsilon: f64,
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let shape = x.shape();
+        let (channels, plane) = channels_and_plane(&shape);
+        let (x_grad, gamma_grad, beta_grad) = batch_norm_backward_host(
+            &values(&x),
+            &values(&grad),
+            &values(&gamma),
+            &values(&mean),
+            &values(&variance),
+            epsilon,
+            plane,
+        );
+        (
+            flex_tensor(x_grad, shape),
+            flex_tensor(gamma_grad, [channels]),
+            flex_tensor(beta_grad, [channels]),
+        )
+    }
+
+    fn batch_norm_channels(
+        mut x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        mean: FlexTensor,
+        variance: FlexTensor,
+        epsilon: f64,
+    ) -> FlexTensor {
+        let shape = x.shape();
+        let (_, plane) = channels_and_plane(&shape);
+        let scale = batch_norm_scale(&values(&gamma), &values(&variance), epsilon);
+        let (mean, beta) = (values(&mean), values(&beta));
+        let norm = Normalisation {
+            mean: &mean,
+            scale: &scale,
+            beta: &beta,
+        };
+        // As for PReLU: outside autodiff nothing else holds the activation.
+        let whole = x.layout().contiguous_offsets() == Some((0, shape.num_elements()));
+        if whole {
+            if let Some(slice) = x.try_storage_mut::<f32>() {
+                let n = shape.num_elements();
+                batch_norm_apply_in_place_host(&mut slice[..n], norm, plane);
+                return x;
+            }
+        }
+        flex_tensor(batch_norm_apply_host(&values(&x), norm, plane), shape)
+    }
+}
+
+/// The backward step of [`BatchNormBackend::batch_norm_train_channels`] on the inner backend.
+#[derive(Debug)]
+struct BatchNormTrainBackward;
+
+impl<B: Backend + BatchNormBackend> Backward<B, 3> for BatchNormTrainBackward {
+    /// Input and gamma checkpoints; the batch statistics as the forward computed them.
+    type State = (
+        NodeId,
+        NodeId,
+        B::FloatTensorPrimitive,
+        B::FloatTensorPrimitive,
+        f64,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 3>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (x_state, gamma_state, mean, variance, epsilon) = ops.state;
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+        let gamma = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gamma_state);
+        let (x_grad, gamma_grad, beta_grad) =
+            B::batch_norm_train_channels_backward(x, gamma, mean, variance, epsilon, grad);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, x_grad);
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<B>(node.id, gamma_grad);
+        }
+        if let Some(node) = node_beta {
+            grads.register::<B>(node.id, beta_grad);
+        }
+    }
+}
+
+impl<B: Backend + BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for Autodiff<B, C> {
+    fn batch_norm_train_channels(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let forward = |x: FloatTensor<Self>, gamma: FloatTensor<Self>, beta: FloatTensor<Self>| {
+            let (x, gamma, beta) = (
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+            );
+            B::batch_norm_train_channels(x, gamma, beta, epsilon)
+        };
+        // The statistics leave as constants: callers only feed them to the running statistics.
+        match BatchNormTrainBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let (x_state, gamma_state) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+                let (out, mean, var) = forward(x, gamma, beta);
+                let state = (x_state, gamma_state, mean.clone(), var.clone(), epsilon);
+                let out = prep.finish(state, out);
+                (out, Self::from_inner(mean), Self::from_inner(var))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, mean, var) = forward(x, gamma, beta);
+                (
+                    prep.finish(out),
+                    Self::from_inner(mean),
+                    Self::from_inner(var),
+                )
+            }
+        }
+    }
+
+    fn batch_norm_train_channels_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (x_grad, gamma_grad, beta_grad) = B::batch_norm_train_channels_backward(
+            Self::inner(x),
+            Self::inner(gamma),
+            Self::inner(mean),
+            Self::inner(variance),
+            epsilon,
+            Self::inner(grad),
+        );
+        (
+            Self::from_inner(x_grad),
+            Self::from_inner(gamma_grad),
+            Self::from_inner(beta_grad),
+        )
+    }
+
+    // Inference only: the graph gets the result as a constant.
+    fn batch_norm_channels(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> FloatTensor<Self> {
+        Self::from_inner(B::batch_norm_channels(
+            Self::inner(x),
+            Self::inner(gamma),
+            Self::inner(beta),
+            Self::inner(mean),
+            Self::inner(variance),
+            epsilon,
         ))
     }
 }

