@@ -79,7 +79,8 @@ pub fn batch_norm_scale(gamma: &[f32], var: &[f32], epsilon: f64) -> Vec<f32> {
 ///
 /// `x - mean` is kept apart rather than folded into one shift `beta - mean * scale`: for a
 /// channel whose mean is far from zero against its spread, `x * scale` and the shift cancel
-/// to a few digits, and the first QUD step's gradient norm moved 2e-4 off the float64 step.
+/// to a few digits: the first QUD step's gradient norm was 2.2e-4 off the float64 step that way,
+/// 2.3e-6 this way.
 #[derive(Clone, Copy)]
 pub struct Normalisation<'a> {
     pub mean: &'a [f32],
