@@ -570,8 +570,8 @@ fn winograd_input(s: &Dense, x: &[f32], first: usize, count: usize, v: &mut [f32
             }
             for ty in 0..th {
                 let tile = (i * th + ty) * tw;
-                for (k, plane) in across.iter().enumerate() {
-                    let row = |r: usize| &plane[(2 * ty + r) * tw..][..tw];
+                for (k, column_step) in across.iter().enumerate() {
+                    let row = |r: usize| &column_step[(2 * ty + r) * tw..][..tw];
                     let (d0, d1, d2, d3) = (row(0), row(1), row(2), row(3));
                     let at = |e: usize| e * s.in_channels * tiles + c * tiles + tile;
                     combine(&mut v[at(k)..][..tw], d0, d2, |a, b| a - b);

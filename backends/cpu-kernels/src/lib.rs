@@ -19,10 +19,6 @@ pub(crate) mod dense;
 mod extension;
 mod prelu;
 
-pub use batchnorm::{
-    batch_norm_apply_host, batch_norm_backward_host, batch_norm_scale, batch_norm_statistics_host,
-    Normalisation,
-};
 pub use dense::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host, Dense,
 };
