@@ -495,10 +495,11 @@ const WINOGRAD_BUDGET: usize = 8 << 20;
 /// its time, as 16 products of `[O, C]` by `[C, tiles]` on 2 x 2 output tiles, 16 multiplies a
 /// tile per channel pair instead of 36. Its rounding error stays at the level of f32 (the
 /// transforms only add and halve); the tests hold it to 1e-5 relative of Burn's convolution.
-/// Worth it when the 16 products are large enough to run the GEMM near its peak: with 64 input
-/// channels (iresnet's first stage, 56 x 56) im2col's one product of depth 576 was faster here
-/// (254 against 312 ms at batch 64), from 128 channels on Winograd was (28 x 28: 156 against 210
-/// ms; 14 x 14: 131 against 204 ms; 7 x 7: 150 against 155 ms).
+/// Worth it from 64 channels, iresnet's narrowest, at every stage: one convolution at batch 64,
+/// Winograd against im2col (Intel AVX-512 box, `gemm` without debug assertions): 64 channels at
+/// 56 x 56, 72 against 115-141 ms; 128 at 28 x 28, 63-66 against 79-93 ms; 256 at 14 x 14, 39-42
+/// against 65-117 ms; 512 at 7 x 7, 62-69 against 74-81 ms. (With `gemm`'s debug assertions on,
+/// its short products of depth 64 were slow enough that im2col won at 64 channels.)
 pub(crate) fn winograd_applies(s: &Dense) -> bool {
     s.kernel == 3
         && s.stride == 1
@@ -507,7 +508,7 @@ pub(crate) fn winograd_applies(s: &Dense) -> bool {
 }
 
 /// Input and output channels from which [`winograd_applies`].
-const WINOGRAD_MIN_CHANNELS: usize = 128;
+const WINOGRAD_MIN_CHANNELS: usize = 64;
 
 /// `G g G^T` of every 3 x 3 filter, as 16 matrices `[O, C]` (one per 4 x 4 tile element).
 fn winograd_weights(s: &Dense, weight: &[f32]) -> Vec<f32> {

@@ -107,22 +107,18 @@ fn onnx_tract(c: &mut Criterion) {
 /// on the CPU backends.
 struct LayerTimes {
     device: Device,
-    kinds: Vec<(&'static str, f64)>,
+    kinds: Vec<(String, f64)>,
 }
 
 impl LayerTimes {
-    fn op<const D: usize>(
-        &mut self,
-        kind: &'static str,
-        f: impl FnOnce() -> Tensor<D>,
-    ) -> Tensor<D> {
+    fn op<const D: usize>(&mut self, kind: &str, f: impl FnOnce() -> Tensor<D>) -> Tensor<D> {
         let start = Instant::now();
         let out = f();
         self.device.sync().expect("device sync");
         let seconds = start.elapsed().as_secs_f64();
         match self.kinds.iter_mut().find(|(k, _)| *k == kind) {
             Some((_, total)) => *total += seconds,
-            None => self.kinds.push((kind, seconds)),
+            None => self.kinds.push((kind.to_string(), seconds)),
         }
         out
     }
@@ -183,10 +179,12 @@ impl LayerTimes {
             .flatten()
         {
             let y = self.op("BatchNorm", || b.bn1.forward(x.clone()));
-            let y = self.op("conv 3x3 dense", || conv(&b.conv1, y));
+            let label = conv3x3_label(&y);
+            let y = self.op(&label, || conv(&b.conv1, y));
             let y = self.op("BatchNorm", || b.bn2.forward(y));
             let y = self.op("PReLU", || b.prelu.forward(y));
-            let y = self.op("conv 3x3 dense", || conv(&b.conv2, y));
+            let label = conv3x3_label(&y);
+            let y = self.op(&label, || conv(&b.conv2, y));
             let y = self.op("BatchNorm", || b.bn3.forward(y));
             let identity = match &b.downsample {
                 Some((down, bn)) => {
@@ -218,6 +216,13 @@ impl LayerTimes {
             );
         }
     }
+}
+
+/// The breakdown's row for a 3 x 3 convolution of stride 1 on `x`: stages differ in how they
+/// run (im2col or Winograd) and in how well the products use the CPU.
+fn conv3x3_label(x: &Tensor<4>) -> String {
+    let [_, c, h, w] = x.dims();
+    format!("conv 3x3 dense, {c} ch, {h}x{w}")
 }
 
 fn layer_breakdown() {

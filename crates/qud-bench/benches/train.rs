@@ -5,8 +5,13 @@
 //! - a QUD step: MobileFaceNet student, iresnet50 teacher (eval mode, no graph), queue of 1,024,
 //!   batch 64, with peak memory.
 //!
+//! The student's rows also give the arithmetic rate (three times the forward's multiply-adds
+//! per image: forward, input gradient, weight gradient) as a share of the machine's fp32 peak,
+//! measured first (`qud_bench::peak`).
+//!
 //! One warm-up step, then 3 timed steps. Not criterion: a step takes seconds.
 
+use qud_backbone::Backbone;
 use qud_bench::steps::{qud_step, student_step, Timing};
 
 const BATCH: usize = 64;
@@ -34,10 +39,22 @@ fn main() {
     let backend = std::env::var("QUD_BENCH_BACKEND").unwrap_or_else(|_| "flex".into());
     let device = qud_backends::device(&backend, "cpu").expect("backend");
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // Measured before anything else runs: the machine's ceiling for the student's share below.
+    let peak = qud_bench::peak::fp32_peak(threads);
+    if let Some((gflops, isa)) = peak {
+        println!("fp32 peak ({isa}, {threads} threads, measured): {gflops:.0} GFLOP/s");
+    }
+    let student_macs = qud_models::create(
+        "mobilefacenet",
+        &qud_models::BackboneSpec::default(),
+        &device,
+    )
+    .expect("registered")
+    .macs() as f64;
     let rate = qud_step(&device, "iresnet50", BATCH, false, TIMING);
-    let peak = peak_rss_mb().unwrap_or(f64::NAN);
+    let rss = peak_rss_mb().unwrap_or(f64::NAN);
     println!("QUD step, MobileFaceNet <- iresnet50, batch {BATCH}, {threads} threads");
-    println!("qud ({backend}):   {rate:>7.2} samples/s, peak RSS {peak:.0} MB");
+    println!("qud ({backend}):   {rate:>7.2} samples/s, peak RSS {rss:.0} MB");
     match pytorch(threads, &[]) {
         Ok((theirs, their_peak)) => {
             println!("PyTorch:        {theirs:>7.2} samples/s, peak RSS {their_peak:.0} MB");
@@ -50,6 +67,14 @@ fn main() {
         let ours = student_step(&device, batch, TIMING);
         println!("MobileFaceNet train step, batch {batch}, {threads} threads");
         println!("qud ({backend}):   {ours:>7.2} samples/s");
+        let gflops = 3.0 * 2.0 * student_macs * ours / 1e9;
+        match peak {
+            Some((top, _)) => println!(
+                "                {gflops:.1} GFLOP/s, {:.1} % of the fp32 peak",
+                100.0 * gflops / top
+            ),
+            None => println!("                {gflops:.1} GFLOP/s"),
+        }
         match pytorch(threads, &["student", &batch.to_string()]) {
             Ok((theirs, _)) => {
                 println!("PyTorch:        {theirs:>7.2} samples/s");

@@ -1,6 +1,7 @@
 //! Inputs shared by the benchmarks and their Python references: files under
 //! `target/bench-data/`, written once and reused, so both sides measure the same bytes.
 
+pub mod peak;
 pub mod steps;
 
 use qud_data::{encode_face, pack_records, FaceDataset, ImageEncoding, SyntheticFaces};
