@@ -9,6 +9,7 @@
 //! [`MIN_COLUMNS`] columns while the column matrix stays under [`COLUMN_BUDGET`] floats, and the
 //! chunks run on the rayon threads.
 
+use crate::simd;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -35,6 +36,7 @@ pub struct Dense {
 
 impl Dense {
     /// Output `(height, width)`, as PyTorch computes it.
+    #[inline(always)]
     pub fn output_size(&self) -> (usize, usize) {
         let side = |n: usize| (n + 2 * self.padding - self.kernel) / self.stride + 1;
         (side(self.height), side(self.width))
@@ -83,6 +85,7 @@ impl Dense {
 
     /// For kernel offset `k` along an axis of `size` inputs and `outputs` outputs: the outputs
     /// `first..end` that read inside the input, and the input index of `first`.
+    #[inline(always)]
     fn valid_span(&self, k: usize, size: usize, outputs: usize) -> (usize, usize, usize) {
         let (s, p) = (self.stride, self.padding);
         let first = p.saturating_sub(k).div_ceil(s).min(outputs);
@@ -176,37 +179,39 @@ fn product(
     }
 }
 
-/// The column matrix `[C k k, images x OH x OW]` of the images `first..first + count`.
-fn im2col(s: &Dense, x: &[f32], first: usize, count: usize, col: &mut [f32]) {
-    let (oh, ow) = s.output_size();
-    let (plane, image) = (s.height * s.width, s.in_channels * s.height * s.width);
-    let columns = count * oh * ow;
-    for c in 0..s.in_channels {
-        for ky in 0..s.kernel {
-            let (y0, y1, iy0) = s.valid_span(ky, s.height, oh);
-            for kx in 0..s.kernel {
-                let (x0, x1, ix0) = s.valid_span(kx, s.width, ow);
-                let row = (c * s.kernel + ky) * s.kernel + kx;
-                let row = &mut col[row * columns..(row + 1) * columns];
-                for i in 0..count {
-                    let src = &x[(first + i) * image + c * plane..][..plane];
-                    let dst = &mut row[i * oh * ow..(i + 1) * oh * ow];
-                    for (oy, out) in dst.chunks_exact_mut(ow).enumerate() {
-                        if oy < y0 || oy >= y1 || x0 >= x1 {
-                            out.fill(0.0);
-                            continue;
-                        }
-                        let line = &src[(iy0 + (oy - y0) * s.stride) * s.width..][..s.width];
-                        out[..x0].fill(0.0);
-                        out[x1..].fill(0.0);
-                        if s.stride == 1 {
-                            out[x0..x1].copy_from_slice(&line[ix0..ix0 + (x1 - x0)]);
-                        } else {
-                            for (o, v) in out[x0..x1]
-                                .iter_mut()
-                                .zip(line[ix0..].iter().step_by(s.stride))
-                            {
-                                *o = *v;
+simd::multiversion! {
+    /// The column matrix `[C k k, images x OH x OW]` of the images `first..first + count`.
+    fn im2col(s: &Dense, x: &[f32], first: usize, count: usize, col: &mut [f32]) {
+        let (oh, ow) = s.output_size();
+        let (plane, image) = (s.height * s.width, s.in_channels * s.height * s.width);
+        let columns = count * oh * ow;
+        for c in 0..s.in_channels {
+            for ky in 0..s.kernel {
+                let (y0, y1, iy0) = s.valid_span(ky, s.height, oh);
+                for kx in 0..s.kernel {
+                    let (x0, x1, ix0) = s.valid_span(kx, s.width, ow);
+                    let row = (c * s.kernel + ky) * s.kernel + kx;
+                    let row = &mut col[row * columns..(row + 1) * columns];
+                    for i in 0..count {
+                        let src = &x[(first + i) * image + c * plane..][..plane];
+                        let dst = &mut row[i * oh * ow..(i + 1) * oh * ow];
+                        for (oy, out) in dst.chunks_exact_mut(ow).enumerate() {
+                            if oy < y0 || oy >= y1 || x0 >= x1 {
+                                out.fill(0.0);
+                                continue;
+                            }
+                            let line = &src[(iy0 + (oy - y0) * s.stride) * s.width..][..s.width];
+                            out[..x0].fill(0.0);
+                            out[x1..].fill(0.0);
+                            if s.stride == 1 {
+                                out[x0..x1].copy_from_slice(&line[ix0..ix0 + (x1 - x0)]);
+                            } else {
+                                for (o, v) in out[x0..x1]
+                                    .iter_mut()
+                                    .zip(line[ix0..].iter().step_by(s.stride))
+                                {
+                                    *o = *v;
+                                }
                             }
                         }
                     }
@@ -534,51 +539,53 @@ fn winograd_weights(s: &Dense, weight: &[f32]) -> Vec<f32> {
     u
 }
 
-/// `B^T d B` of every 4 x 4 input tile of the chunk's images, as 16 matrices `[C, tiles]`.
-///
-/// Worked a row of tiles at a time so that every loop runs over consecutive tiles and
-/// vectorises: `B^T d B` is the same combination along columns then rows, and tile `tx` starts
-/// at padded column `2 tx`, so the column step reads a padded input row at even and odd
-/// positions, and the row step combines four column-transformed rows element by element.
-fn winograd_input(s: &Dense, x: &[f32], first: usize, count: usize, v: &mut [f32]) {
-    let (oh, ow) = s.output_size();
-    let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
-    let tiles = count * th * tw;
-    let (plane, image) = (s.height * s.width, s.in_channels * s.height * s.width);
-    let (h, w, p) = (s.height, s.width, s.padding);
-    // Padded rows and columns the tiles read: tile (ty, tx) covers rows 2 ty..2 ty + 4.
-    let (rows, columns) = (2 * th + 2, 2 * tw + 2);
-    let mut line = vec![0.0f32; columns];
-    // The column step of every padded row, one `[rows, tw]` matrix per column combination.
-    let mut across: [Vec<f32>; 4] = std::array::from_fn(|_| vec![0.0f32; rows * tw]);
-    for c in 0..s.in_channels {
-        for i in 0..count {
-            let src = &x[(first + i) * image + c * plane..][..plane];
-            for r in 0..rows {
-                line.fill(0.0);
-                if let Some(y) = (r < h + p).then(|| r.checked_sub(p)).flatten() {
-                    let (from, to) = (p.min(columns), (p + w).min(columns));
-                    line[from..to].copy_from_slice(&src[y * w..][..to - from]);
+simd::multiversion! {
+    /// `B^T d B` of every 4 x 4 input tile of the chunk's images, as 16 matrices `[C, tiles]`.
+    ///
+    /// Worked a row of tiles at a time so that every loop runs over consecutive tiles and
+    /// vectorises: `B^T d B` is the same combination along columns then rows, and tile `tx` starts
+    /// at padded column `2 tx`, so the column step reads a padded input row at even and odd
+    /// positions, and the row step combines four column-transformed rows element by element.
+    fn winograd_input(s: &Dense, x: &[f32], first: usize, count: usize, v: &mut [f32]) {
+        let (oh, ow) = s.output_size();
+        let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+        let tiles = count * th * tw;
+        let (plane, image) = (s.height * s.width, s.in_channels * s.height * s.width);
+        let (h, w, p) = (s.height, s.width, s.padding);
+        // Padded rows and columns the tiles read: tile (ty, tx) covers rows 2 ty..2 ty + 4.
+        let (rows, columns) = (2 * th + 2, 2 * tw + 2);
+        let mut line = vec![0.0f32; columns];
+        // The column step of every padded row, one `[rows, tw]` matrix per column combination.
+        let mut across: [Vec<f32>; 4] = std::array::from_fn(|_| vec![0.0f32; rows * tw]);
+        for c in 0..s.in_channels {
+            for i in 0..count {
+                let src = &x[(first + i) * image + c * plane..][..plane];
+                for r in 0..rows {
+                    line.fill(0.0);
+                    if let Some(y) = (r < h + p).then(|| r.checked_sub(p)).flatten() {
+                        let (from, to) = (p.min(columns), (p + w).min(columns));
+                        line[from..to].copy_from_slice(&src[y * w..][..to - from]);
+                    }
+                    let [k0, k1, k2, k3] = across.each_mut().map(|k| &mut k[r * tw..][..tw]);
+                    for t in 0..tw {
+                        let d = &line[2 * t..2 * t + 4];
+                        k0[t] = d[0] - d[2];
+                        k1[t] = d[1] + d[2];
+                        k2[t] = d[2] - d[1];
+                        k3[t] = d[1] - d[3];
+                    }
                 }
-                let [k0, k1, k2, k3] = across.each_mut().map(|k| &mut k[r * tw..][..tw]);
-                for t in 0..tw {
-                    let d = &line[2 * t..2 * t + 4];
-                    k0[t] = d[0] - d[2];
-                    k1[t] = d[1] + d[2];
-                    k2[t] = d[2] - d[1];
-                    k3[t] = d[1] - d[3];
-                }
-            }
-            for ty in 0..th {
-                let tile = (i * th + ty) * tw;
-                for (k, column_step) in across.iter().enumerate() {
-                    let row = |r: usize| &column_step[(2 * ty + r) * tw..][..tw];
-                    let (d0, d1, d2, d3) = (row(0), row(1), row(2), row(3));
-                    let at = |e: usize| e * s.in_channels * tiles + c * tiles + tile;
-                    combine(&mut v[at(k)..][..tw], d0, d2, |a, b| a - b);
-                    combine(&mut v[at(4 + k)..][..tw], d1, d2, |a, b| a + b);
-                    combine(&mut v[at(8 + k)..][..tw], d2, d1, |a, b| a - b);
-                    combine(&mut v[at(12 + k)..][..tw], d1, d3, |a, b| a - b);
+                for ty in 0..th {
+                    let tile = (i * th + ty) * tw;
+                    for (k, column_step) in across.iter().enumerate() {
+                        let row = |r: usize| &column_step[(2 * ty + r) * tw..][..tw];
+                        let (d0, d1, d2, d3) = (row(0), row(1), row(2), row(3));
+                        let at = |e: usize| e * s.in_channels * tiles + c * tiles + tile;
+                        combine(&mut v[at(k)..][..tw], d0, d2, |a, b| a - b);
+                        combine(&mut v[at(4 + k)..][..tw], d1, d2, |a, b| a + b);
+                        combine(&mut v[at(8 + k)..][..tw], d2, d1, |a, b| a - b);
+                        combine(&mut v[at(12 + k)..][..tw], d1, d3, |a, b| a - b);
+                    }
                 }
             }
         }
@@ -593,50 +600,52 @@ fn combine(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) {
     }
 }
 
-/// `A^T m A` of every tile's 16 products: the chunk's `[images, O, OH, OW]` output, a row of
-/// tiles at a time (as [`winograd_input`], so that the loops run over consecutive tiles).
-fn winograd_output(s: &Dense, m: &[f32], count: usize, out: &mut [f32]) {
-    let (oh, ow) = s.output_size();
-    let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
-    let tiles = count * th * tw;
-    let o = s.out_channels;
-    // `A^T m` for one row of tiles: `[2][4][tw]`.
-    let mut down = vec![0.0f32; 8 * tw];
-    for i in 0..count {
-        for oc in 0..o {
-            let dst = &mut out[(i * o + oc) * oh * ow..][..oh * ow];
-            for ty in 0..th {
-                let tile = (i * th + ty) * tw;
-                let at = |e: usize| &m[e * o * tiles + oc * tiles + tile..][..tw];
-                let (top, bottom) = down.split_at_mut(4 * tw);
-                for q in 0..4 {
-                    let (m0, m1, m2, m3) = (at(q), at(4 + q), at(8 + q), at(12 + q));
-                    let (t0, t1) = (&mut top[q * tw..][..tw], &mut bottom[q * tw..][..tw]);
-                    for t in 0..tw {
-                        t0[t] = m0[t] + m1[t] + m2[t];
-                        t1[t] = m1[t] - m2[t] - m3[t];
+simd::multiversion! {
+    /// `A^T m A` of every tile's 16 products: the chunk's `[images, O, OH, OW]` output, a row of
+    /// tiles at a time (as [`winograd_input`], so that the loops run over consecutive tiles).
+    fn winograd_output(s: &Dense, m: &[f32], count: usize, out: &mut [f32]) {
+        let (oh, ow) = s.output_size();
+        let (th, tw) = (oh.div_ceil(2), ow.div_ceil(2));
+        let tiles = count * th * tw;
+        let o = s.out_channels;
+        // `A^T m` for one row of tiles: `[2][4][tw]`.
+        let mut down = vec![0.0f32; 8 * tw];
+        for i in 0..count {
+            for oc in 0..o {
+                let dst = &mut out[(i * o + oc) * oh * ow..][..oh * ow];
+                for ty in 0..th {
+                    let tile = (i * th + ty) * tw;
+                    let at = |e: usize| &m[e * o * tiles + oc * tiles + tile..][..tw];
+                    let (top, bottom) = down.split_at_mut(4 * tw);
+                    for q in 0..4 {
+                        let (m0, m1, m2, m3) = (at(q), at(4 + q), at(8 + q), at(12 + q));
+                        let (t0, t1) = (&mut top[q * tw..][..tw], &mut bottom[q * tw..][..tw]);
+                        for t in 0..tw {
+                            t0[t] = m0[t] + m1[t] + m2[t];
+                            t1[t] = m1[t] - m2[t] - m3[t];
+                        }
                     }
-                }
-                for r in 0..2 {
-                    let y = 2 * ty + r;
-                    if y >= oh {
-                        break;
-                    }
-                    let row = &down[r * 4 * tw..][..4 * tw];
-                    let (a, b, c, d) = (
-                        &row[..tw],
-                        &row[tw..2 * tw],
-                        &row[2 * tw..3 * tw],
-                        &row[3 * tw..],
-                    );
-                    let line = &mut dst[y * ow..][..ow];
-                    let pairs = ow / 2;
-                    for (t, pair) in line[..2 * pairs].chunks_exact_mut(2).enumerate() {
-                        pair[0] = a[t] + b[t] + c[t];
-                        pair[1] = b[t] - c[t] - d[t];
-                    }
-                    if ow % 2 == 1 {
-                        line[ow - 1] = a[pairs] + b[pairs] + c[pairs];
+                    for r in 0..2 {
+                        let y = 2 * ty + r;
+                        if y >= oh {
+                            break;
+                        }
+                        let row = &down[r * 4 * tw..][..4 * tw];
+                        let (a, b, c, d) = (
+                            &row[..tw],
+                            &row[tw..2 * tw],
+                            &row[2 * tw..3 * tw],
+                            &row[3 * tw..],
+                        );
+                        let line = &mut dst[y * ow..][..ow];
+                        let pairs = ow / 2;
+                        for (t, pair) in line[..2 * pairs].chunks_exact_mut(2).enumerate() {
+                            pair[0] = a[t] + b[t] + c[t];
+                            pair[1] = b[t] - c[t] - d[t];
+                        }
+                        if ow % 2 == 1 {
+                            line[ow - 1] = a[pairs] + b[pairs] + c[pairs];
+                        }
                     }
                 }
             }

@@ -18,6 +18,7 @@ mod batchnorm;
 pub(crate) mod dense;
 mod extension;
 mod prelu;
+mod simd;
 
 pub use dense::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host, Dense,
@@ -53,6 +54,7 @@ impl Depthwise {
     }
 
     /// The input row that output row `oy` reads through kernel row `ky`; `None` in the padding.
+    #[inline(always)]
     fn input_row(&self, oy: usize, ky: usize) -> Option<usize> {
         (oy * self.stride + ky)
             .checked_sub(self.padding)
@@ -61,6 +63,7 @@ impl Depthwise {
 
     /// For kernel column `kx`: the output columns `first..end` whose input column lies inside
     /// the row, and the input column of `first` (the next ones follow at the stride).
+    #[inline(always)]
     fn columns(&self, kx: usize, output_width: usize) -> Option<(usize, usize, usize)> {
         let (s, p) = (self.stride, self.padding);
         let first = p.saturating_sub(kx).div_ceil(s);
@@ -85,7 +88,6 @@ pub fn depthwise_conv2d_host(
         height: h,
         width: w,
         kernel: k,
-        stride: s,
         ..
     } = *shape;
     assert_eq!(input.len(), shape.batch * c * h * w, "input size");
@@ -101,36 +103,99 @@ pub fn depthwise_conv2d_host(
         .for_each(|(plane, (out, input))| {
             let channel = plane % c;
             let taps = &weight[channel * k * k..(channel + 1) * k * k];
-            out.fill(bias.map_or(0.0, |b| b[channel]));
-            for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
-                for ky in 0..k {
-                    let Some(iy) = shape.input_row(oy, ky) else {
+            let init = bias.map_or(0.0, |b| b[channel]);
+            depthwise_forward_plane(shape, taps, init, input, out);
+        });
+    out
+}
+
+simd::multiversion! {
+    /// One channel plane of [`depthwise_conv2d_host`]: `out` `[OH, OW]` from `input` `[H, W]`.
+    fn depthwise_forward_plane(
+        shape: &Depthwise,
+        taps: &[f32],
+        init: f32,
+        input: &[f32],
+        out: &mut [f32],
+    ) {
+        let (k, s, w) = (shape.kernel, shape.stride, shape.width);
+        let ow = shape.output_size().1;
+        let same_3x3 = k == 3 && s == 1 && shape.padding == 1 && w >= 2;
+        for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+            if same_3x3 && oy >= 1 && oy + 1 < shape.height {
+                let rows = &input[(oy - 1) * w..(oy + 2) * w];
+                depthwise_3x3_inner_row(taps, init, rows, row);
+                continue;
+            }
+            row.fill(init);
+            for ky in 0..k {
+                let Some(iy) = shape.input_row(oy, ky) else {
+                    continue;
+                };
+                let line = &input[iy * w..(iy + 1) * w];
+                for kx in 0..k {
+                    let tap = taps[ky * k + kx];
+                    let Some((first, end, start)) = shape.columns(kx, ow) else {
                         continue;
                     };
-                    let line = &input[iy * w..(iy + 1) * w];
-                    for kx in 0..k {
-                        let tap = taps[ky * k + kx];
-                        let Some((first, end, start)) = shape.columns(kx, ow) else {
-                            continue;
-                        };
-                        if s == 1 {
-                            let line = &line[start..start + (end - first)];
-                            for (o, v) in row[first..end].iter_mut().zip(line) {
-                                *o += tap * v;
-                            }
-                        } else {
-                            for (o, v) in row[first..end]
-                                .iter_mut()
-                                .zip(line[start..].iter().step_by(s))
-                            {
-                                *o += tap * v;
-                            }
+                    if s == 1 {
+                        let line = &line[start..start + (end - first)];
+                        for (o, v) in row[first..end].iter_mut().zip(line) {
+                            *o += tap * v;
+                        }
+                    } else {
+                        for (o, v) in row[first..end]
+                            .iter_mut()
+                            .zip(line[start..].iter().step_by(s))
+                        {
+                            *o += tap * v;
                         }
                     }
                 }
             }
-        });
-    out
+        }
+    }
+}
+
+/// One output row of a 3 x 3, stride 1, padding 1 depthwise layer (all of MobileFaceNet's but the
+/// three downsampling ones) whose three input rows `rows` (`[3, W]`) lie inside the plane: one
+/// pass that writes each output once, instead of one read-modify-write pass per tap. The taps
+/// are added in the same order as the general loop (row-major, after `init`), so the values are
+/// the same.
+#[inline(always)]
+fn depthwise_3x3_inner_row(taps: &[f32], init: f32, rows: &[f32], out: &mut [f32]) {
+    let w = out.len();
+    let (a, rest) = rows.split_at(w);
+    let (b, c) = rest.split_at(w);
+    let t: [f32; 9] = taps[..9].try_into().expect("nine taps");
+    // Column 0 reads no left neighbour, column w - 1 no right one.
+    out[0] =
+        init + t[1] * a[0] + t[2] * a[1] + t[4] * b[0] + t[5] * b[1] + t[7] * c[0] + t[8] * c[1];
+    let n = w - 2;
+    let (a0, a1, a2) = (&a[..n], &a[1..n + 1], &a[2..n + 2]);
+    let (b0, b1, b2) = (&b[..n], &b[1..n + 1], &b[2..n + 2]);
+    let (c0, c1, c2) = (&c[..n], &c[1..n + 1], &c[2..n + 2]);
+    let inner = &mut out[1..n + 1];
+    for i in 0..n {
+        inner[i] = init
+            + t[0] * a0[i]
+            + t[1] * a1[i]
+            + t[2] * a2[i]
+            + t[3] * b0[i]
+            + t[4] * b1[i]
+            + t[5] * b2[i]
+            + t[6] * c0[i]
+            + t[7] * c1[i]
+            + t[8] * c2[i];
+    }
+    let l = w - 1;
+    out[l] = init
+        + t[0] * a[l - 1]
+        + t[1] * a[l]
+        + t[3] * b[l - 1]
+        + t[4] * b[l]
+        + t[6] * c[l - 1]
+        + t[7] * c[l];
 }
 
 /// The input gradient of [`depthwise_conv2d_host`]: `grad_output` `[N, C, OH, OW]` and `weight`
@@ -146,7 +211,6 @@ pub fn depthwise_conv2d_input_grad_host(
         height: h,
         width: w,
         kernel: k,
-        stride: s,
         ..
     } = *shape;
     let (oh, ow) = shape.output_size();
@@ -165,34 +229,61 @@ pub fn depthwise_conv2d_input_grad_host(
         .enumerate()
         .for_each(|(plane, (grad, grad_output))| {
             let taps = &weight[(plane % c) * k * k..(plane % c + 1) * k * k];
-            for (oy, row) in grad_output.chunks_exact(ow).enumerate() {
-                for ky in 0..k {
-                    let Some(iy) = shape.input_row(oy, ky) else {
+            depthwise_input_grad_plane(shape, taps, grad_output, grad);
+        });
+    grad
+}
+
+simd::multiversion! {
+    /// One channel plane of [`depthwise_conv2d_input_grad_host`]: adds onto `grad` `[H, W]`.
+    fn depthwise_input_grad_plane(
+        shape: &Depthwise,
+        taps: &[f32],
+        grad_output: &[f32],
+        grad: &mut [f32],
+    ) {
+        let (k, s, w) = (shape.kernel, shape.stride, shape.width);
+        let ow = shape.output_size().1;
+        // A 3 x 3 "same" layer's inner input rows gather their gradient in one pass (below);
+        // the scatter handles the first and last rows.
+        let same_3x3 = k == 3 && s == 1 && shape.padding == 1 && w >= 2;
+        let gathered = |iy: usize| same_3x3 && iy >= 1 && iy + 1 < shape.height;
+        for (oy, row) in grad_output.chunks_exact(ow).enumerate() {
+            for ky in 0..k {
+                let Some(iy) = shape.input_row(oy, ky).filter(|&iy| !gathered(iy)) else {
+                    continue;
+                };
+                let line = &mut grad[iy * w..(iy + 1) * w];
+                for kx in 0..k {
+                    let tap = taps[ky * k + kx];
+                    let Some((first, end, start)) = shape.columns(kx, ow) else {
                         continue;
                     };
-                    let line = &mut grad[iy * w..(iy + 1) * w];
-                    for kx in 0..k {
-                        let tap = taps[ky * k + kx];
-                        let Some((first, end, start)) = shape.columns(kx, ow) else {
-                            continue;
-                        };
-                        let line = &mut line[start..start + (end - first - 1) * s + 1];
-                        if s == 1 {
-                            for (g, o) in line.iter_mut().zip(&row[first..end]) {
-                                *g += tap * o;
-                            }
-                        } else {
-                            // Indexing: `step_by` over a mutable slice does not vectorise and was
-                            // 7x slower here.
-                            for (j, o) in row[first..end].iter().enumerate() {
-                                line[j * s] += tap * o;
-                            }
+                    let line = &mut line[start..start + (end - first - 1) * s + 1];
+                    if s == 1 {
+                        for (g, o) in line.iter_mut().zip(&row[first..end]) {
+                            *g += tap * o;
+                        }
+                    } else {
+                        // Indexing: `step_by` over a mutable slice does not vectorise and was
+                        // 7x slower here.
+                        for (j, o) in row[first..end].iter().enumerate() {
+                            line[j * s] += tap * o;
                         }
                     }
                 }
             }
-        });
-    grad
+        }
+        if same_3x3 {
+            // The transposed 3 x 3 "same" convolution is the same convolution with the kernel
+            // turned by 180 degrees.
+            let turned: [f32; 9] = std::array::from_fn(|i| taps[8 - i]);
+            for iy in (1..shape.height.saturating_sub(1)).filter(|&iy| gathered(iy)) {
+                let rows = &grad_output[(iy - 1) * w..(iy + 2) * w];
+                depthwise_3x3_inner_row(&turned, 0.0, rows, &mut grad[iy * w..(iy + 1) * w]);
+            }
+        }
+    }
 }
 
 /// The weight gradient of [`depthwise_conv2d_host`]: `input` `[N, C, H, W]` and `grad_output`
@@ -209,7 +300,6 @@ pub fn depthwise_conv2d_weight_grad_host(
         height: h,
         width: w,
         kernel: k,
-        stride: s,
         ..
     } = *shape;
     let (oh, ow) = shape.output_size();
@@ -223,33 +313,48 @@ pub fn depthwise_conv2d_weight_grad_host(
                 let plane = image * c + channel;
                 let input = &input[plane * h * w..(plane + 1) * h * w];
                 let grad_output = &grad_output[plane * oh * ow..(plane + 1) * oh * ow];
-                for (oy, row) in grad_output.chunks_exact(ow).enumerate() {
-                    for ky in 0..k {
-                        let Some(iy) = shape.input_row(oy, ky) else {
-                            continue;
-                        };
-                        let line = &input[iy * w..(iy + 1) * w];
-                        for kx in 0..k {
-                            let Some((first, end, start)) = shape.columns(kx, ow) else {
-                                continue;
-                            };
-                            let grads = &row[first..end];
-                            let line = &line[start..start + (grads.len() - 1) * s + 1];
-                            taps[ky * k + kx] += if s == 1 {
-                                dot(line, grads)
-                            } else {
-                                grads.iter().enumerate().map(|(j, g)| line[j * s] * g).sum()
-                            };
-                        }
-                    }
-                }
+                depthwise_weight_grad_plane(shape, input, grad_output, taps);
             }
         });
     grad
 }
 
+simd::multiversion! {
+    /// One image's plane of [`depthwise_conv2d_weight_grad_host`]: adds onto the channel's `taps`.
+    fn depthwise_weight_grad_plane(
+        shape: &Depthwise,
+        input: &[f32],
+        grad_output: &[f32],
+        taps: &mut [f32],
+    ) {
+        let (k, s, w) = (shape.kernel, shape.stride, shape.width);
+        let ow = shape.output_size().1;
+        for (oy, row) in grad_output.chunks_exact(ow).enumerate() {
+            for ky in 0..k {
+                let Some(iy) = shape.input_row(oy, ky) else {
+                    continue;
+                };
+                let line = &input[iy * w..(iy + 1) * w];
+                for kx in 0..k {
+                    let Some((first, end, start)) = shape.columns(kx, ow) else {
+                        continue;
+                    };
+                    let grads = &row[first..end];
+                    let line = &line[start..start + (grads.len() - 1) * s + 1];
+                    taps[ky * k + kx] += if s == 1 {
+                        dot(line, grads)
+                    } else {
+                        grads.iter().enumerate().map(|(j, g)| line[j * s] * g).sum()
+                    };
+                }
+            }
+        }
+    }
+}
+
 /// `a . b` with eight partial sums, which the compiler keeps in one vector register (a single
 /// running sum must be added in order and does not vectorise).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));

@@ -186,6 +186,33 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// 3 x 3, stride 1, padding 1 (MobileFaceNet's depthwise layers): the one-pass rows of the
+    /// forward and the gathered rows of the input gradient, planes from 1 x 1 up, so that the
+    /// first and last rows and columns take the general loop.
+    #[test]
+    fn depthwise_3x3_same_rows_match_burn(
+        batch in 1usize..3,
+        channels in 1usize..4,
+        height in 1usize..14,
+        width in 1usize..14,
+        bias in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let shape = Depthwise { batch, channels, height, width, kernel: 3, stride: 1, padding: 1 };
+        let ours = gradients(&shape, bias, seed, true);
+        let burn = gradients(&shape, bias, seed, false);
+        for (what, (a, b)) in ["output", "input grad", "weight grad", "bias grad"].iter().zip(ours.iter().zip(&burn)) {
+            prop_assert_eq!(a.len(), b.len());
+            let diff = max_relative_difference(a, b);
+            let tolerance = if *what == "output" { 1e-5 } else { 1e-4 };
+            prop_assert!(diff < tolerance, "{shape:?} bias {bias}: {what} max relative difference {diff}");
+        }
+    }
+}
+
 /// The output and the gradients of the input and the slopes of PReLU on `dims` (channels on
 /// dimension 1), through [`prelu`] (the extension on flex under autodiff) or Burn's.
 fn prelu_gradients<const D: usize>(dims: [usize; D], seed: u64, extension: bool) -> Vec<Vec<f32>> {

@@ -1,0 +1,49 @@
+//! Run-time choice of instruction set for the kernels' hot loops: the crate is compiled for
+//! baseline x86-64 (SSE2, 4 lanes), so each loop that should use the CPU's wider vectors is also
+//! compiled with AVX2 + FMA (8 lanes) and AVX-512 (16 lanes), and the widest the CPU has runs.
+//!
+//! Rust never contracts `a * b + c` into a fused multiply-add on its own, so every version
+//! rounds exactly as the portable one does: the results are identical, only the width changes.
+
+/// Defines `fn $name(args) -> ret` that runs `$body` compiled for the widest of AVX-512, AVX2 +
+/// FMA or the baseline that the CPU supports (checked at run time; the check is a cached load).
+/// The body must be a plain function of its arguments; what it calls should be
+/// `#[inline(always)]` so that it is compiled for the same instructions.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn portable($($arg: $ty),*) $(-> $ret)? $body
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            fn avx512($($arg: $ty),*) $(-> $ret)? {
+                portable($($arg),*)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) $(-> $ret)? {
+                portable($($arg),*)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has every feature `avx512` was compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: the CPU has every feature `avx2` was compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            portable($($arg),*)
+        }
+    };
+}
+
+pub(crate) use multiversion;
