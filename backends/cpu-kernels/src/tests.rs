@@ -172,18 +172,29 @@ proptest! {
         prop_assume!(padding < kernel);
         let shape = Depthwise { batch, channels, height, width, kernel, stride, padding };
         prop_assume!(height + 2 * padding >= kernel && width + 2 * padding >= kernel);
-        let ours = gradients(&shape, bias, seed, true);
-        let burn = gradients(&shape, bias, seed, false);
-        prop_assert_eq!(ours.len(), burn.len());
-        for (what, (a, b)) in ["output", "input grad", "weight grad", "bias grad"].iter().zip(ours.iter().zip(&burn)) {
-            prop_assert_eq!(a.len(), b.len());
-            let diff = max_relative_difference(a, b);
-            // Gradients are sums over the batch and the plane, added in another order than
-            // Burn's: f32 rounding reaches a few 1e-5 of the largest value there.
-            let tolerance = if *what == "output" { 1e-5 } else { 1e-4 };
-            prop_assert!(diff < tolerance, "{shape:?} bias {bias}: {what} max relative difference {diff}");
-        }
+        gradients_match_burn(&shape, bias, seed)?;
     }
+}
+
+/// The output and the input, weight and bias gradients of [`conv2d`] against Burn's own
+/// convolution, on inputs drawn from `seed`.
+fn gradients_match_burn(shape: &Depthwise, bias: bool, seed: u64) -> Result<(), TestCaseError> {
+    let ours = gradients(shape, bias, seed, true);
+    let burn = gradients(shape, bias, seed, false);
+    prop_assert_eq!(ours.len(), burn.len());
+    let names = ["output", "input grad", "weight grad", "bias grad"];
+    for (what, (a, b)) in names.iter().zip(ours.iter().zip(&burn)) {
+        prop_assert_eq!(a.len(), b.len());
+        let diff = max_relative_difference(a, b);
+        // Gradients are sums over the batch and the plane, added in another order than
+        // Burn's: f32 rounding reaches a few 1e-5 of the largest value there.
+        let tolerance = if *what == "output" { 1e-5 } else { 1e-4 };
+        prop_assert!(
+            diff < tolerance,
+            "{shape:?} bias {bias}: {what} max relative difference {diff}"
+        );
+    }
+    Ok(())
 }
 
 proptest! {
@@ -202,14 +213,7 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let shape = Depthwise { batch, channels, height, width, kernel: 3, stride: 1, padding: 1 };
-        let ours = gradients(&shape, bias, seed, true);
-        let burn = gradients(&shape, bias, seed, false);
-        for (what, (a, b)) in ["output", "input grad", "weight grad", "bias grad"].iter().zip(ours.iter().zip(&burn)) {
-            prop_assert_eq!(a.len(), b.len());
-            let diff = max_relative_difference(a, b);
-            let tolerance = if *what == "output" { 1e-5 } else { 1e-4 };
-            prop_assert!(diff < tolerance, "{shape:?} bias {bias}: {what} max relative difference {diff}");
-        }
+        gradients_match_burn(&shape, bias, seed)?;
     }
 }
 
