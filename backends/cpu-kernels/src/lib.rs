@@ -75,6 +75,30 @@ impl Depthwise {
     }
 }
 
+impl Depthwise {
+    /// Calls `f(ky, kx, iy, (first, end, start))` for every tap of output row `oy` whose input
+    /// row `iy` and output columns `first..end` (input column `start` onwards, at the stride) lie
+    /// inside the plane: the walk the forward and both gradients share.
+    #[inline(always)]
+    fn for_each_tap(
+        &self,
+        oy: usize,
+        output_width: usize,
+        mut f: impl FnMut(usize, usize, usize, (usize, usize, usize)),
+    ) {
+        for ky in 0..self.kernel {
+            let Some(iy) = self.input_row(oy, ky) else {
+                continue;
+            };
+            for kx in 0..self.kernel {
+                if let Some(span) = self.columns(kx, output_width) {
+                    f(ky, kx, iy, span);
+                }
+            }
+        }
+    }
+}
+
 /// Depthwise convolution on host memory: `input` `[N, C, H, W]`, `weight` `[C, 1, k, k]`, optional
 /// `bias` `[C]`; returns `[N, C, OH, OW]`. Taps are added in row-major kernel order after the bias.
 pub fn depthwise_conv2d_host(
@@ -128,31 +152,23 @@ simd::multiversion! {
                 continue;
             }
             row.fill(init);
-            for ky in 0..k {
-                let Some(iy) = shape.input_row(oy, ky) else {
-                    continue;
-                };
+            shape.for_each_tap(oy, ow, |ky, kx, iy, (first, end, start)| {
+                let tap = taps[ky * k + kx];
                 let line = &input[iy * w..(iy + 1) * w];
-                for kx in 0..k {
-                    let tap = taps[ky * k + kx];
-                    let Some((first, end, start)) = shape.columns(kx, ow) else {
-                        continue;
-                    };
-                    if s == 1 {
-                        let line = &line[start..start + (end - first)];
-                        for (o, v) in row[first..end].iter_mut().zip(line) {
-                            *o += tap * v;
-                        }
-                    } else {
-                        for (o, v) in row[first..end]
-                            .iter_mut()
-                            .zip(line[start..].iter().step_by(s))
-                        {
-                            *o += tap * v;
-                        }
+                if s == 1 {
+                    let line = &line[start..start + (end - first)];
+                    for (o, v) in row[first..end].iter_mut().zip(line) {
+                        *o += tap * v;
+                    }
+                } else {
+                    for (o, v) in row[first..end]
+                        .iter_mut()
+                        .zip(line[start..].iter().step_by(s))
+                    {
+                        *o += tap * v;
                     }
                 }
-            }
+            });
         }
     }
 }
@@ -249,36 +265,30 @@ simd::multiversion! {
         let same_3x3 = k == 3 && s == 1 && shape.padding == 1 && w >= 2;
         let gathered = |iy: usize| same_3x3 && iy >= 1 && iy + 1 < shape.height;
         for (oy, row) in grad_output.chunks_exact(ow).enumerate() {
-            for ky in 0..k {
-                let Some(iy) = shape.input_row(oy, ky).filter(|&iy| !gathered(iy)) else {
-                    continue;
-                };
-                let line = &mut grad[iy * w..(iy + 1) * w];
-                for kx in 0..k {
-                    let tap = taps[ky * k + kx];
-                    let Some((first, end, start)) = shape.columns(kx, ow) else {
-                        continue;
-                    };
-                    let line = &mut line[start..start + (end - first - 1) * s + 1];
-                    if s == 1 {
-                        for (g, o) in line.iter_mut().zip(&row[first..end]) {
-                            *g += tap * o;
-                        }
-                    } else {
-                        // Indexing: `step_by` over a mutable slice does not vectorise and was
-                        // 7x slower here.
-                        for (j, o) in row[first..end].iter().enumerate() {
-                            line[j * s] += tap * o;
-                        }
+            shape.for_each_tap(oy, ow, |ky, kx, iy, (first, end, start)| {
+                if gathered(iy) {
+                    return;
+                }
+                let tap = taps[ky * k + kx];
+                let line = &mut grad[iy * w + start..][..(end - first - 1) * s + 1];
+                if s == 1 {
+                    for (g, o) in line.iter_mut().zip(&row[first..end]) {
+                        *g += tap * o;
+                    }
+                } else {
+                    // Indexing: `step_by` over a mutable slice does not vectorise and was
+                    // 7x slower here.
+                    for (j, o) in row[first..end].iter().enumerate() {
+                        line[j * s] += tap * o;
                     }
                 }
-            }
+            });
         }
         if same_3x3 {
             // The transposed 3 x 3 "same" convolution is the same convolution with the kernel
             // turned by 180 degrees.
             let turned: [f32; 9] = std::array::from_fn(|i| taps[8 - i]);
-            for iy in (1..shape.height.saturating_sub(1)).filter(|&iy| gathered(iy)) {
+            for iy in 1..shape.height.saturating_sub(1) {
                 let rows = &grad_output[(iy - 1) * w..(iy + 2) * w];
                 depthwise_3x3_inner_row(&turned, 0.0, rows, &mut grad[iy * w..(iy + 1) * w]);
             }
@@ -330,24 +340,15 @@ simd::multiversion! {
         let (k, s, w) = (shape.kernel, shape.stride, shape.width);
         let ow = shape.output_size().1;
         for (oy, row) in grad_output.chunks_exact(ow).enumerate() {
-            for ky in 0..k {
-                let Some(iy) = shape.input_row(oy, ky) else {
-                    continue;
+            shape.for_each_tap(oy, ow, |ky, kx, iy, (first, end, start)| {
+                let grads = &row[first..end];
+                let line = &input[iy * w + start..][..(grads.len() - 1) * s + 1];
+                taps[ky * k + kx] += if s == 1 {
+                    dot(line, grads)
+                } else {
+                    grads.iter().enumerate().map(|(j, g)| line[j * s] * g).sum()
                 };
-                let line = &input[iy * w..(iy + 1) * w];
-                for kx in 0..k {
-                    let Some((first, end, start)) = shape.columns(kx, ow) else {
-                        continue;
-                    };
-                    let grads = &row[first..end];
-                    let line = &line[start..start + (grads.len() - 1) * s + 1];
-                    taps[ky * k + kx] += if s == 1 {
-                        dot(line, grads)
-                    } else {
-                        grads.iter().enumerate().map(|(j, g)| line[j * s] * g).sum()
-                    };
-                }
-            }
+            });
         }
     }
 }

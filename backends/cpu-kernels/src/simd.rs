@@ -30,7 +30,10 @@ macro_rules! multiversion {
 
             #[cfg(target_arch = "x86_64")]
             {
-                if std::arch::is_x86_feature_detected!("avx512f") {
+                if std::arch::is_x86_feature_detected!("avx512f")
+                    && std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
                     // SAFETY: the CPU has every feature `avx512` was compiled for.
                     return unsafe { avx512($($arg),*) };
                 }

@@ -218,8 +218,9 @@ impl LayerTimes {
     }
 }
 
-/// The breakdown's row for a 3 x 3 convolution of stride 1 on `x`: stages differ in how they
-/// run (im2col or Winograd) and in how well the products use the CPU.
+/// The breakdown's row for a block's 3 x 3 convolution on `x`, named by its input channels and
+/// size (a stage's stride-2 convolution shows under its input's): stages differ in how they run
+/// (im2col or Winograd) and in how well the products use the CPU.
 fn conv3x3_label(x: &Tensor<4>) -> String {
     let [_, c, h, w] = x.dims();
     format!("conv 3x3 dense, {c} ch, {h}x{w}")
