@@ -4,13 +4,13 @@
 
 use crate::batchnorm::{
     batch_norm_apply_host, batch_norm_apply_in_place_host, batch_norm_backward_host,
-    batch_norm_scale, batch_norm_statistics_host, Normalisation,
+    batch_norm_backward_in_place_host, batch_norm_scale, batch_norm_statistics_host, Normalisation,
 };
 use crate::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host,
     depthwise_conv2d_host, depthwise_conv2d_input_grad_host, depthwise_conv2d_weight_grad_host,
-    prelu_alpha_grad_host, prelu_host, prelu_in_place_host, prelu_input_grad_host, Dense,
-    Depthwise,
+    prelu_alpha_grad_host, prelu_host, prelu_in_place_host, prelu_input_grad_host,
+    prelu_input_grad_in_place_host, Dense, Depthwise,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -84,6 +84,16 @@ fn values(tensor: &FlexTensor) -> std::borrow::Cow<'_, [f32]> {
                 .to_vec(),
         ),
     }
+}
+
+/// The values of `tensor` for overwriting, where it is the whole of a buffer nothing else holds:
+/// an activation outside autodiff, or a gradient the backward consumes.
+fn owned_values(tensor: &mut FlexTensor) -> Option<&mut [f32]> {
+    let n = tensor.shape().num_elements();
+    if tensor.layout().contiguous_offsets() != Some((0, n)) {
+        return None;
+    }
+    tensor.try_storage_mut::<f32>().map(|slice| &mut slice[..n])
 }
 
 fn flex_tensor(values: Vec<f32>, shape: impl Into<burn::tensor::Shape>) -> FlexTensor {
@@ -275,21 +285,27 @@ impl PreluBackend for Flex {
     fn prelu_channels(mut x: FlexTensor, alpha: FlexTensor) -> FlexTensor {
         let shape = x.shape();
         let (_, plane) = channels_and_plane(&shape);
-        let whole = x.layout().contiguous_offsets() == Some((0, shape.num_elements()));
         // Outside autodiff nothing else holds the activation: overwrite it.
-        if whole {
-            if let Some(slice) = x.try_storage_mut::<f32>() {
-                let n = shape.num_elements();
-                prelu_in_place_host(&mut slice[..n], &values(&alpha), plane);
-                return x;
-            }
+        if let Some(slice) = owned_values(&mut x) {
+            prelu_in_place_host(slice, &values(&alpha), plane);
+            return x;
         }
         flex_tensor(prelu_host(&values(&x), &values(&alpha), plane), shape)
     }
 
-    fn prelu_channels_input_grad(x: FlexTensor, alpha: FlexTensor, grad: FlexTensor) -> FlexTensor {
+    fn prelu_channels_input_grad(
+        x: FlexTensor,
+        alpha: FlexTensor,
+        mut grad: FlexTensor,
+    ) -> FlexTensor {
         let shape = x.shape();
         let (_, plane) = channels_and_plane(&shape);
+        if grad.shape() == shape {
+            if let Some(dy) = owned_values(&mut grad) {
+                prelu_input_grad_in_place_host(&values(&x), &values(&alpha), dy, plane);
+                return grad;
+            }
+        }
         let out = prelu_input_grad_host(&values(&x), &values(&alpha), &values(&grad), plane);
         flex_tensor(out, shape)
     }
@@ -644,10 +660,24 @@ impl BatchNormBackend for Flex {
         mean: FlexTensor,
         variance: FlexTensor,
         epsilon: f64,
-        grad: FlexTensor,
+        mut grad: FlexTensor,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let shape = x.shape();
         let (channels, plane) = channels_and_plane(&shape);
+        if grad.shape() == shape {
+            let x = values(&x);
+            let (gamma, mean, variance) = (values(&gamma), values(&mean), values(&variance));
+            if let Some(dy) = owned_values(&mut grad) {
+                let (gamma_grad, beta_grad) = batch_norm_backward_in_place_host(
+                    &x, dy, &gamma, &mean, &variance, epsilon, plane,
+                );
+                return (
+                    grad,
+                    flex_tensor(gamma_grad, [channels]),
+                    flex_tensor(beta_grad, [channels]),
+                );
+            }
+        }
         let (x_grad, gamma_grad, beta_grad) = batch_norm_backward_host(
             &values(&x),
             &values(&grad),
@@ -682,13 +712,9 @@ impl BatchNormBackend for Flex {
             beta: &beta,
         };
         // As for PReLU: outside autodiff nothing else holds the activation.
-        let whole = x.layout().contiguous_offsets() == Some((0, shape.num_elements()));
-        if whole {
-            if let Some(slice) = x.try_storage_mut::<f32>() {
-                let n = shape.num_elements();
-                batch_norm_apply_in_place_host(&mut slice[..n], norm, plane);
-                return x;
-            }
+        if let Some(slice) = owned_values(&mut x) {
+            batch_norm_apply_in_place_host(slice, norm, plane);
+            return x;
         }
         flex_tensor(batch_norm_apply_host(&values(&x), norm, plane), shape)
     }

@@ -3,7 +3,11 @@
 //! broadcast product and `mask_where`, and differentiates each: in a MobileFaceNet train step on
 //! flex that was 14% of the time in `mask_where` alone.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
+
+use crate::simd;
 
 /// Planes (one channel of one sample) per rayon task: enough work to pay for the task.
 fn planes_per_task(plane: usize) -> usize {
@@ -12,29 +16,45 @@ fn planes_per_task(plane: usize) -> usize {
 
 /// `y = x` where `x >= 0`, `alpha[c] * x` elsewhere; `x` is `[N, C, plane]` row-major.
 pub fn prelu_host(x: &[f32], alpha: &[f32], plane: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    let chunk = plane * planes_per_task(plane);
-    out.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk))
-        .enumerate()
-        .for_each(|(task, (out, x))| {
-            let first = task * planes_per_task(plane);
-            for (k, (out, x)) in out.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
-                let a = alpha[(first + k) % alpha.len()];
-                for (o, &v) in out.iter_mut().zip(x) {
-                    *o = if v >= 0.0 { v } else { a * v };
-                }
+    let per = planes_per_task(plane);
+    crate::filled(x.len(), |out| {
+        out.par_chunks_mut(plane * per)
+            .zip(x.par_chunks(plane * per))
+            .enumerate()
+            .for_each(|(task, (out, x))| prelu_planes(out, x, alpha, task * per, plane));
+    })
+}
+
+simd::multiversion! {
+    /// [`prelu_host`] on the planes `first..` of one task.
+    fn prelu_planes(
+        out: &mut [MaybeUninit<f32>],
+        x: &[f32],
+        alpha: &[f32],
+        first: usize,
+        plane: usize,
+    ) {
+        for (k, (out, x)) in out.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
+            let a = alpha[(first + k) % alpha.len()];
+            for (o, &v) in out.iter_mut().zip(x) {
+                o.write(if v >= 0.0 { v } else { a * v });
             }
-        });
-    out
+        }
+    }
 }
 
 /// [`prelu_host`] overwriting `x`: an inference forward reuses the activation's buffer, where
 /// a fresh one would fault in a page every 4 KB.
 pub fn prelu_in_place_host(x: &mut [f32], alpha: &[f32], plane: usize) {
-    let chunk = plane * planes_per_task(plane);
-    x.par_chunks_mut(chunk).enumerate().for_each(|(task, x)| {
-        let first = task * planes_per_task(plane);
+    let per = planes_per_task(plane);
+    x.par_chunks_mut(plane * per)
+        .enumerate()
+        .for_each(|(task, x)| prelu_planes_in_place(x, alpha, task * per, plane));
+}
+
+simd::multiversion! {
+    /// [`prelu_in_place_host`] on the planes `first..` of one task.
+    fn prelu_planes_in_place(x: &mut [f32], alpha: &[f32], first: usize, plane: usize) {
         for (k, x) in x.chunks_mut(plane).enumerate() {
             let a = alpha[(first + k) % alpha.len()];
             // A select, not a branch: the signs are random, and a conditional store does not
@@ -43,46 +63,106 @@ pub fn prelu_in_place_host(x: &mut [f32], alpha: &[f32], plane: usize) {
                 *v = if *v >= 0.0 { *v } else { a * *v };
             }
         }
-    });
+    }
 }
 
 /// The input gradient: `grad` where `x >= 0`, `alpha[c] * grad` elsewhere.
 pub fn prelu_input_grad_host(x: &[f32], alpha: &[f32], grad: &[f32], plane: usize) -> Vec<f32> {
-    let mut out = vec![0f32; x.len()];
-    let chunk = plane * planes_per_task(plane);
-    out.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk).zip(grad.par_chunks(chunk)))
-        .enumerate()
-        .for_each(|(task, (out, (x, grad)))| {
-            let first = task * planes_per_task(plane);
-            let planes = out
-                .chunks_mut(plane)
-                .zip(x.chunks(plane).zip(grad.chunks(plane)));
-            for (k, (out, (x, grad))) in planes.enumerate() {
-                let a = alpha[(first + k) % alpha.len()];
-                for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
-                    *o = if v >= 0.0 { g } else { a * g };
-                }
-            }
-        });
-    out
+    assert_eq!(x.len(), grad.len(), "gradient size");
+    let per = planes_per_task(plane);
+    crate::filled(x.len(), |out| {
+        out.par_chunks_mut(plane * per)
+            .zip(x.par_chunks(plane * per).zip(grad.par_chunks(plane * per)))
+            .enumerate()
+            .for_each(|(task, (out, (x, grad)))| {
+                prelu_grad_planes(out, x, grad, alpha, task * per, plane)
+            });
+    })
 }
 
-/// The slope gradient: per channel, the sum of `grad * x` where `x < 0`.
+simd::multiversion! {
+    /// [`prelu_input_grad_host`] on the planes `first..` of one task.
+    fn prelu_grad_planes(
+        out: &mut [MaybeUninit<f32>],
+        x: &[f32],
+        grad: &[f32],
+        alpha: &[f32],
+        first: usize,
+        plane: usize,
+    ) {
+        let planes = out.chunks_mut(plane).zip(x.chunks(plane).zip(grad.chunks(plane)));
+        for (k, (out, (x, grad))) in planes.enumerate() {
+            let a = alpha[(first + k) % alpha.len()];
+            for ((o, &v), &g) in out.iter_mut().zip(x).zip(grad) {
+                o.write(if v >= 0.0 { g } else { a * g });
+            }
+        }
+    }
+}
+
+/// [`prelu_input_grad_host`] written over `grad`: the backward consumes the output's gradient,
+/// so a step needs no fresh buffer for it.
+pub fn prelu_input_grad_in_place_host(x: &[f32], alpha: &[f32], grad: &mut [f32], plane: usize) {
+    assert_eq!(x.len(), grad.len(), "gradient size");
+    let per = planes_per_task(plane);
+    grad.par_chunks_mut(plane * per)
+        .zip(x.par_chunks(plane * per))
+        .enumerate()
+        .for_each(|(task, (grad, x))| {
+            prelu_grad_planes_in_place(grad, x, alpha, task * per, plane)
+        });
+}
+
+simd::multiversion! {
+    /// [`prelu_input_grad_in_place_host`] on the planes `first..` of one task.
+    fn prelu_grad_planes_in_place(
+        grad: &mut [f32],
+        x: &[f32],
+        alpha: &[f32],
+        first: usize,
+        plane: usize,
+    ) {
+        for (k, (grad, x)) in grad.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
+            let a = alpha[(first + k) % alpha.len()];
+            for (g, &v) in grad.iter_mut().zip(x) {
+                *g = if v >= 0.0 { *g } else { a * *g };
+            }
+        }
+    }
+}
+
+/// The slope gradient: per channel, the sum of `grad * x` where `x < 0` (per plane with eight
+/// partial sums, then the planes in sample order: the same bits on any thread count).
 pub fn prelu_alpha_grad_host(x: &[f32], grad: &[f32], channels: usize, plane: usize) -> Vec<f32> {
+    assert_eq!(x.len(), grad.len(), "gradient size");
     let per_plane: Vec<f32> = x
         .par_chunks(plane)
         .zip(grad.par_chunks(plane))
-        .map(|(x, grad)| {
-            x.iter()
-                .zip(grad)
-                .map(|(&v, &g)| if v < 0.0 { v * g } else { 0.0 })
-                .sum()
-        })
+        .with_min_len(planes_per_task(plane))
+        .map(|(x, grad)| negative_part_dot(x, grad))
         .collect();
     let mut out = vec![0f32; channels];
     for (k, s) in per_plane.into_iter().enumerate() {
         out[k % channels] += s;
     }
     out
+}
+
+simd::multiversion! {
+    /// `sum(x * grad where x < 0)` with eight partial sums, which vectorise (one running sum
+    /// must be added in order and does not).
+    fn negative_part_dot(x: &[f32], grad: &[f32]) -> f32 {
+        let mut lanes = [0f32; 8];
+        let (x8, g8) = (x.chunks_exact(8), grad.chunks_exact(8));
+        let mut tail = 0f32;
+        for (&v, &g) in x8.remainder().iter().zip(g8.remainder()) {
+            tail += if v < 0.0 { v * g } else { 0.0 };
+        }
+        for (x, g) in x8.zip(g8) {
+            for i in 0..8 {
+                lanes[i] += x[i].min(0.0) * g[i];
+            }
+        }
+        lanes.iter().sum::<f32>() + tail
+    }
 }

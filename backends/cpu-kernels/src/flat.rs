@@ -1,0 +1,331 @@
+//! Stride-1 3 x 3 depthwise planes (every MobileFaceNet depthwise layer but the three
+//! downsampling ones) worked on a zero-padded copy of the plane read as one flat line.
+//!
+//! With the plane padded to width `W`, the tap `(ky, kx)` of every output is the padded line
+//! shifted by `ky * W + kx`: the forward, the input gradient (the same correlation with the
+//! kernel turned by 180 degrees, over the padded output gradient) and the weight gradient
+//! (nine dot products of the line with the output gradient) each become one loop over the
+//! whole plane, whatever its width, instead of a loop per row. Rows of 7 or 14 values (the
+//! last two stages) no longer leave the vector lanes mostly empty, and no loop needs edge
+//! cases: the padding supplies the zeros. The `W - OW` columns of the line that fall outside
+//! the output are computed and dropped (2 of 58 at 56 x 56, 2 of 9 at 7 x 7).
+
+use crate::{simd, Depthwise};
+
+/// Taps of a 3 x 3 kernel, row-major.
+const TAPS: usize = 9;
+
+/// Whether the forward and the weight gradient of `shape` take the flat path.
+pub(crate) fn applies(shape: &Depthwise) -> bool {
+    let (oh, ow) = shape.output_size();
+    shape.kernel == 3
+        && (shape.stride == 1 || shape.stride == 2)
+        && shape.padding < 3
+        && shape.height * shape.width * oh * ow > 0
+}
+
+/// Whether the input gradient of `shape` takes the flat path (stride 1: the transposed
+/// convolution of a strided one is not a plain correlation).
+pub(crate) fn input_grad_applies(shape: &Depthwise) -> bool {
+    applies(shape) && shape.stride == 1
+}
+
+/// A plane of `rows x cols` with `pad` zeros on every side, as the nine taps of a stride-1
+/// correlation read it: output `q` (at the padded row stride) reads `source[q + offsets[t]]`.
+#[derive(Clone, Copy)]
+struct Padded {
+    rows: usize,
+    cols: usize,
+    pad: usize,
+}
+
+impl Padded {
+    /// Row stride of the padded plane, and of the output line.
+    #[inline(always)]
+    fn stride(self) -> usize {
+        self.cols + 2 * self.pad
+    }
+
+    /// Padded values plus the two that the last row's shifts reach past the end.
+    #[inline(always)]
+    fn len(self) -> usize {
+        (self.rows + 2 * self.pad) * self.stride() + 2
+    }
+
+    #[inline(always)]
+    fn offsets(self) -> [usize; TAPS] {
+        let w = self.stride();
+        std::array::from_fn(|t| t / 3 * w + t % 3)
+    }
+
+    /// Copies `plane` (`rows x cols`) into the padded buffer; the border is never written, so it
+    /// stays the zeros the buffer was made with.
+    #[inline(always)]
+    fn place(self, padded: &mut [f32], plane: &[f32]) {
+        let w = self.stride();
+        for (r, row) in plane.chunks_exact(self.cols).enumerate() {
+            padded[(r + self.pad) * w + self.pad..][..self.cols].copy_from_slice(row);
+        }
+    }
+}
+
+/// A stride-2 plane split into its four phases (even or odd padded row, even or odd padded
+/// column), each `rows x stride`, one after the other: the tap `(ky, kx)` of output
+/// `(oy, ox)` is phase `(ky % 2, kx % 2)` at `(oy + ky / 2, ox + kx / 2)`, so the strided
+/// correlation becomes a stride-1 one over the phases.
+#[derive(Clone, Copy)]
+struct Phases {
+    rows: usize,
+    cols: usize,
+    pad: usize,
+}
+
+impl Phases {
+    /// Row stride of each phase, and of the output line.
+    #[inline(always)]
+    fn stride(self) -> usize {
+        (self.cols + 2 * self.pad).div_ceil(2)
+    }
+
+    #[inline(always)]
+    fn phase_rows(self) -> usize {
+        (self.rows + 2 * self.pad).div_ceil(2)
+    }
+
+    /// The four phases plus the row and value that the last output row's shifts reach past
+    /// the end.
+    #[inline(always)]
+    fn len(self) -> usize {
+        (4 * self.phase_rows() + 1) * self.stride() + 1
+    }
+
+    #[inline(always)]
+    fn offsets(self) -> [usize; TAPS] {
+        let (w, phase) = (self.stride(), self.phase_rows() * self.stride());
+        std::array::from_fn(|t| {
+            let (ky, kx) = (t / 3, t % 3);
+            ((ky % 2) * 2 + kx % 2) * phase + ky / 2 * w + kx / 2
+        })
+    }
+
+    /// Deals `plane` (`rows x cols`) out into the phases; positions no input reaches are never
+    /// written and stay zero.
+    #[inline(always)]
+    fn place(self, phases: &mut [f32], plane: &[f32]) {
+        let (w, phase) = (self.stride(), self.phase_rows() * self.stride());
+        for (y, row) in plane.chunks_exact(self.cols).enumerate() {
+            let r = y + self.pad;
+            for parity in 0..2 {
+                // Input columns whose padded column has this parity.
+                let first = (parity + 2 - self.pad % 2) % 2;
+                let start = ((r % 2) * 2 + parity) * phase + r / 2 * w + (first + self.pad) / 2;
+                let line = &mut phases[start..];
+                for (d, &v) in line.iter_mut().zip(row.iter().skip(first).step_by(2)) {
+                    *d = v;
+                }
+            }
+        }
+    }
+}
+
+/// The source layout of a stride-1 or stride-2 plane: `(source length, output row stride, tap
+/// offsets)`, and the copy into it.
+#[derive(Clone, Copy)]
+enum Layout {
+    Padded(Padded),
+    Phases(Phases),
+}
+
+impl Layout {
+    #[inline(always)]
+    fn of(shape: &Depthwise) -> Self {
+        let (rows, cols, pad) = (shape.height, shape.width, shape.padding);
+        if shape.stride == 1 {
+            Layout::Padded(Padded { rows, cols, pad })
+        } else {
+            Layout::Phases(Phases { rows, cols, pad })
+        }
+    }
+
+    #[inline(always)]
+    fn len(self) -> usize {
+        match self {
+            Layout::Padded(p) => p.len(),
+            Layout::Phases(p) => p.len(),
+        }
+    }
+
+    #[inline(always)]
+    fn stride(self) -> usize {
+        match self {
+            Layout::Padded(p) => p.stride(),
+            Layout::Phases(p) => p.stride(),
+        }
+    }
+
+    #[inline(always)]
+    fn offsets(self) -> [usize; TAPS] {
+        match self {
+            Layout::Padded(p) => p.offsets(),
+            Layout::Phases(p) => p.offsets(),
+        }
+    }
+
+    #[inline(always)]
+    fn place(self, source: &mut [f32], plane: &[f32]) {
+        match self {
+            Layout::Padded(p) => p.place(source, plane),
+            Layout::Phases(p) => p.place(source, plane),
+        }
+    }
+}
+
+/// `scratch` as two zeroed-once buffers of `first` and `second` values (kept between the
+/// planes of one task: only their interiors are rewritten).
+#[inline(always)]
+fn split_scratch(scratch: &mut Vec<f32>, first: usize, second: usize) -> (&mut [f32], &mut [f32]) {
+    if scratch.len() != first + second {
+        scratch.clear();
+        scratch.resize(first + second, 0.0);
+    }
+    scratch.split_at_mut(first)
+}
+
+/// `dst[q] = init + sum_t taps[t] * src[q + offsets[t]]`, the taps added in row-major order
+/// after `init` (as the general loop adds them, so the values are the same).
+#[inline(always)]
+fn correlate(taps: &[f32; TAPS], offsets: &[usize; TAPS], init: f32, src: &[f32], dst: &mut [f32]) {
+    let n = dst.len();
+    let line = |t: usize| &src[offsets[t]..][..n];
+    let (l0, l1, l2) = (line(0), line(1), line(2));
+    let (l3, l4, l5) = (line(3), line(4), line(5));
+    let (l6, l7, l8) = (line(6), line(7), line(8));
+    let t = taps;
+    for q in 0..n {
+        dst[q] = init
+            + t[0] * l0[q]
+            + t[1] * l1[q]
+            + t[2] * l2[q]
+            + t[3] * l3[q]
+            + t[4] * l4[q]
+            + t[5] * l5[q]
+            + t[6] * l6[q]
+            + t[7] * l7[q]
+            + t[8] * l8[q];
+    }
+}
+
+/// `sum_q g[q] * src[q + offsets[t]]` for each tap, with eight partial sums per tap.
+///
+/// The nine taps are spelled out: as a loop over an array of lines, the accumulators stayed in
+/// memory and every product was scalar.
+#[inline(always)]
+fn correlate_sums(offsets: &[usize; TAPS], src: &[f32], g: &[f32]) -> [f32; TAPS] {
+    let n = g.len();
+    let line = |t: usize| &src[offsets[t]..][..n];
+    let (l0, l1, l2) = (line(0), line(1), line(2));
+    let (l3, l4, l5) = (line(3), line(4), line(5));
+    let (l6, l7, l8) = (line(6), line(7), line(8));
+    let mut acc = [[0f32; LANES]; TAPS];
+    let body = n / LANES * LANES;
+    for base in (0..body).step_by(LANES) {
+        let gs: &[f32; LANES] = g[base..base + LANES].try_into().expect("a lane's values");
+        multiply_add(&mut acc[0], gs, &l0[base..]);
+        multiply_add(&mut acc[1], gs, &l1[base..]);
+        multiply_add(&mut acc[2], gs, &l2[base..]);
+        multiply_add(&mut acc[3], gs, &l3[base..]);
+        multiply_add(&mut acc[4], gs, &l4[base..]);
+        multiply_add(&mut acc[5], gs, &l5[base..]);
+        multiply_add(&mut acc[6], gs, &l6[base..]);
+        multiply_add(&mut acc[7], gs, &l7[base..]);
+        multiply_add(&mut acc[8], gs, &l8[base..]);
+    }
+    let lines = [l0, l1, l2, l3, l4, l5, l6, l7, l8];
+    std::array::from_fn(|t| {
+        let tail: f32 = (body..n).map(|q| g[q] * lines[t][q]).sum();
+        acc[t].iter().sum::<f32>() + tail
+    })
+}
+
+/// Partial sums per tap in [`correlate_sums`].
+const LANES: usize = 8;
+
+/// `acc[i] += g[i] * x[i]` over one lane's width.
+#[inline(always)]
+fn multiply_add(acc: &mut [f32; LANES], g: &[f32; LANES], x: &[f32]) {
+    let x: &[f32; LANES] = x[..LANES].try_into().expect("a lane's values");
+    for i in 0..LANES {
+        acc[i] += g[i] * x[i];
+    }
+}
+
+simd::multiversion! {
+    /// One channel plane of the forward: `out` `[OH, OW]` from `input` `[H, W]`.
+    pub(crate) fn forward_plane(
+        shape: &Depthwise,
+        taps: &[f32],
+        init: f32,
+        input: &[f32],
+        out: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let layout = Layout::of(shape);
+        let (oh, ow) = shape.output_size();
+        let w = layout.stride();
+        let (source, line) = split_scratch(scratch, layout.len(), oh * w);
+        layout.place(source, input);
+        let taps: &[f32; TAPS] = taps.try_into().expect("nine taps");
+        correlate(taps, &layout.offsets(), init, source, line);
+        for (row, values) in out.chunks_exact_mut(ow).zip(line.chunks_exact(w)) {
+            row.copy_from_slice(&values[..ow]);
+        }
+    }
+}
+
+simd::multiversion! {
+    /// One channel plane of the input gradient: writes `grad` `[H, W]` (the transposed
+    /// convolution: the output gradient padded by `2 - padding`, the kernel turned).
+    pub(crate) fn input_grad_plane(
+        shape: &Depthwise,
+        taps: &[f32],
+        grad_output: &[f32],
+        grad: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let (oh, ow) = shape.output_size();
+        let padded = Padded { rows: oh, cols: ow, pad: 2 - shape.padding };
+        let w = padded.stride();
+        let (source, line) = split_scratch(scratch, padded.len(), shape.height * w);
+        padded.place(source, grad_output);
+        let turned: [f32; TAPS] = std::array::from_fn(|t| taps[TAPS - 1 - t]);
+        correlate(&turned, &padded.offsets(), 0.0, source, line);
+        for (row, values) in grad.chunks_exact_mut(shape.width).zip(line.chunks_exact(w)) {
+            row.copy_from_slice(&values[..shape.width]);
+        }
+    }
+}
+
+simd::multiversion! {
+    /// One image's plane of the weight gradient: adds onto the channel's nine `taps`.
+    pub(crate) fn weight_grad_plane(
+        shape: &Depthwise,
+        input: &[f32],
+        grad_output: &[f32],
+        taps: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let layout = Layout::of(shape);
+        let (oh, ow) = shape.output_size();
+        let w = layout.stride();
+        // The output gradient at the line's row stride; its last `w - ow` columns stay zero.
+        let (source, spread) = split_scratch(scratch, layout.len(), oh * w);
+        layout.place(source, input);
+        for (row, values) in spread.chunks_exact_mut(w).zip(grad_output.chunks_exact(ow)) {
+            row[..ow].copy_from_slice(values);
+        }
+        let sums = correlate_sums(&layout.offsets(), source, spread);
+        for (tap, sum) in taps.iter_mut().zip(sums) {
+            *tap += sum;
+        }
+    }
+}
