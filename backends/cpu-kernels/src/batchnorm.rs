@@ -19,58 +19,127 @@ fn planes_per_task(plane: usize) -> usize {
     (16_384 / plane.max(1)).max(1)
 }
 
-/// Sum of `f(i)` over a plane with eight independent accumulators, so that it vectorises.
+/// Sum of `f(a[i], b[i])` over a plane with eight independent accumulators (lane `k` takes
+/// `i = k, k + 8, ...`), then the lanes in f64.
+///
+/// Over whole chunks of eight, so that it vectorises: indexed by `i` through a closure, the
+/// bounds checks kept every lane scalar (`vaddss`), and the BatchNorm sums were 20 % of a
+/// MobileFaceNet train step.
 #[inline(always)]
-fn lane_sum(len: usize, f: impl Fn(usize) -> f32) -> f64 {
+fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
+    let len = a.len().min(b.len());
+    let (a, b) = (a[..len].chunks_exact(8), b[..len].chunks_exact(8));
+    let tail: f32 = a
+        .remainder()
+        .iter()
+        .zip(b.remainder())
+        .map(|(&x, &y)| f(x, y))
+        .sum();
     let mut lanes = [0f32; 8];
-    let body = len / 8 * 8;
-    for base in (0..body).step_by(8) {
-        for (k, lane) in lanes.iter_mut().enumerate() {
-            *lane += f(base + k);
+    for (xs, ys) in a.zip(b) {
+        for k in 0..8 {
+            lanes[k] += f(xs[k], ys[k]);
         }
     }
-    let tail: f32 = (body..len).map(&f).sum();
     lanes.iter().map(|&v| v as f64).sum::<f64>() + tail as f64
 }
 
-/// Per-channel mean and biased variance of `x` (`[N, C, plane]`, row-major).
-///
-/// Each plane contributes its own mean and centred sum of squares (computed while the plane is
-/// in cache) and the planes are merged with Chan's formula: as exact as a two-pass variance,
-/// with one pass over memory.
-pub fn batch_norm_statistics_host(
+/// A channel's mean and biased variance from its planes' `(mean, centred sum of squares)`, in
+/// sample order (Chan's formula).
+fn merge_moments(planes: impl Iterator<Item = (f64, f64)> + Clone, plane: usize) -> (f32, f32) {
+    let samples = planes.clone().count();
+    let channel_mean = planes.clone().map(|(m, _)| m).sum::<f64>() / samples as f64;
+    let m2: f64 = planes
+        .map(|(m, m2)| m2 + plane as f64 * (m - channel_mean) * (m - channel_mean))
+        .sum();
+    (channel_mean as f32, (m2 / (samples * plane) as f64) as f32)
+}
+
+/// Training-mode BatchNorm, `(output, mean, biased variance)`, one task per channel: the
+/// channel's planes are read for their statistics and normalised right after, from cache (a
+/// channel of a MobileFaceNet batch-32 activation is 400 KB at 56 x 56), where a pass for the
+/// statistics and then a pass for the output read the whole activation from memory twice.
+/// The values are those of the two passes.
+pub fn batch_norm_train_host(
     x: &[f32],
-    channels: usize,
+    gamma: &[f32],
+    beta: &[f32],
+    epsilon: f64,
     plane: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let per_plane: Vec<(f64, f64)> = x
-        .par_chunks(plane)
-        .with_min_len(planes_per_task(plane))
-        .map(plane_moments)
-        .collect();
-    let samples = per_plane.len() / channels;
-    let mut mean = vec![0f32; channels];
-    let mut var = vec![0f32; channels];
-    for c in 0..channels {
-        let planes = (0..samples).map(|n| per_plane[n * channels + c]);
-        let channel_mean = planes.clone().map(|(m, _)| m).sum::<f64>() / samples as f64;
-        let m2: f64 = planes
-            .map(|(m, m2)| m2 + plane as f64 * (m - channel_mean) * (m - channel_mean))
-            .sum();
-        mean[c] = channel_mean as f32;
-        var[c] = (m2 / (samples * plane) as f64) as f32;
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let channels = gamma.len();
+    let samples = x.len() / (channels * plane).max(1);
+    assert_eq!(x.len(), samples * channels * plane, "input size");
+    let mut statistics = vec![(0f32, 0f32); channels];
+    let out = crate::filled(x.len(), |out| {
+        let planes = ChannelPlanes::new(out, channels, plane);
+        statistics
+            .par_iter_mut()
+            .enumerate()
+            .for_each(|(c, statistics)| {
+                let index = |n: usize| n * channels + c;
+                let input = |n: usize| &x[index(n) * plane..][..plane];
+                let moments: Vec<(f64, f64)> =
+                    (0..samples).map(|n| plane_moments(input(n))).collect();
+                let (mean, var) = merge_moments(moments.into_iter(), plane);
+                let scale = scale_of(gamma[c], var, epsilon);
+                for n in 0..samples {
+                    // SAFETY: only this task, channel `c`'s, takes the planes of channel `c`.
+                    let out = unsafe { planes.get(index(n)) };
+                    normalise_plane(out, input(n), mean, scale, beta[c]);
+                }
+                *statistics = (mean, var);
+            });
+    });
+    let (mean, var) = statistics.into_iter().unzip();
+    (out, mean, var)
+}
+
+/// The planes of one buffer (`[N, C, plane]`) for a loop with one task per channel: channel
+/// `c`'s planes, `n * C + c`, are spread through the buffer, so no split of the slice hands
+/// them to one task; each task asks for its own channel's only.
+struct ChannelPlanes<'a, T> {
+    start: *mut T,
+    len: usize,
+    plane: usize,
+    _buffer: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: a shared `ChannelPlanes` only hands out planes through `get`, whose callers keep
+// them disjoint between threads.
+unsafe impl<T: Send> Sync for ChannelPlanes<'_, T> {}
+
+impl<'a, T> ChannelPlanes<'a, T> {
+    fn new(buffer: &'a mut [T], channels: usize, plane: usize) -> Self {
+        assert_eq!(buffer.len() % (channels * plane).max(1), 0, "whole planes");
+        Self {
+            start: buffer.as_mut_ptr(),
+            len: buffer.len(),
+            plane,
+            _buffer: std::marker::PhantomData,
+        }
     }
-    (mean, var)
+
+    /// Plane `index`.
+    ///
+    /// # Safety
+    /// No two live results may be the same plane.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn get(&self, index: usize) -> &mut [T] {
+        assert!(
+            (index + 1) * self.plane <= self.len,
+            "plane {index} out of range"
+        );
+        // SAFETY: in bounds (asserted); the caller keeps planes from aliasing.
+        unsafe { std::slice::from_raw_parts_mut(self.start.add(index * self.plane), self.plane) }
+    }
 }
 
 simd::multiversion! {
     /// A plane's mean and centred sum of squares.
     fn plane_moments(p: &[f32]) -> (f64, f64) {
-        let mean = (lane_sum(p.len(), #[inline(always)] |i| p[i]) / p.len() as f64) as f32;
-        let m2 = lane_sum(p.len(), #[inline(always)] |i| {
-            let d = p[i] - mean;
-            d * d
-        });
+        let mean = (lane_sum(p, p, #[inline(always)] |x, _| x) / p.len() as f64) as f32;
+        let m2 = lane_sum(p, p, #[inline(always)] |x, _| (x - mean) * (x - mean));
         (mean as f64, m2)
     }
 }
@@ -80,8 +149,12 @@ pub fn batch_norm_scale(gamma: &[f32], var: &[f32], epsilon: f64) -> Vec<f32> {
     gamma
         .iter()
         .zip(var)
-        .map(|(&g, &v)| (g as f64 / (v as f64 + epsilon).sqrt()) as f32)
+        .map(|(&g, &v)| scale_of(g, v, epsilon))
         .collect()
+}
+
+fn scale_of(gamma: f32, var: f32, epsilon: f64) -> f32 {
+    (gamma as f64 / (var as f64 + epsilon).sqrt()) as f32
 }
 
 /// Per-channel `(mean, scale, beta)` of a normalisation `(x - mean) * scale + beta`.
@@ -106,6 +179,15 @@ pub fn batch_norm_apply_host(x: &[f32], norm: Normalisation, plane: usize) -> Ve
             .enumerate()
             .for_each(|(task, (out, x))| normalise_planes(out, x, norm, task * per, plane));
     })
+}
+
+simd::multiversion! {
+    /// `out = (x - m) * a + b` over one plane.
+    fn normalise_plane(out: &mut [MaybeUninit<f32>], x: &[f32], m: f32, a: f32, b: f32) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            o.write((v - m) * a + b);
+        }
+    }
 }
 
 simd::multiversion! {
@@ -168,17 +250,27 @@ pub fn batch_norm_backward_host(
     epsilon: f64,
     plane: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let terms = BackwardTerms::new(x, grad, gamma, mean, var, epsilon, plane);
-    let per = planes_per_task(plane);
+    assert_eq!(x.len(), grad.len(), "gradient size");
+    let backward = Backward::new(x, gamma, mean, var, epsilon, plane);
+    let mut parameter_grads = vec![(0f32, 0f32); gamma.len()];
     let x_grad = crate::filled(x.len(), |out| {
-        out.par_chunks_mut(plane * per)
-            .zip(x.par_chunks(plane * per).zip(grad.par_chunks(plane * per)))
+        let planes = ChannelPlanes::new(out, gamma.len(), plane);
+        parameter_grads
+            .par_iter_mut()
             .enumerate()
-            .for_each(|(task, (out, (x, dy)))| {
-                x_grad_planes(out, x, dy, &terms.coefficients, task * per, plane)
+            .for_each(|(c, parameter_grads)| {
+                let dy = |n: usize| &grad[backward.index(n, c) * plane..][..plane];
+                let (coefficients, grads) = backward.channel(c, dy);
+                for n in 0..backward.samples {
+                    // SAFETY: only this task, channel `c`'s, takes the planes of channel `c`.
+                    let out = unsafe { planes.get(backward.index(n, c)) };
+                    x_grad_plane(out, backward.input(n, c), dy(n), coefficients);
+                }
+                *parameter_grads = grads;
             });
     });
-    (x_grad, terms.gamma_grad, terms.beta_grad)
+    let (gamma_grad, beta_grad) = parameter_grads.into_iter().unzip();
+    (x_grad, gamma_grad, beta_grad)
 }
 
 /// [`batch_norm_backward_host`] with `x_grad` written over `grad` (the backward consumes the
@@ -192,114 +284,113 @@ pub fn batch_norm_backward_in_place_host(
     epsilon: f64,
     plane: usize,
 ) -> (Vec<f32>, Vec<f32>) {
-    let terms = BackwardTerms::new(x, grad, gamma, mean, var, epsilon, plane);
-    let per = planes_per_task(plane);
-    grad.par_chunks_mut(plane * per)
-        .zip(x.par_chunks(plane * per))
+    assert_eq!(x.len(), grad.len(), "gradient size");
+    let backward = Backward::new(x, gamma, mean, var, epsilon, plane);
+    let planes = ChannelPlanes::new(grad, gamma.len(), plane);
+    let mut parameter_grads = vec![(0f32, 0f32); gamma.len()];
+    parameter_grads
+        .par_iter_mut()
         .enumerate()
-        .for_each(|(task, (dy, x))| {
-            x_grad_planes_in_place(dy, x, &terms.coefficients, task * per, plane)
+        .for_each(|(c, parameter_grads)| {
+            // SAFETY (both `get`s): only this task, channel `c`'s, takes the planes of channel
+            // `c`, and each plane is held once at a time.
+            let dy = |n: usize| -> &[f32] { unsafe { planes.get(backward.index(n, c)) } };
+            let (coefficients, grads) = backward.channel(c, dy);
+            for n in 0..backward.samples {
+                let dy = unsafe { planes.get(backward.index(n, c)) };
+                x_grad_plane_in_place(dy, backward.input(n, c), coefficients);
+            }
+            *parameter_grads = grads;
         });
-    (terms.gamma_grad, terms.beta_grad)
+    parameter_grads.into_iter().unzip()
 }
 
-/// The per-channel results of the backward's first pass: both parameter gradients, and
-/// `[a, slope, mean(dy), mean]` of `x_grad = a * ((dy - mean(dy)) - (x - mean) * slope)`.
-struct BackwardTerms {
-    gamma_grad: Vec<f32>,
-    beta_grad: Vec<f32>,
-    coefficients: Vec<[f32; 4]>,
+/// What the backward of every channel shares.
+struct Backward<'a> {
+    x: &'a [f32],
+    gamma: &'a [f32],
+    mean: &'a [f32],
+    var: &'a [f32],
+    epsilon: f64,
+    plane: usize,
+    samples: usize,
 }
 
-impl BackwardTerms {
+impl<'a> Backward<'a> {
     fn new(
-        x: &[f32],
-        grad: &[f32],
-        gamma: &[f32],
-        mean: &[f32],
-        var: &[f32],
+        x: &'a [f32],
+        gamma: &'a [f32],
+        mean: &'a [f32],
+        var: &'a [f32],
         epsilon: f64,
         plane: usize,
     ) -> Self {
-        assert_eq!(x.len(), grad.len(), "gradient size");
-        let channels = gamma.len();
-        let per_plane: Vec<(f64, f64)> = x
-            .par_chunks(plane)
-            .zip(grad.par_chunks(plane))
-            .enumerate()
-            .with_min_len(planes_per_task(plane))
-            .map(|(index, (x, dy))| plane_backward_sums(x, dy, mean[index % channels]))
-            .collect();
-        let samples = per_plane.len() / channels;
-        let count = (samples * plane) as f64;
-        let mut gamma_grad = vec![0f32; channels];
-        let mut beta_grad = vec![0f32; channels];
-        let mut coefficients = vec![[0f32; 4]; channels];
-        for c in 0..channels {
-            let (sum_dy, sum_dy_centred) = (0..samples)
-                .map(|n| per_plane[n * channels + c])
-                .fold((0f64, 0f64), |(a, b), (p, q)| (a + p, b + q));
-            let inv_std = 1.0 / (var[c] as f64 + epsilon).sqrt();
-            let sum_dy_xhat = sum_dy_centred * inv_std;
-            gamma_grad[c] = sum_dy_xhat as f32;
-            beta_grad[c] = sum_dy as f32;
-            let a = gamma[c] as f64 * inv_std;
-            let slope = inv_std * sum_dy_xhat / count;
-            let mean_dy = sum_dy / count;
-            coefficients[c] = [a as f32, slope as f32, mean_dy as f32, mean[c]];
-        }
+        let samples = x.len() / (gamma.len() * plane).max(1);
+        assert_eq!(x.len(), samples * gamma.len() * plane, "input size");
         Self {
-            gamma_grad,
-            beta_grad,
-            coefficients,
+            x,
+            gamma,
+            mean,
+            var,
+            epsilon,
+            plane,
+            samples,
         }
+    }
+
+    fn index(&self, n: usize, c: usize) -> usize {
+        n * self.gamma.len() + c
+    }
+
+    fn input(&self, n: usize, c: usize) -> &'a [f32] {
+        &self.x[self.index(n, c) * self.plane..][..self.plane]
+    }
+
+    /// Channel `c`'s `[a, slope, mean(dy), mean]` of `x_grad = a * ((dy - mean(dy)) - (x -
+    /// mean) * slope)`, and its `(gamma_grad, beta_grad)`, from its planes' sums in sample
+    /// order (the same bits on any thread count).
+    fn channel<'g>(&self, c: usize, dy: impl Fn(usize) -> &'g [f32]) -> ([f32; 4], (f32, f32)) {
+        let (sum_dy, sum_dy_centred) = (0..self.samples)
+            .map(|n| plane_backward_sums(self.input(n, c), dy(n), self.mean[c]))
+            .fold((0f64, 0f64), |(a, b), (p, q)| (a + p, b + q));
+        let count = (self.samples * self.plane) as f64;
+        let inv_std = 1.0 / (self.var[c] as f64 + self.epsilon).sqrt();
+        let sum_dy_xhat = sum_dy_centred * inv_std;
+        let a = self.gamma[c] as f64 * inv_std;
+        let slope = inv_std * sum_dy_xhat / count;
+        let mean_dy = sum_dy / count;
+        (
+            [a as f32, slope as f32, mean_dy as f32, self.mean[c]],
+            (sum_dy_xhat as f32, sum_dy as f32),
+        )
     }
 }
 
 simd::multiversion! {
     /// A plane's `sum(dy)` and `sum(dy * (x - m))`.
     fn plane_backward_sums(x: &[f32], dy: &[f32], m: f32) -> (f64, f64) {
-        let len = x.len().min(dy.len());
-        let sum_dy = lane_sum(len, #[inline(always)] |i| dy[i]);
-        let sum_dy_centred = lane_sum(len, #[inline(always)] |i| dy[i] * (x[i] - m));
+        let sum_dy = lane_sum(dy, x, #[inline(always)] |g, _| g);
+        let sum_dy_centred = lane_sum(dy, x, #[inline(always)] |g, v| g * (v - m));
         (sum_dy, sum_dy_centred)
     }
 }
 
 simd::multiversion! {
-    /// [`batch_norm_backward_host`]'s `x_grad` on the planes `first..` of one task.
-    fn x_grad_planes(
-        out: &mut [MaybeUninit<f32>],
-        x: &[f32],
-        dy: &[f32],
-        coefficients: &[[f32; 4]],
-        first: usize,
-        plane: usize,
-    ) {
-        let planes = out.chunks_mut(plane).zip(x.chunks(plane).zip(dy.chunks(plane)));
-        for (k, (out, (x, dy))) in planes.enumerate() {
-            let [a, slope, mean_dy, m] = coefficients[(first + k) % coefficients.len()];
-            for ((o, &v), &g) in out.iter_mut().zip(x).zip(dy) {
-                o.write(a * ((g - mean_dy) - (v - m) * slope));
-            }
+    /// `x_grad` of one plane into a fresh buffer.
+    fn x_grad_plane(out: &mut [MaybeUninit<f32>], x: &[f32], dy: &[f32], coefficients: [f32; 4]) {
+        let [a, slope, mean_dy, m] = coefficients;
+        for ((o, &v), &g) in out.iter_mut().zip(x).zip(dy) {
+            o.write(a * ((g - mean_dy) - (v - m) * slope));
         }
     }
 }
 
 simd::multiversion! {
-    /// [`batch_norm_backward_in_place_host`]'s `x_grad` on the planes `first..` of one task.
-    fn x_grad_planes_in_place(
-        dy: &mut [f32],
-        x: &[f32],
-        coefficients: &[[f32; 4]],
-        first: usize,
-        plane: usize,
-    ) {
-        for (k, (dy, x)) in dy.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
-            let [a, slope, mean_dy, m] = coefficients[(first + k) % coefficients.len()];
-            for (g, &v) in dy.iter_mut().zip(x) {
-                *g = a * ((*g - mean_dy) - (v - m) * slope);
-            }
+    /// `x_grad` of one plane written over its `dy`.
+    fn x_grad_plane_in_place(dy: &mut [f32], x: &[f32], coefficients: [f32; 4]) {
+        let [a, slope, mean_dy, m] = coefficients;
+        for (g, &v) in dy.iter_mut().zip(x) {
+            *g = a * ((*g - mean_dy) - (v - m) * slope);
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::batchnorm::{
     batch_norm_apply_host, batch_norm_apply_in_place_host, batch_norm_backward_host,
-    batch_norm_backward_in_place_host, batch_norm_scale, batch_norm_statistics_host, Normalisation,
+    batch_norm_backward_in_place_host, batch_norm_scale, batch_norm_train_host, Normalisation,
 };
 use crate::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host,
@@ -637,16 +637,8 @@ impl BatchNormBackend for Flex {
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let shape = x.shape();
         let (channels, plane) = channels_and_plane(&shape);
-        let x = values(&x);
-        let (mean, var) = batch_norm_statistics_host(&x, channels, plane);
-        let scale = batch_norm_scale(&values(&gamma), &var, epsilon);
-        let beta = values(&beta);
-        let norm = Normalisation {
-            mean: &mean,
-            scale: &scale,
-            beta: &beta,
-        };
-        let out = batch_norm_apply_host(&x, norm, plane);
+        let (out, mean, var) =
+            batch_norm_train_host(&values(&x), &values(&gamma), &values(&beta), epsilon, plane);
         (
             flex_tensor(out, shape),
             flex_tensor(mean, [channels]),

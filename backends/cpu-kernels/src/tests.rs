@@ -200,19 +200,22 @@ fn gradients_match_burn(shape: &Depthwise, bias: bool, seed: u64) -> Result<(), 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
-    /// 3 x 3, stride 1, padding 1 (MobileFaceNet's depthwise layers): the one-pass rows of the
-    /// forward and the gathered rows of the input gradient, planes from 1 x 1 up, so that the
-    /// first and last rows and columns take the general loop.
+    /// 3 x 3 at stride 1 or 2 (all of MobileFaceNet's depthwise layers): the flat planes
+    /// (`flat.rs`: padded for stride 1, split into phases for stride 2), odd and even sides
+    /// from 1 up and every padding they allow.
     #[test]
-    fn depthwise_3x3_same_rows_match_burn(
+    fn depthwise_3x3_flat_planes_match_burn(
         batch in 1usize..3,
         channels in 1usize..4,
-        height in 1usize..14,
-        width in 1usize..14,
+        height in 1usize..20,
+        width in 1usize..20,
+        stride in 1usize..=2,
+        padding in 0usize..=2,
         bias in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        let shape = Depthwise { batch, channels, height, width, kernel: 3, stride: 1, padding: 1 };
+        prop_assume!(height + 2 * padding >= 3 && width + 2 * padding >= 3);
+        let shape = Depthwise { batch, channels, height, width, kernel: 3, stride, padding };
         gradients_match_burn(&shape, bias, seed)?;
     }
 }
@@ -592,4 +595,38 @@ fn inference_batch_norm_matches_burn_and_overwrites_only_an_unshared_activation(
         kept.into_data().try_into_vec::<f32>().unwrap(),
         values(7, len)
     );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// The backward kernels that write over the consumed output gradient give the same bits as
+    /// the ones that write a fresh buffer (autodiff takes either, depending on whether the
+    /// gradient is shared).
+    #[test]
+    fn in_place_gradients_equal_fresh_ones(
+        samples in 1usize..4,
+        channels in 1usize..6,
+        plane in 1usize..40,
+        seed in any::<u64>(),
+    ) {
+        let len = samples * channels * plane;
+        let (x, dy) = (values(seed, len), values(seed ^ 1, len));
+        let gamma = values(seed ^ 2, channels);
+        let (_, mean, var) = batchnorm::batch_norm_train_host(&x, &gamma, &gamma, 1e-5, plane);
+        let (x_grad, gamma_grad, beta_grad) =
+            batchnorm::batch_norm_backward_host(&x, &dy, &gamma, &mean, &var, 1e-5, plane);
+        let mut over = dy.clone();
+        let (gamma_grad2, beta_grad2) = batchnorm::batch_norm_backward_in_place_host(
+            &x, &mut over, &gamma, &mean, &var, 1e-5, plane,
+        );
+        prop_assert_eq!(&over, &x_grad);
+        prop_assert_eq!(&gamma_grad2, &gamma_grad);
+        prop_assert_eq!(&beta_grad2, &beta_grad);
+
+        let fresh = prelu_input_grad_host(&x, &gamma, &dy, plane);
+        let mut over = dy.clone();
+        prelu_input_grad_in_place_host(&x, &gamma, &mut over, plane);
+        prop_assert_eq!(over, fresh);
+    }
 }

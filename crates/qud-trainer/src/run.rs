@@ -41,6 +41,10 @@ pub struct TrainReport {
     pub losses: Vec<f32>,
     pub final_eval: Vec<SetScore>,
     pub student_weights: PathBuf,
+    /// Wall-clock seconds of every epoch this call finished, from its first batch to the end
+    /// of its last step (checkpoint and evaluation included; setup, such as building the
+    /// teacher cache, not).
+    pub epoch_seconds: Vec<f64>,
 }
 
 struct JsonLines(std::fs::File);
@@ -206,7 +210,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
         config.optim.batch_size,
         "img",
     );
+    let mut epoch_seconds = Vec::new();
     'epochs: for epoch in start_epoch..config.optim.epochs {
+        let epoch_start = Instant::now();
         let first_batch = if epoch == start_epoch {
             position.batch
         } else {
@@ -358,6 +364,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
                 final_eval = run_eval(&student, step + 1, epoch, &mut eval_log);
                 record_best(&out, &final_eval, step + 1)?;
             }
+            if epoch_done {
+                epoch_seconds.push(epoch_start.elapsed().as_secs_f64());
+            }
             if stop {
                 tracing::info!(
                     "stopping after step {}{}; checkpoint {last_checkpoint} (continue with --resume)",
@@ -384,6 +393,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
         losses,
         final_eval,
         student_weights,
+        epoch_seconds,
     })
 }
 

@@ -46,6 +46,8 @@ fn qud_resume_is_bit_exact() {
     let full = train(&straight, &TrainOptions::default()).unwrap();
     assert_eq!(full.steps, 4);
     assert_eq!(full.losses.len(), 4);
+    assert_eq!(full.epoch_seconds.len(), 2, "{:?}", full.epoch_seconds);
+    assert!(full.epoch_seconds.iter().all(|&s| s > 0.0));
 
     let split = tiny(&dir.path().join("split"), "qud", &[]);
     let first = train(
@@ -57,6 +59,8 @@ fn qud_resume_is_bit_exact() {
     )
     .unwrap();
     assert_eq!(first.losses.len(), 3);
+    // Stopped in its second epoch: only the first one finished.
+    assert_eq!(first.epoch_seconds.len(), 1);
     let refused = train(&split, &TrainOptions::default())
         .unwrap_err()
         .to_string();
@@ -69,6 +73,7 @@ fn qud_resume_is_bit_exact() {
         },
     )
     .unwrap();
+    assert_eq!(rest.epoch_seconds.len(), 1);
     let resumed: Vec<f32> = first.losses.iter().chain(&rest.losses).copied().collect();
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     assert_eq!(
