@@ -9,8 +9,8 @@ use crate::batchnorm::{
 use crate::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host,
     depthwise_conv2d_host, depthwise_conv2d_input_grad_host, depthwise_conv2d_weight_grad_host,
-    prelu_alpha_grad_host, prelu_host, prelu_in_place_host, prelu_input_grad_host,
-    prelu_input_grad_in_place_host, Dense, Depthwise,
+    prelu_alpha_grad_host, prelu_backward_in_place_host, prelu_host, prelu_in_place_host,
+    prelu_input_grad_host, prelu_input_grad_in_place_host, Dense, Depthwise,
 };
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -273,6 +273,13 @@ pub trait PreluBackend: Backend {
         x: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
+
+    /// Both gradients, `(x_grad, alpha_grad)`: in one pass where `grad` can be overwritten.
+    fn prelu_channels_backward(
+        x: FloatTensor<Self>,
+        alpha: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
 }
 
 /// `(channels, plane)` of a `[N, C, ...]` shape: the plane is everything after dimension 1.
@@ -315,6 +322,24 @@ impl PreluBackend for Flex {
         let out = prelu_alpha_grad_host(&values(&x), &values(&grad), channels, plane);
         flex_tensor(out, [channels])
     }
+
+    fn prelu_channels_backward(
+        x: FlexTensor,
+        alpha: FlexTensor,
+        mut grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor) {
+        let shape = x.shape();
+        let (channels, plane) = channels_and_plane(&shape);
+        if grad.shape() == shape {
+            let (x, alpha) = (values(&x), values(&alpha));
+            if let Some(dy) = owned_values(&mut grad) {
+                let alpha_grad = prelu_backward_in_place_host(&x, &alpha, dy, plane);
+                return (grad, flex_tensor(alpha_grad, [channels]));
+            }
+        }
+        let alpha_grad = Self::prelu_channels_alpha_grad(x.clone(), grad.clone());
+        (Self::prelu_channels_input_grad(x, alpha, grad), alpha_grad)
+    }
 }
 
 /// The backward step of [`PreluBackend::prelu_channels`] on the inner backend.
@@ -336,13 +361,21 @@ impl<B: Backend + PreluBackend> Backward<B, 2> for PreluBackward {
         let (x_state, alpha_state) = ops.state;
         let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
         let alpha = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(alpha_state);
-        if let Some(node) = node_alpha {
-            let da = B::prelu_channels_alpha_grad(x.clone(), grad.clone());
-            grads.register::<B>(node.id, da);
-        }
-        if let Some(node) = node_x {
-            let dx = B::prelu_channels_input_grad(x, alpha, grad);
-            grads.register::<B>(node.id, dx);
+        match (node_x, node_alpha) {
+            (Some(node_x), Some(node_alpha)) => {
+                let (dx, da) = B::prelu_channels_backward(x, alpha, grad);
+                grads.register::<B>(node_x.id, dx);
+                grads.register::<B>(node_alpha.id, da);
+            }
+            (Some(node), None) => {
+                let dx = B::prelu_channels_input_grad(x, alpha, grad);
+                grads.register::<B>(node.id, dx);
+            }
+            (None, Some(node)) => {
+                let da = B::prelu_channels_alpha_grad(x, grad);
+                grads.register::<B>(node.id, da);
+            }
+            (None, None) => {}
         }
     }
 }
@@ -390,6 +423,16 @@ impl<B: Backend + PreluBackend, C: CheckpointStrategy> PreluBackend for Autodiff
             Self::inner(x),
             Self::inner(grad),
         ))
+    }
+
+    fn prelu_channels_backward(
+        x: FloatTensor<Self>,
+        alpha: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (dx, da) =
+            B::prelu_channels_backward(Self::inner(x), Self::inner(alpha), Self::inner(grad));
+        (Self::from_inner(dx), Self::from_inner(da))
     }
 }
 

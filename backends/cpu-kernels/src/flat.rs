@@ -8,12 +8,20 @@
 //! whole plane, whatever its width, instead of a loop per row. Rows of 7 or 14 values (the
 //! last two stages) no longer leave the vector lanes mostly empty, and no loop needs edge
 //! cases: the padding supplies the zeros. The `W - OW` columns of the line that fall outside
-//! the output are computed and dropped (2 of 58 at 56 x 56, 2 of 9 at 7 x 7).
+//! the output are computed and dropped (2 of 9 at 7 x 7). Rows of [`WIDE_ROWS`] outputs or
+//! more fill the vector lanes on their own: the forward and the input gradient compute those
+//! straight into the output row by row, which saves copying the line out.
 
 use crate::{simd, Depthwise};
 
 /// Taps of a 3 x 3 kernel, row-major.
 const TAPS: usize = 9;
+
+/// Output rows at least this wide are computed straight into the output, one row at a time;
+/// narrower ones as one line over the whole padded plane, then copied out without the padding
+/// columns (a row of 7 or 14 leaves the vector lanes mostly empty, a row of 28 or 56 does not,
+/// and the copy is one more pass).
+const WIDE_ROWS: usize = 16;
 
 /// Whether the forward and the weight gradient of `shape` take the flat path.
 pub(crate) fn applies(shape: &Depthwise) -> bool {
@@ -272,10 +280,19 @@ simd::multiversion! {
         let layout = Layout::of(shape);
         let (oh, ow) = shape.output_size();
         let w = layout.stride();
+        let taps: &[f32; TAPS] = taps.try_into().expect("nine taps");
+        let offsets = layout.offsets();
+        if ow >= WIDE_ROWS {
+            let (source, _) = split_scratch(scratch, layout.len(), 0);
+            layout.place(source, input);
+            for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+                correlate(taps, &offsets, init, &source[oy * w..], row);
+            }
+            return;
+        }
         let (source, line) = split_scratch(scratch, layout.len(), oh * w);
         layout.place(source, input);
-        let taps: &[f32; TAPS] = taps.try_into().expect("nine taps");
-        correlate(taps, &layout.offsets(), init, source, line);
+        correlate(taps, &offsets, init, source, line);
         for (row, values) in out.chunks_exact_mut(ow).zip(line.chunks_exact(w)) {
             row.copy_from_slice(&values[..ow]);
         }
@@ -295,10 +312,19 @@ simd::multiversion! {
         let (oh, ow) = shape.output_size();
         let padded = Padded { rows: oh, cols: ow, pad: 2 - shape.padding };
         let w = padded.stride();
+        let turned: [f32; TAPS] = std::array::from_fn(|t| taps[TAPS - 1 - t]);
+        let offsets = padded.offsets();
+        if shape.width >= WIDE_ROWS {
+            let (source, _) = split_scratch(scratch, padded.len(), 0);
+            padded.place(source, grad_output);
+            for (iy, row) in grad.chunks_exact_mut(shape.width).enumerate() {
+                correlate(&turned, &offsets, 0.0, &source[iy * w..], row);
+            }
+            return;
+        }
         let (source, line) = split_scratch(scratch, padded.len(), shape.height * w);
         padded.place(source, grad_output);
-        let turned: [f32; TAPS] = std::array::from_fn(|t| taps[TAPS - 1 - t]);
-        correlate(&turned, &padded.offsets(), 0.0, source, line);
+        correlate(&turned, &offsets, 0.0, source, line);
         for (row, values) in grad.chunks_exact_mut(shape.width).zip(line.chunks_exact(w)) {
             row.copy_from_slice(&values[..shape.width]);
         }

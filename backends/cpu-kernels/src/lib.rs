@@ -26,8 +26,8 @@ pub use dense::{
 };
 pub use extension::{BatchNormBackend, DenseConvBackend, DepthwiseBackend, PreluBackend};
 pub use prelu::{
-    prelu_alpha_grad_host, prelu_host, prelu_in_place_host, prelu_input_grad_host,
-    prelu_input_grad_in_place_host,
+    prelu_alpha_grad_host, prelu_backward_in_place_host, prelu_host, prelu_in_place_host,
+    prelu_input_grad_host, prelu_input_grad_in_place_host,
 };
 
 use burn::backend::Dispatch;

@@ -149,20 +149,77 @@ pub fn prelu_alpha_grad_host(x: &[f32], grad: &[f32], channels: usize, plane: us
 }
 
 simd::multiversion! {
-    /// `sum(x * grad where x < 0)` with eight partial sums, which vectorise (one running sum
-    /// must be added in order and does not).
+    /// One plane's share of the slope gradient.
     fn negative_part_dot(x: &[f32], grad: &[f32]) -> f32 {
-        let mut lanes = [0f32; 8];
-        let (x8, g8) = (x.chunks_exact(8), grad.chunks_exact(8));
-        let mut tail = 0f32;
-        for (&v, &g) in x8.remainder().iter().zip(g8.remainder()) {
-            tail += if v < 0.0 { v * g } else { 0.0 };
+        negative_part_sum(x, grad)
+    }
+}
+
+/// `sum(x * grad where x < 0)` with eight partial sums, which vectorise (one running sum
+/// must be added in order and does not). `min(x, 0) * grad`, not a select: as
+/// `if x < 0 { x * grad } else { 0 }` the AVX-512 build spent 23 % of a MobileFaceNet train
+/// step here.
+#[inline(always)]
+fn negative_part_sum(x: &[f32], grad: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let (x8, g8) = (x.chunks_exact(8), grad.chunks_exact(8));
+    let mut tail = 0f32;
+    for (&v, &g) in x8.remainder().iter().zip(g8.remainder()) {
+        tail += if v < 0.0 { v * g } else { 0.0 };
+    }
+    for (x, g) in x8.zip(g8) {
+        for i in 0..8 {
+            lanes[i] += x[i].min(0.0) * g[i];
         }
-        for (x, g) in x8.zip(g8) {
-            for i in 0..8 {
-                lanes[i] += x[i].min(0.0) * g[i];
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Both gradients in one pass over the activation: `grad` becomes the input gradient (as
+/// [`prelu_input_grad_in_place_host`]) and the slope gradient is returned (as
+/// [`prelu_alpha_grad_host`], the same bits): each plane's share is summed from `grad` before
+/// the plane is overwritten, while it is in cache.
+pub fn prelu_backward_in_place_host(
+    x: &[f32],
+    alpha: &[f32],
+    grad: &mut [f32],
+    plane: usize,
+) -> Vec<f32> {
+    assert_eq!(x.len(), grad.len(), "gradient size");
+    let channels = alpha.len();
+    let per = planes_per_task(plane);
+    let shares: Vec<Vec<f32>> = grad
+        .par_chunks_mut(plane * per)
+        .zip(x.par_chunks(plane * per))
+        .enumerate()
+        .map(|(task, (grad, x))| prelu_backward_planes(grad, x, alpha, task * per, plane))
+        .collect();
+    let mut out = vec![0f32; channels];
+    for (k, s) in shares.into_iter().flatten().enumerate() {
+        out[k % channels] += s;
+    }
+    out
+}
+
+simd::multiversion! {
+    /// [`prelu_backward_in_place_host`] on the planes `first..` of one task: their slope
+    /// gradient shares, in plane order.
+    fn prelu_backward_planes(
+        grad: &mut [f32],
+        x: &[f32],
+        alpha: &[f32],
+        first: usize,
+        plane: usize,
+    ) -> Vec<f32> {
+        let mut shares = Vec::with_capacity(grad.len().div_ceil(plane.max(1)));
+        let planes = grad.chunks_mut(plane).zip(x.chunks(plane));
+        for (k, (grad, x)) in planes.enumerate() {
+            shares.push(negative_part_sum(x, grad));
+            let a = alpha[(first + k) % alpha.len()];
+            for (g, &v) in grad.iter_mut().zip(x) {
+                *g = if v >= 0.0 { *g } else { a * *g };
             }
         }
-        lanes.iter().sum::<f32>() + tail
+        shares
     }
 }
