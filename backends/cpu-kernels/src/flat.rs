@@ -32,12 +32,6 @@ pub(crate) fn applies(shape: &Depthwise) -> bool {
         && shape.height * shape.width * oh * ow > 0
 }
 
-/// Whether the input gradient of `shape` takes the flat path (stride 1: the transposed
-/// convolution of a strided one is not a plain correlation).
-pub(crate) fn input_grad_applies(shape: &Depthwise) -> bool {
-    applies(shape) && shape.stride == 1
-}
-
 /// A plane of `rows x cols` with `pad` zeros on every side, as the nine taps of a stride-1
 /// correlation read it: output `q` (at the padded row stride) reads `source[q + offsets[t]]`.
 #[derive(Clone, Copy)]
@@ -299,10 +293,25 @@ simd::multiversion! {
     }
 }
 
+/// One channel plane of the input gradient: writes `grad` `[H, W]`.
+pub(crate) fn input_grad_plane(
+    shape: &Depthwise,
+    taps: &[f32],
+    grad_output: &[f32],
+    grad: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    if shape.stride == 1 {
+        same_input_grad_plane(shape, taps, grad_output, grad, scratch);
+    } else {
+        strided_input_grad_plane(shape, taps, grad_output, grad, scratch);
+    }
+}
+
 simd::multiversion! {
-    /// One channel plane of the input gradient: writes `grad` `[H, W]` (the transposed
-    /// convolution: the output gradient padded by `2 - padding`, the kernel turned).
-    pub(crate) fn input_grad_plane(
+    /// The input gradient at stride 1: the transposed convolution is the output gradient
+    /// padded by `2 - padding`, correlated with the kernel turned by 180 degrees.
+    fn same_input_grad_plane(
         shape: &Depthwise,
         taps: &[f32],
         grad_output: &[f32],
@@ -352,6 +361,57 @@ simd::multiversion! {
         let sums = correlate_sums(&layout.offsets(), source, spread);
         for (tap, sum) in taps.iter_mut().zip(sums) {
             *tap += sum;
+        }
+    }
+}
+
+simd::multiversion! {
+    /// The input gradient at stride 2, phase by phase: input `(iy, ix)` sits at padded
+    /// `(r, c) = (iy + p, ix + p)`, and only the taps with `ky = r (mod 2)` and `kx = c (mod 2)`
+    /// reach it, from output `(r / 2 - ky / 2, c / 2 - kx / 2)`. So each of the four phases of
+    /// the padded input is a small stride-1 correlation of the output gradient (4, 2, 2 and 1
+    /// taps), computed over the output gradient with one zero row and column in front, then
+    /// dealt back into the plane.
+    fn strided_input_grad_plane(
+        shape: &Depthwise,
+        taps: &[f32],
+        grad_output: &[f32],
+        grad: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let (p, w) = (shape.padding, shape.width);
+        let ow = shape.output_size().1;
+        let phases = Phases { rows: shape.height, cols: w, pad: p };
+        let (rows, stride) = (phases.phase_rows(), phases.stride() + 1);
+        let len = rows * stride;
+        let (source, lines) = split_scratch(scratch, (rows + 1) * stride + 1, 4 * len);
+        for (oy, row) in grad_output.chunks_exact(ow).enumerate() {
+            source[(oy + 1) * stride + 1..][..ow].copy_from_slice(row);
+        }
+        for (phase, line) in lines.chunks_exact_mut(len).enumerate() {
+            let (a, b) = (phase / 2, phase % 2);
+            line.fill(0.0);
+            for ky in (a..3).step_by(2) {
+                for kx in (b..3).step_by(2) {
+                    let offset = (1 - ky / 2) * stride + 1 - kx / 2;
+                    let tap = taps[ky * 3 + kx];
+                    for (v, &g) in line.iter_mut().zip(&source[offset..][..len]) {
+                        *v += tap * g;
+                    }
+                }
+            }
+        }
+        for (iy, row) in grad.chunks_exact_mut(w).enumerate() {
+            let r = iy + p;
+            for parity in 0..2 {
+                // Input columns whose padded column has this parity.
+                let first = (parity + 2 - p % 2) % 2;
+                let phase = &lines[((r % 2) * 2 + parity) * len..][..len];
+                let start = r / 2 * stride + (first + p) / 2;
+                for (g, &v) in row.iter_mut().skip(first).step_by(2).zip(&phase[start..]) {
+                    *g = v;
+                }
+            }
         }
     }
 }

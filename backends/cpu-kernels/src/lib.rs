@@ -226,7 +226,7 @@ pub fn depthwise_conv2d_input_grad_host(
     if len == 0 || oh * ow == 0 {
         return vec![0f32; len];
     }
-    let flat = flat::input_grad_applies(shape);
+    let flat = flat::applies(shape);
     filled(len, |grad| {
         grad.par_chunks_mut(h * w)
             .zip(grad_output.par_chunks(oh * ow))
