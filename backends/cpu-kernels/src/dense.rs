@@ -13,6 +13,7 @@ use crate::simd;
 use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 
 /// Columns a product should have before chunking stops adding images.
 const MIN_COLUMNS: usize = 1024;
@@ -143,7 +144,7 @@ where
 /// `dst[m x n] (+)= lhs[m x k] * rhs[k x n]`, every matrix given by (column, row) strides.
 #[allow(clippy::too_many_arguments)]
 fn product(
-    (m, n, k): (usize, usize, usize),
+    dims: (usize, usize, usize),
     dst: &mut [f32],
     dst_strides: (isize, isize),
     accumulate: bool,
@@ -153,20 +154,77 @@ fn product(
     rhs_strides: (isize, isize),
     parallelism: Parallelism,
 ) {
+    let dst = (dst.as_mut_ptr(), dst.len(), dst_strides);
+    // SAFETY: `dst` is a valid, exclusively borrowed slice of initialised values.
+    unsafe {
+        product_raw(
+            dims,
+            dst,
+            accumulate,
+            (lhs, lhs_strides),
+            (rhs, rhs_strides),
+            parallelism,
+        )
+    }
+}
+
+/// [`product`] into memory nothing has written yet, which it initialises: every element the
+/// strides reach is written.
+#[allow(clippy::too_many_arguments)]
+fn product_into_uninit(
+    dims: (usize, usize, usize),
+    dst: &mut [MaybeUninit<f32>],
+    dst_strides: (isize, isize),
+    lhs: &[f32],
+    lhs_strides: (isize, isize),
+    rhs: &[f32],
+    rhs_strides: (isize, isize),
+    parallelism: Parallelism,
+) {
+    let dst = (dst.as_mut_ptr().cast::<f32>(), dst.len(), dst_strides);
+    // SAFETY: `dst` is exclusively borrowed. With `accumulate` false `gemm` never loads from
+    // it: gemm-common 0.19 sets alpha to zero when `read_dst` is false, and its kernels store
+    // `beta * lhs * rhs` without reading `dst` at alpha zero (later depth blocks read only
+    // what the first one stored); for k = 0 it stores zeros.
+    unsafe {
+        product_raw(
+            dims,
+            dst,
+            false,
+            (lhs, lhs_strides),
+            (rhs, rhs_strides),
+            parallelism,
+        )
+    }
+}
+
+/// The call to `gemm` behind [`product`] and [`product_into_uninit`].
+///
+/// # Safety
+/// `dst` (pointer, length, strides) must be exclusively this call's, and initialised when
+/// `accumulate` is set.
+unsafe fn product_raw(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_len, dst_strides): (*mut f32, usize, (isize, isize)),
+    accumulate: bool,
+    (lhs, lhs_strides): (&[f32], (isize, isize)),
+    (rhs, rhs_strides): (&[f32], (isize, isize)),
+    parallelism: Parallelism,
+) {
     let last = |(cs, rs): (isize, isize), rows: usize, cols: usize| {
         (rows.saturating_sub(1) as isize * rs + cols.saturating_sub(1) as isize * cs) as usize
     };
-    assert!(m * n == 0 || last(dst_strides, m, n) < dst.len());
+    assert!(m * n == 0 || last(dst_strides, m, n) < dst_len);
     assert!(m * k == 0 || last(lhs_strides, m, k) < lhs.len());
     assert!(k * n == 0 || last(rhs_strides, k, n) < rhs.len());
     // SAFETY: the asserts above keep every element the strides reach inside its slice, and
-    // `dst` is borrowed mutably, so it aliases neither operand.
+    // the caller lends `dst` exclusively, so it aliases neither operand.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             dst_strides.0,
             dst_strides.1,
             accumulate,
@@ -184,6 +242,41 @@ fn product(
             parallelism,
         );
     }
+}
+
+/// A 1 x 1 convolution's forward (`weight` `[O, C]` times each image `[C, P]`) or input
+/// gradient (`weight^T` times each `[O, P]` gradient), one product per image written straight
+/// into the new buffer: no zeroing pass first.
+fn pointwise_products(
+    s: &Dense,
+    (inputs, input_len): (&[f32], usize),
+    output_len: usize,
+    (weight, weight_strides): (&[f32], (isize, isize)),
+    (m, k): (usize, usize),
+) -> Vec<f32> {
+    let positions = s.positions();
+    crate::filled(s.batch * output_len, |out| {
+        let image = |(out, x): (&mut [MaybeUninit<f32>], &[f32]), parallelism| {
+            product_into_uninit(
+                (m, positions, k),
+                out,
+                (1, positions as isize),
+                weight,
+                weight_strides,
+                x,
+                (1, positions as isize),
+                parallelism,
+            )
+        };
+        let images = out.chunks_mut(output_len).zip(inputs.chunks(input_len));
+        if s.batch >= rayon::current_num_threads() {
+            out.par_chunks_mut(output_len)
+                .zip(inputs.par_chunks(input_len))
+                .for_each(|pair| image(pair, Parallelism::None));
+        } else {
+            images.for_each(|pair| image(pair, Parallelism::Rayon(0)));
+        }
+    })
 }
 
 simd::multiversion! {
@@ -298,31 +391,25 @@ pub fn dense_conv2d_host(s: &Dense, x: &[f32], weight: &[f32]) -> Vec<f32> {
 /// The forward pass through im2col: any kernel and stride.
 fn im2col_conv2d(s: &Dense, x: &[f32], weight: &[f32]) -> Vec<f32> {
     let (rows, positions, o) = (s.rows(), s.positions(), s.out_channels);
+    if s.is_pointwise() {
+        let image = (x, rows * positions);
+        return pointwise_products(
+            s,
+            image,
+            o * positions,
+            (weight, (1, rows as isize)),
+            (o, rows),
+        );
+    }
     let per = s.images_per_chunk();
     let mut out = vec![0.0f32; s.batch * o * positions];
     if out.is_empty() {
         return out;
     }
-    let image = s.in_channels * s.height * s.width;
     for_each_chunk(&mut out, per * o * positions, |chunk, out, parallelism| {
         let (first, count) = (chunk * per, out.len() / (o * positions));
         let n = count * positions;
         let weights = (weight, (1, rows as isize));
-        if count == 1 && s.is_pointwise() {
-            let x = &x[first * image..][..image];
-            let (lhs, lhs_strides) = weights;
-            return product(
-                (o, n, rows),
-                out,
-                (1, n as isize),
-                false,
-                lhs,
-                lhs_strides,
-                x,
-                (1, n as isize),
-                parallelism,
-            );
-        }
         with_scratch(
             rows * n,
             if count == 1 { 0 } else { o * n },
@@ -364,6 +451,17 @@ fn im2col_conv2d(s: &Dense, x: &[f32], weight: &[f32]) -> Vec<f32> {
 /// The input gradient `[N, C, H, W]` from the output gradient `[N, O, OH, OW]` and the weight.
 pub fn dense_conv2d_input_grad_host(s: &Dense, grad: &[f32], weight: &[f32]) -> Vec<f32> {
     let (rows, positions, o) = (s.rows(), s.positions(), s.out_channels);
+    if s.is_pointwise() {
+        // W^T: element (row r, output channel j) of the [C, O] matrix is weight[j * rows + r].
+        let weights_t = (weight, (rows as isize, 1));
+        return pointwise_products(
+            s,
+            (grad, o * positions),
+            rows * positions,
+            weights_t,
+            (rows, o),
+        );
+    }
     let per = s.images_per_chunk();
     let image = s.in_channels * s.height * s.width;
     let mut dx = vec![0.0f32; s.batch * image];
@@ -376,19 +474,6 @@ pub fn dense_conv2d_input_grad_host(s: &Dense, grad: &[f32], weight: &[f32]) -> 
         let (first, count) = (chunk * per, dx.len() / image);
         let n = count * positions;
         let dy = &grad[first * o * positions..][..n * o];
-        if count == 1 && s.is_pointwise() {
-            return product(
-                (rows, n, o),
-                dx,
-                (1, n as isize),
-                false,
-                weight,
-                weights_t,
-                dy,
-                (1, n as isize),
-                parallelism,
-            );
-        }
         with_scratch(
             rows * n,
             if count == 1 { 0 } else { o * n },
