@@ -181,12 +181,18 @@ pub fn batch_norm_apply_host(x: &[f32], norm: Normalisation, plane: usize) -> Ve
     })
 }
 
+/// `out = (x - m) * a + b` over one plane.
+#[inline(always)]
+fn normalise_into(out: &mut [MaybeUninit<f32>], x: &[f32], m: f32, a: f32, b: f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        o.write((v - m) * a + b);
+    }
+}
+
 simd::multiversion! {
-    /// `out = (x - m) * a + b` over one plane.
+    /// [`normalise_into`] for one plane, on its own.
     fn normalise_plane(out: &mut [MaybeUninit<f32>], x: &[f32], m: f32, a: f32, b: f32) {
-        for (o, &v) in out.iter_mut().zip(x) {
-            o.write((v - m) * a + b);
-        }
+        normalise_into(out, x, m, a, b);
     }
 }
 
@@ -202,10 +208,7 @@ simd::multiversion! {
         let channels = norm.scale.len();
         for (k, (out, x)) in out.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
             let c = (first + k) % channels;
-            let (m, a, b) = (norm.mean[c], norm.scale[c], norm.beta[c]);
-            for (o, &v) in out.iter_mut().zip(x) {
-                o.write((v - m) * a + b);
-            }
+            normalise_into(out, x, norm.mean[c], norm.scale[c], norm.beta[c]);
         }
     }
 }

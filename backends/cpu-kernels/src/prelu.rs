@@ -123,11 +123,16 @@ simd::multiversion! {
         plane: usize,
     ) {
         for (k, (grad, x)) in grad.chunks_mut(plane).zip(x.chunks(plane)).enumerate() {
-            let a = alpha[(first + k) % alpha.len()];
-            for (g, &v) in grad.iter_mut().zip(x) {
-                *g = if v >= 0.0 { *g } else { a * *g };
-            }
+            scale_negative_inputs(grad, x, alpha[(first + k) % alpha.len()]);
         }
+    }
+}
+
+/// `grad` where `x >= 0`, `a * grad` elsewhere, over one plane, in place.
+#[inline(always)]
+fn scale_negative_inputs(grad: &mut [f32], x: &[f32], a: f32) {
+    for (g, &v) in grad.iter_mut().zip(x) {
+        *g = if v >= 0.0 { *g } else { a * *g };
     }
 }
 
@@ -215,10 +220,7 @@ simd::multiversion! {
         let planes = grad.chunks_mut(plane).zip(x.chunks(plane));
         for (k, (grad, x)) in planes.enumerate() {
             shares.push(negative_part_sum(x, grad));
-            let a = alpha[(first + k) % alpha.len()];
-            for (g, &v) in grad.iter_mut().zip(x) {
-                *g = if v >= 0.0 { *g } else { a * *g };
-            }
+            scale_negative_inputs(grad, x, alpha[(first + k) % alpha.len()]);
         }
         shares
     }
