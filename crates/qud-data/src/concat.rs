@@ -42,12 +42,9 @@ impl ConcatDataset {
     }
 }
 
-impl FaceDataset for ConcatDataset {
-    fn len(&self) -> usize {
-        *self.starts.last().unwrap_or(&0)
-    }
-
-    fn get(&self, index: usize) -> Result<Sample, DataError> {
+impl ConcatDataset {
+    /// `(part, index within it)` of sample `index`.
+    fn locate(&self, index: usize) -> Result<(usize, usize), DataError> {
         if index >= self.len() {
             return Err(DataError::OutOfRange {
                 index,
@@ -55,12 +52,39 @@ impl FaceDataset for ConcatDataset {
             });
         }
         let part = self.starts.partition_point(|&s| s <= index) - 1;
-        let mut sample = self.parts[part].get(index - self.starts[part])?;
-        sample.label = match &self.label_starts {
-            Some(first) => sample.label.map(|l| l + first[part]),
+        Ok((part, index - self.starts[part]))
+    }
+
+    /// A part's label as a label of the whole (identities numbered after the earlier parts').
+    fn global_label(&self, part: usize, label: Option<u32>) -> Option<u32> {
+        match &self.label_starts {
+            Some(first) => label.map(|l| l + first[part]),
             None => None,
-        };
+        }
+    }
+}
+
+impl FaceDataset for ConcatDataset {
+    fn len(&self) -> usize {
+        *self.starts.last().unwrap_or(&0)
+    }
+
+    fn get(&self, index: usize) -> Result<Sample, DataError> {
+        let (part, local) = self.locate(index)?;
+        let mut sample = self.parts[part].get(local)?;
+        sample.label = self.global_label(part, sample.label);
         Ok(sample)
+    }
+
+    fn get_into(
+        &self,
+        index: usize,
+        flip: bool,
+        out: &mut [f32],
+    ) -> Result<Option<u32>, DataError> {
+        let (part, local) = self.locate(index)?;
+        let label = self.parts[part].get_into(local, flip, out)?;
+        Ok(self.global_label(part, label))
     }
 
     fn num_identities(&self) -> Option<usize> {

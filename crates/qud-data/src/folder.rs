@@ -1,7 +1,7 @@
 //! Image folders: `root/<identity>/*.jpg|png` (labelled, identities in sorted folder order) or a
 //! flat folder of unlabelled faces (synthetic sets often come that way).
 
-use crate::{decode_face, DataError, FaceDataset, Sample};
+use crate::{decode_face, decode_face_into, DataError, FaceDataset, Sample};
 use std::path::{Path, PathBuf};
 
 /// Faces on disk, in a deterministic order (sorted by path).
@@ -110,6 +110,24 @@ impl FaceDataset for ImageFolder {
             image,
             label: *label,
         })
+    }
+
+    fn get_into(
+        &self,
+        index: usize,
+        flip: bool,
+        out: &mut [f32],
+    ) -> Result<Option<u32>, DataError> {
+        let (path, label) = self.files.get(index).ok_or(DataError::OutOfRange {
+            index,
+            len: self.files.len(),
+        })?;
+        let bytes = std::fs::read(path).map_err(|source| DataError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        decode_face_into(&bytes, &path.display().to_string(), self.resize, flip, out)?;
+        Ok(*label)
     }
 
     fn num_identities(&self) -> Option<usize> {

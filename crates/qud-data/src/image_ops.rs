@@ -25,13 +25,18 @@ impl FaceImage {
 
 /// Decode JPEG or PNG bytes of any size to RGB: `(width, height, row-major RGB bytes)`.
 ///
-/// JPEGs go through libjpeg-turbo's decoder (mozjpeg's build of it, default settings: accurate
-/// integer IDCT, fancy upsampling), the decoder behind OpenCV, PIL and MXNet, which insightface's
-/// `.bin` sets and pipelines decode with: the pixels are bit-identical to theirs (pure-Rust
-/// decoders differ by up to 37 levels on real LFW JPEGs, enough to move LFW accuracy by 0.08
-/// points). Other formats, and JPEGs libjpeg refuses (CMYK), go through the `image` crate.
+/// JPEGs decode as libjpeg-turbo decodes them with default settings (accurate integer IDCT,
+/// fancy upsampling), the decoder behind OpenCV, PIL and MXNet, which insightface's `.bin` sets
+/// and pipelines decode with: the pixels are bit-identical to theirs (pure-Rust decoders differ
+/// by up to 37 levels on real LFW JPEGs, enough to move LFW accuracy by 0.08 points). The
+/// baseline JPEGs face sets are made of take [`crate::jpeg`]'s fast path, which gives the same
+/// bits; the rest go through mozjpeg's build of libjpeg-turbo. Other formats, and JPEGs libjpeg
+/// refuses (CMYK), go through the `image` crate.
 pub fn decode_rgb(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
     if bytes.starts_with(&[0xFF, 0xD8]) {
+        if let Some(fast) = crate::jpeg::decode(bytes) {
+            return Ok((fast.width, fast.height, fast.pixels));
+        }
         if let Ok(decoded) = decode_jpeg_libjpeg(bytes) {
             return Ok(decoded);
         }
@@ -44,7 +49,7 @@ pub fn decode_rgb(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
 
 /// libjpeg reports errors by unwinding out of its C frames (mozjpeg-sys's `unwinding`); they are
 /// caught here and become an `Err`.
-fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
+pub(crate) fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
     let decode = || -> std::io::Result<(usize, usize, Vec<u8>)> {
         let mut started = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
         let (w, h) = (started.width(), started.height());
@@ -94,6 +99,21 @@ pub fn decode_face(bytes: &[u8], origin: &str, resize: bool) -> Result<FaceImage
     Ok(FaceImage::from_rgb(rgb.into_raw()))
 }
 
+/// [`decode_face`] then [`normalize_into`], in one step where it can be: a 112x112 baseline
+/// JPEG (what face sets store) decodes straight into `out`'s planes. Same result either way.
+pub fn decode_face_into(
+    bytes: &[u8],
+    origin: &str,
+    resize: bool,
+    flip: bool,
+    out: &mut [f32],
+) -> Result<(), DataError> {
+    if !crate::jpeg::decode_normalized(bytes, (FACE_SIZE, FACE_SIZE), flip, out) {
+        normalize_into(&decode_face(bytes, origin, resize)?, flip, out);
+    }
+    Ok(())
+}
+
 /// Mirror left and right.
 pub fn flip_horizontal(face: &FaceImage) -> FaceImage {
     let mut out = vec![0u8; face.rgb.len()];
@@ -118,6 +138,14 @@ const NORMALIZED_LEVELS: [f32; 256] = {
     }
     levels
 };
+
+/// [`NORMALIZED_LEVELS`] as arithmetic that vectorises, for the decoder's planar rows:
+/// `v / 255` in f32 is `v * (1 / 255)` in f64 rounded to f32 for every byte (a test checks all
+/// 256), and dividing by 0.5 is doubling.
+#[inline(always)]
+pub(crate) fn normalized_level(v: u8) -> f32 {
+    ((v as f64 * (1.0 / 255.0)) as f32 - 0.5) * 2.0
+}
 
 /// Write `face` (optionally flipped) as CHW floats `(x / 255 - 0.5) / 0.5` into `out`
 /// (`3 * 112 * 112` values).

@@ -13,6 +13,7 @@
 mod concat;
 mod folder;
 mod image_ops;
+mod jpeg;
 mod loader;
 mod recordio;
 mod synthetic;
@@ -20,7 +21,8 @@ mod synthetic;
 pub use concat::ConcatDataset;
 pub use folder::ImageFolder;
 pub use image_ops::{
-    decode_face, encode_face, flip_horizontal, normalize_into, FaceImage, ImageEncoding, FACE_SIZE,
+    decode_face, decode_face_into, encode_face, flip_horizontal, normalize_into, FaceImage,
+    ImageEncoding, FACE_SIZE,
 };
 pub use loader::{decode_batch, epoch_plan, flip_for, Batch, Loader, LoaderOptions};
 pub use recordio::{
@@ -88,6 +90,20 @@ pub trait FaceDataset: Send + Sync {
     }
     /// Decode sample `index` (0-based, a fixed order).
     fn get(&self, index: usize) -> Result<Sample, DataError>;
+    /// Sample `index` straight into the networks' input layout, as [`normalize_into`] writes it
+    /// (CHW floats, mirrored when `flip`; `out` holds `3 * 112 * 112`), and its label: what
+    /// the loader calls. Sets of encoded images override it to decode without the intermediate
+    /// RGB image ([`decode_face_into`]); the result is the same.
+    fn get_into(
+        &self,
+        index: usize,
+        flip: bool,
+        out: &mut [f32],
+    ) -> Result<Option<u32>, DataError> {
+        let sample = self.get(index)?;
+        normalize_into(&sample.image, flip, out);
+        Ok(sample.label)
+    }
     /// Number of identities when the set is labelled.
     fn num_identities(&self) -> Option<usize>;
     /// One line for logs: what, where, how many.

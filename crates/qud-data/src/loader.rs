@@ -5,7 +5,7 @@
 //! epoch `e` sees exactly the batches an uninterrupted run would have seen, whatever the number of
 //! decoding threads. With `world > 1` every rank gets a disjoint shard of the epoch.
 
-use crate::{normalize_into, DataError, FaceDataset, FACE_SIZE};
+use crate::{DataError, FaceDataset, FACE_SIZE};
 use burn::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -192,11 +192,8 @@ pub fn decode_batch(
                         .zip(labels)
                         .zip(faults)
                     {
-                        match dataset.get(index) {
-                            Ok(sample) => {
-                                normalize_into(&sample.image, flip, out);
-                                *label = sample.label;
-                            }
+                        match dataset.get_into(index, flip, out) {
+                            Ok(sample_label) => *label = sample_label,
                             Err(e) if skip_bad && e.is_bad_sample() => {
                                 *fault = Some(e.to_string());
                             }

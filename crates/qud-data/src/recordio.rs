@@ -12,7 +12,7 @@
 //! without it have an image at every key. Scalar labels below 0 mean "unlabelled" (what
 //! [`RecordWriter`] writes for flat folders).
 
-use crate::{decode_face, DataError, FaceDataset, Sample};
+use crate::{decode_face, decode_face_into, DataError, FaceDataset, Sample};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -446,6 +446,22 @@ impl FaceDataset for RecordDataset {
             image,
             label: record.identity(),
         })
+    }
+
+    fn get_into(
+        &self,
+        index: usize,
+        flip: bool,
+        out: &mut [f32],
+    ) -> Result<Option<u32>, DataError> {
+        let &(key, offset) = self.images.get(index).ok_or(DataError::OutOfRange {
+            index,
+            len: self.images.len(),
+        })?;
+        let record = self.record_at(offset, Some(key))?;
+        let origin = format!("{} key {key}", self.path.display());
+        decode_face_into(&record.data, &origin, self.resize, flip, out)?;
+        Ok(record.identity())
     }
 
     fn num_identities(&self) -> Option<usize> {

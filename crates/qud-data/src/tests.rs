@@ -51,6 +51,15 @@ fn flipped_normalisation_equals_normalising_the_flip() {
     white.rgb[0] = 0;
     normalize_into(&white, false, &mut a);
     assert_eq!((a[0], a[1], a[FACE_SIZE * FACE_SIZE]), (-1.0, 1.0, 1.0));
+    // The decoder's vectorised form of the same levels, for every byte.
+    for v in 0..=255u8 {
+        let want = (v as f32 / 255.0 - 0.5) / 0.5;
+        assert_eq!(
+            crate::image_ops::normalized_level(v).to_bits(),
+            want.to_bits(),
+            "{v}"
+        );
+    }
     // Every byte value, every channel, at its CHW place, as torchvision computes it.
     let ramp = FaceImage::from_rgb((0..n).map(|i| (i * 7 % 256) as u8).collect());
     normalize_into(&ramp, false, &mut a);
@@ -447,6 +456,60 @@ fn packs_labelled_and_unlabelled_sets() {
     assert_eq!((set.len(), set.num_identities()), (2, None));
     assert_eq!(set.get(1).unwrap().label, None);
     assert_eq!(set.get(1).unwrap().image.rgb[..3], [1, 0, 7]);
+}
+
+/// The loader's one-step decode (`get_into`) writes what decoding then normalising writes, for
+/// every kind of set and both flips: JPEG records (the fast path), PNG records and files (the
+/// fallback), a concatenation (labels renumbered), and a set that only implements `get`.
+#[test]
+fn decoding_into_the_batch_equals_decoding_then_normalising() {
+    let dir = tempfile::tempdir().unwrap();
+    let faces = SyntheticFaces::new(3, 2, 9);
+    let jpegs = dir.path().join("jpegs");
+    pack_records(&jpegs, faces.len(), Some(3), |i| {
+        let sample = faces.get(i)?;
+        Ok((
+            encode_face(&sample.image, ImageEncoding::Jpeg(95)),
+            sample.label,
+        ))
+    })
+    .unwrap();
+    let pngs = dir.path().join("pngs");
+    pack_records(&pngs, 2, None, |i| Ok((png_bytes(i as u8), None))).unwrap();
+    let folder = dir.path().join("folder");
+    std::fs::create_dir_all(folder.join("a")).unwrap();
+    for i in 0..2 {
+        let face = faces.get(i).unwrap().image;
+        let path = folder.join("a").join(format!("{i}.jpg"));
+        std::fs::write(path, encode_face(&face, ImageEncoding::Jpeg(90))).unwrap();
+    }
+    let jpeg_set: Arc<dyn FaceDataset> = Arc::new(RecordDataset::open(&jpegs, false).unwrap());
+    let png_set: Arc<dyn FaceDataset> = Arc::new(RecordDataset::open(&pngs, false).unwrap());
+    let sets: Vec<Arc<dyn FaceDataset>> = vec![
+        jpeg_set.clone(),
+        png_set.clone(),
+        Arc::new(ImageFolder::open(&folder, false).unwrap()),
+        Arc::new(ConcatDataset::new(vec![png_set, jpeg_set])),
+        Arc::new(faces),
+    ];
+    let n = 3 * FACE_SIZE * FACE_SIZE;
+    for set in &sets {
+        for index in 0..set.len() {
+            for flip in [false, true] {
+                let sample = set.get(index).unwrap();
+                let mut want = vec![0f32; n];
+                normalize_into(&sample.image, flip, &mut want);
+                let mut got = vec![f32::NAN; n];
+                let label = set.get_into(index, flip, &mut got).unwrap();
+                assert_eq!(label, sample.label, "{} sample {index}", set.describe());
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{} sample {index} flip {flip}", set.describe());
+            }
+        }
+    }
 }
 
 /// Every broken-file case names the file, where, and what was wrong.
