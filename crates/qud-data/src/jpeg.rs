@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 /// Natural (row-major) position of the k-th coefficient in zig-zag order.
-const ZIGZAG: [usize; 64] = [
+const ZIGZAG: [u8; 64] = [
     0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27, 20,
     13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58, 59,
     52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
@@ -26,6 +26,9 @@ const ZIGZAG: [usize; 64] = [
 
 /// Bits a Huffman code is looked up with in one step; longer codes take the canonical slow path.
 const LOOKAHEAD: u32 = 10;
+
+/// The zero run [`Huffman::coefficient`] gives the end-of-block code.
+const END_OF_BLOCK: i32 = 0xFF;
 
 /// A decoded image, RGB interleaved, row-major.
 pub(crate) struct Rgb {
@@ -84,10 +87,11 @@ fn has_avx2() -> bool {
 #[derive(Clone)]
 struct Huffman {
     /// `(length << 8) | symbol`, or 0 when the code is longer than the lookahead.
-    lookup: Vec<u16>,
+    lookup: Box<[u16; 1 << LOOKAHEAD]>,
     /// For AC tables: where a code and the coefficient bits after it both fit in the lookahead,
-    /// `(coefficient << 16) | (zero run << 8) | bits used`; else 0.
-    coefficient: Vec<i32>,
+    /// `(coefficient << 16) | (zero run << 8) | bits used`; for the end-of-block code,
+    /// `(END_OF_BLOCK << 8) | bits used`; else 0.
+    coefficient: Box<[i32; 1 << LOOKAHEAD]>,
     maxcode: [i32; 18],
     valoffset: [i32; 17],
     values: [u8; 256],
@@ -126,7 +130,7 @@ impl Huffman {
         }
         let mut values = [0u8; 256];
         values[..total].copy_from_slice(symbols);
-        let mut lookup = vec![0u16; 1 << LOOKAHEAD];
+        let mut lookup = Box::new([0u16; 1 << LOOKAHEAD]);
         let mut maxcode = [-1i32; 18];
         let mut valoffset = [0i32; 17];
         let (mut code, mut index) = (0i32, 0usize);
@@ -152,11 +156,17 @@ impl Huffman {
             code <<= 1;
         }
         maxcode[17] = i32::MAX;
-        let mut coefficient = vec![0i32; if is_dc { 0 } else { 1 << LOOKAHEAD }];
+        let mut coefficient = Box::new([0i32; 1 << LOOKAHEAD]);
         for (prefix, slot) in coefficient.iter_mut().enumerate() {
             let entry = lookup[prefix];
             let (length, run, size) = ((entry >> 8) as u32, (entry >> 4) & 15, entry & 15);
-            if entry == 0 || size == 0 || length + size as u32 > LOOKAHEAD {
+            if is_dc || entry == 0 || length + size as u32 > LOOKAHEAD {
+                continue;
+            }
+            if size == 0 {
+                if run == 0 {
+                    *slot = (END_OF_BLOCK << 8) | length as i32;
+                }
                 continue;
             }
             let raw = (prefix >> (LOOKAHEAD - length - size as u32)) as i32 & ((1 << size) - 1);
@@ -248,7 +258,7 @@ impl Frame {
                             return None;
                         }
                         for (k, &natural) in ZIGZAG.iter().enumerate() {
-                            frame.quant[slot][natural] = if precision == 0 {
+                            frame.quant[slot][natural as usize] = if precision == 0 {
                                 tail[k] as i32
                             } else {
                                 u16::from_be_bytes([tail[2 * k], tail[2 * k + 1]]) as i32
@@ -445,7 +455,8 @@ impl<'a> Bits<'a> {
     }
 
     /// The next AC coefficient as `(zero run, value)` when its code and value bits are within
-    /// the lookahead (most of them), consumed; else `None`, nothing consumed.
+    /// the lookahead (most of them), or `(END_OF_BLOCK, 0)`, consumed; else `None`, nothing
+    /// consumed.
     #[inline(always)]
     fn small_coefficient(&mut self, table: &Huffman) -> Option<(usize, i32)> {
         let entry = table.coefficient[(self.acc >> (64 - LOOKAHEAD)) as usize];
@@ -549,11 +560,14 @@ fn decode_scan<const AVX2: bool>(frame: &Frame, bytes: &[u8]) -> Option<Planes> 
                                 bits.refill();
                             }
                             if let Some((run, value)) = bits.small_coefficient(ac_table) {
+                                if run == END_OF_BLOCK as usize {
+                                    break;
+                                }
                                 k += run;
                                 if k > 63 {
                                     return None;
                                 }
-                                let natural = ZIGZAG[k];
+                                let natural = ZIGZAG[k] as usize & 63;
                                 block[natural] = value.wrapping_mul(quant[natural]);
                                 dc_only = false;
                                 k += 1;
@@ -572,7 +586,7 @@ fn decode_scan<const AVX2: bool>(frame: &Frame, bytes: &[u8]) -> Option<Planes> 
                             if k > 63 {
                                 return None;
                             }
-                            let natural = ZIGZAG[k];
+                            let natural = ZIGZAG[k] as usize & 63;
                             block[natural] = bits.signed(size).wrapping_mul(quant[natural]);
                             dc_only = false;
                             k += 1;
