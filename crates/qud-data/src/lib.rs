@@ -7,8 +7,9 @@
 //! dataset into shuffled, flipped, normalised batches, decoded in parallel ahead of the training
 //! step, reproducibly from a seed and resumable at any batch.
 //!
-//! Adding a dataset: implement [`FaceDataset`] (`len`, `get`, `num_identities`, `describe`) and
-//! construct it in `open_dataset` of qud-trainer.
+//! Adding a dataset: implement [`FaceDataset`] (`len`, `get`, `num_identities`, `describe`;
+//! `get_into` too for encoded images, through [`decode_face_into`]) and construct it in
+//! `open_dataset` of qud-trainer.
 
 mod concat;
 mod folder;
