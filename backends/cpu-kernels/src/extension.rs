@@ -4,7 +4,8 @@
 
 use crate::batchnorm::{
     batch_norm_apply_host, batch_norm_apply_in_place_host, batch_norm_backward_host,
-    batch_norm_backward_in_place_host, batch_norm_scale, batch_norm_train_host, Normalisation,
+    batch_norm_backward_in_place_host, batch_norm_prelu_backward_in_place_host,
+    batch_norm_prelu_train_host, batch_norm_scale, batch_norm_train_host, Normalisation,
 };
 use crate::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host,
@@ -873,5 +874,232 @@ impl<B: Backend + BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for 
             Self::inner(variance),
             epsilon,
         ))
+    }
+}
+
+/// Training-mode BatchNorm then PReLU, both per channel (dimension 1 of `x` `[N, C, ...]`;
+/// `gamma`, `beta`, `alpha` `[C]`), as one op: the BatchNorm's output is neither written forward
+/// nor kept for the backward, which recomputes it.
+#[backend_extension(Flex, Autodiff)]
+pub trait BatchNormPreluBackend: Backend {
+    /// `(output, mean, biased variance)`.
+    fn batch_norm_prelu_train_channels(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        alpha: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `(x_grad, gamma_grad, beta_grad, alpha_grad)` of
+    /// [`Self::batch_norm_prelu_train_channels`].
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_prelu_train_channels_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        alpha: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        grad: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+}
+
+impl BatchNormPreluBackend for Flex {
+    fn batch_norm_prelu_train_channels(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        alpha: FlexTensor,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let shape = x.shape();
+        let (channels, plane) = channels_and_plane(&shape);
+        let (out, mean, var) = batch_norm_prelu_train_host(
+            &values(&x),
+            &values(&gamma),
+            &values(&beta),
+            &values(&alpha),
+            epsilon,
+            plane,
+        );
+        (
+            flex_tensor(out, shape),
+            flex_tensor(mean, [channels]),
+            flex_tensor(var, [channels]),
+        )
+    }
+
+    fn batch_norm_prelu_train_channels_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        alpha: FlexTensor,
+        mean: FlexTensor,
+        variance: FlexTensor,
+        epsilon: f64,
+        mut grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
+        let shape = x.shape();
+        let (channels, plane) = channels_and_plane(&shape);
+        // The gradient is consumed: overwrite it when it is a whole buffer, else a copy.
+        let owned = grad.shape() == shape && owned_values(&mut grad).is_some();
+        let mut grad = if owned {
+            grad
+        } else {
+            flex_tensor(values(&grad).into_owned(), shape.clone())
+        };
+        let x = values(&x);
+        let dz = owned_values(&mut grad).expect("a whole, unshared buffer");
+        let (gamma_grad, beta_grad, alpha_grad) = batch_norm_prelu_backward_in_place_host(
+            &x,
+            dz,
+            &values(&gamma),
+            &values(&beta),
+            &values(&alpha),
+            &values(&mean),
+            &values(&variance),
+            epsilon,
+            plane,
+        );
+        (
+            grad,
+            flex_tensor(gamma_grad, [channels]),
+            flex_tensor(beta_grad, [channels]),
+            flex_tensor(alpha_grad, [channels]),
+        )
+    }
+}
+
+/// The backward step of [`BatchNormPreluBackend::batch_norm_prelu_train_channels`] on the inner
+/// backend.
+#[derive(Debug)]
+struct BatchNormPreluTrainBackward;
+
+impl<B: Backend + BatchNormPreluBackend> Backward<B, 4> for BatchNormPreluTrainBackward {
+    /// Input, gamma, beta and alpha checkpoints; the batch statistics as the forward computed
+    /// them.
+    type State = (
+        [NodeId; 4],
+        B::FloatTensorPrimitive,
+        B::FloatTensorPrimitive,
+        f64,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 4>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (states, mean, variance, epsilon) = ops.state;
+        let [x, gamma, beta, alpha] =
+            states.map(|state| checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(state));
+        let (x_grad, gamma_grad, beta_grad, alpha_grad) =
+            B::batch_norm_prelu_train_channels_backward(
+                x, gamma, beta, alpha, mean, variance, epsilon, grad,
+            );
+        for (parent, grad) in ops
+            .parents
+            .into_iter()
+            .zip([x_grad, gamma_grad, beta_grad, alpha_grad])
+        {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: Backend + BatchNormPreluBackend, C: CheckpointStrategy> BatchNormPreluBackend
+    for Autodiff<B, C>
+{
+    fn batch_norm_prelu_train_channels(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        alpha: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let nodes = [x.node(), gamma.node(), beta.node(), alpha.node()];
+        match BatchNormPreluTrainBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let states = [
+                    prep.checkpoint(&x),
+                    prep.checkpoint(&gamma),
+                    prep.checkpoint(&beta),
+                    prep.checkpoint(&alpha),
+                ];
+                let (out, mean, var) = B::batch_norm_prelu_train_channels(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    alpha.into_primitive(),
+                    epsilon,
+                );
+                let state = (states, mean.clone(), var.clone(), epsilon);
+                let out = prep.finish(state, out);
+                (out, Self::from_inner(mean), Self::from_inner(var))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, mean, var) = B::batch_norm_prelu_train_channels(
+                    x.into_primitive(),
+                    gamma.into_primitive(),
+                    beta.into_primitive(),
+                    alpha.into_primitive(),
+                    epsilon,
+                );
+                (
+                    prep.finish(out),
+                    Self::from_inner(mean),
+                    Self::from_inner(var),
+                )
+            }
+        }
+    }
+
+    fn batch_norm_prelu_train_channels_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        alpha: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        epsilon: f64,
+        grad: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let (x_grad, gamma_grad, beta_grad, alpha_grad) =
+            B::batch_norm_prelu_train_channels_backward(
+                Self::inner(x),
+                Self::inner(gamma),
+                Self::inner(beta),
+                Self::inner(alpha),
+                Self::inner(mean),
+                Self::inner(variance),
+                epsilon,
+                Self::inner(grad),
+            );
+        (
+            Self::from_inner(x_grad),
+            Self::from_inner(gamma_grad),
+            Self::from_inner(beta_grad),
+            Self::from_inner(alpha_grad),
+        )
     }
 }

@@ -24,7 +24,9 @@ mod simd;
 pub use dense::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host, Dense,
 };
-pub use extension::{BatchNormBackend, DenseConvBackend, DepthwiseBackend, PreluBackend};
+pub use extension::{
+    BatchNormBackend, BatchNormPreluBackend, DenseConvBackend, DepthwiseBackend, PreluBackend,
+};
 pub use prelu::{
     prelu_alpha_grad_host, prelu_backward_in_place_host, prelu_host, prelu_in_place_host,
     prelu_input_grad_host, prelu_input_grad_in_place_host,
@@ -418,6 +420,41 @@ pub fn batch_norm_train<const D: usize>(
         beta.into_dispatch(),
         epsilon,
     );
+    BatchNormTrain {
+        output: Tensor::from_dispatch(output),
+        mean: Tensor::from_dispatch(mean),
+        variance: Tensor::from_dispatch(variance),
+    }
+}
+
+/// [`batch_norm_train`] then [`prelu`] (slopes `alpha` `[C]`): on flex in f32, one op whose
+/// BatchNorm output is never stored (forward or for the backward, which recomputes it); the two
+/// ops otherwise. The same values either way.
+pub fn batch_norm_prelu_train<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    alpha: Tensor<1>,
+    epsilon: f64,
+) -> BatchNormTrain<D> {
+    let fused = batch_norm_on_host(&x)
+        && alpha.dtype() == burn::tensor::DType::F32
+        && alpha.dims()[0] == x.dims()[1];
+    if !fused {
+        let result = batch_norm_train(x, gamma, beta, epsilon);
+        return BatchNormTrain {
+            output: prelu(result.output, alpha),
+            ..result
+        };
+    }
+    let (output, mean, variance) =
+        <Dispatch as BatchNormPreluBackend>::batch_norm_prelu_train_channels(
+            x.into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
+            alpha.into_dispatch(),
+            epsilon,
+        );
     BatchNormTrain {
         output: Tensor::from_dispatch(output),
         mean: Tensor::from_dispatch(mean),

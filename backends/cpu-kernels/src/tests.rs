@@ -634,3 +634,74 @@ proptest! {
         prop_assert_eq!(alpha_grad, prelu_alpha_grad_host(&x, &dy, channels, plane));
     }
 }
+
+/// Training-mode BatchNorm then PReLU on flex under autodiff, through the fused op or through
+/// the two ops: output, statistics, and the gradients of the input, gamma, beta and alpha for
+/// one upstream gradient.
+fn batch_norm_prelu_gradients(
+    dims: [usize; 4],
+    offset: f32,
+    seed: u64,
+    fused: bool,
+) -> Vec<Vec<f32>> {
+    let device = qud_backend_flex::device().autodiff();
+    let len = dims.iter().product();
+    let channels = dims[1];
+    let tensor = |seed: u64, len: usize| {
+        Tensor::<1>::from_data(TensorData::new(values(seed, len), [len]), &device)
+    };
+    let x = tensor(seed, len)
+        .add_scalar(offset)
+        .reshape(dims)
+        .detach()
+        .require_grad();
+    let gamma = tensor(seed + 1, channels).detach().require_grad();
+    let beta = tensor(seed + 2, channels).detach().require_grad();
+    let alpha = tensor(seed + 4, channels).detach().require_grad();
+    let result = if fused {
+        batch_norm_prelu_train(x.clone(), gamma.clone(), beta.clone(), alpha.clone(), 1e-5)
+    } else {
+        let r = batch_norm_train(x.clone(), gamma.clone(), beta.clone(), 1e-5);
+        BatchNormTrain {
+            output: prelu(r.output, alpha.clone()),
+            ..r
+        }
+    };
+    let upstream = tensor(seed + 3, len).reshape(dims);
+    let grads = (result.output.clone() * upstream).sum().backward();
+    let flat = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
+    vec![
+        flat(result.output.reshape([len])),
+        flat(result.mean),
+        flat(result.variance),
+        flat(x.grad(&grads).unwrap().reshape([len])),
+        flat(gamma.grad(&grads).unwrap()),
+        flat(beta.grad(&grads).unwrap()),
+        flat(alpha.grad(&grads).unwrap()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// The fused BatchNorm + PReLU gives the two ops' bits: output, statistics and all four
+    /// gradients (planes from 8 values, below and above the 8-lane sums' width).
+    #[test]
+    fn fused_batch_norm_prelu_equals_the_two_ops(
+        batch in 1usize..5,
+        channels in 1usize..9,
+        height in 2usize..12,
+        width in 4usize..12,
+        offset in prop_oneof![Just(0.0f32), Just(0.7f32)],
+        seed in any::<u64>(),
+    ) {
+        let dims = [batch, channels, height, width];
+        let fused = batch_norm_prelu_gradients(dims, offset, seed, true);
+        let separate = batch_norm_prelu_gradients(dims, offset, seed, false);
+        let what = ["output", "mean", "variance", "input grad", "gamma grad", "beta grad", "alpha grad"];
+        for (what, (a, b)) in what.iter().zip(fused.iter().zip(&separate)) {
+            let differing = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            prop_assert_eq!(differing, 0, "{:?} offset {}: {} differs in {} of {}", dims, offset, what, differing, a.len());
+        }
+    }
+}

@@ -100,13 +100,44 @@ impl TorchBatchNorm {
         }
         let device = input.device();
         let (weight, bias) = self.affine(&device);
-        if !(device.is_autodiff() && self.training.is_enabled()) {
+        if !self.uses_batch_statistics(&device) {
             let mean = self.running_mean.value().to_device(&device);
             let var = self.running_var.value().to_device(&device);
             return qud_cpu_kernels::batch_norm(input, weight, bias, mean, var, self.epsilon);
         }
         let per_channel = input.shape().num_elements() / self.num_features;
         let result = qud_cpu_kernels::batch_norm_train(input, weight, bias, self.epsilon);
+        self.update_running_statistics(result, per_channel)
+    }
+
+    /// `prelu.forward(self.forward(input))`, the pair every MobileFaceNet `Conv_block` and
+    /// iResNet block has: in training on flex, one op that never stores the BatchNorm's output
+    /// (`qud_cpu_kernels::batch_norm_prelu_train`), the same values.
+    pub fn forward_prelu<const D: usize>(&self, input: Tensor<D>, prelu: &TorchPRelu) -> Tensor<D> {
+        let device = input.device();
+        if self.folded || input.dtype() != DType::F32 || !self.uses_batch_statistics(&device) {
+            return prelu.forward(self.forward(input));
+        }
+        let (weight, bias) = self.affine(&device);
+        let per_channel = input.shape().num_elements() / self.num_features;
+        let alpha = prelu.weight.val();
+        let result =
+            qud_cpu_kernels::batch_norm_prelu_train(input, weight, bias, alpha, self.epsilon);
+        self.update_running_statistics(result, per_channel)
+    }
+
+    /// Batch statistics (training on an autodiff device), or the running ones.
+    fn uses_batch_statistics(&self, device: &Device) -> bool {
+        device.is_autodiff() && self.training.is_enabled()
+    }
+
+    /// Fold a training step's batch statistics into the running ones; the step's output.
+    fn update_running_statistics<const D: usize>(
+        &self,
+        result: qud_cpu_kernels::BatchNormTrain<D>,
+        per_channel: usize,
+    ) -> Tensor<D> {
+        let device = result.output.device();
         // PyTorch feeds the running variance the unbiased estimate.
         let unbias = per_channel as f64 / (per_channel.max(2) - 1) as f64;
         let m = self.momentum;

@@ -63,7 +63,7 @@ impl IBasicBlock {
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let out = conv2d_fast(&self.conv1, self.bn1.forward(x.clone()));
-        let out = conv2d_fast(&self.conv2, self.prelu.forward(self.bn2.forward(out)));
+        let out = conv2d_fast(&self.conv2, self.bn2.forward_prelu(out, &self.prelu));
         let out = self.bn3.forward(out);
         let identity = match &self.downsample {
             Some((conv, bn)) => bn.forward(conv2d_fast(conv, x)),
@@ -160,8 +160,8 @@ impl Backbone for IResNet {
 
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
         let x = self
-            .prelu
-            .forward(self.bn1.forward(conv2d_fast(&self.conv1, images)));
+            .bn1
+            .forward_prelu(conv2d_fast(&self.conv1, images), &self.prelu);
         let x = [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
             .into_iter()
             .flatten()

@@ -69,8 +69,8 @@ impl ConvBlock {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.prelu
-            .forward(self.bn.forward(conv2d_fast(&self.conv, x)))
+        self.bn
+            .forward_prelu(conv2d_fast(&self.conv, x), &self.prelu)
     }
 
     fn fold(&mut self) {
