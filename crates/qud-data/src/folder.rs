@@ -91,12 +91,9 @@ impl ImageFolder {
     }
 }
 
-impl FaceDataset for ImageFolder {
-    fn len(&self) -> usize {
-        self.files.len()
-    }
-
-    fn get(&self, index: usize) -> Result<Sample, DataError> {
+impl ImageFolder {
+    /// Sample `index`'s file: `(its path, for errors; its bytes; its label)`.
+    fn read(&self, index: usize) -> Result<(String, Vec<u8>, Option<u32>), DataError> {
         let (path, label) = self.files.get(index).ok_or(DataError::OutOfRange {
             index,
             len: self.files.len(),
@@ -105,11 +102,19 @@ impl FaceDataset for ImageFolder {
             path: path.clone(),
             source,
         })?;
-        let image = decode_face(&bytes, &path.display().to_string(), self.resize)?;
-        Ok(Sample {
-            image,
-            label: *label,
-        })
+        Ok((path.display().to_string(), bytes, *label))
+    }
+}
+
+impl FaceDataset for ImageFolder {
+    fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    fn get(&self, index: usize) -> Result<Sample, DataError> {
+        let (origin, bytes, label) = self.read(index)?;
+        let image = decode_face(&bytes, &origin, self.resize)?;
+        Ok(Sample { image, label })
     }
 
     fn get_into(
@@ -118,16 +123,9 @@ impl FaceDataset for ImageFolder {
         flip: bool,
         out: &mut [f32],
     ) -> Result<Option<u32>, DataError> {
-        let (path, label) = self.files.get(index).ok_or(DataError::OutOfRange {
-            index,
-            len: self.files.len(),
-        })?;
-        let bytes = std::fs::read(path).map_err(|source| DataError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        decode_face_into(&bytes, &path.display().to_string(), self.resize, flip, out)?;
-        Ok(*label)
+        let (origin, bytes, label) = self.read(index)?;
+        decode_face_into(&bytes, &origin, self.resize, flip, out)?;
+        Ok(label)
     }
 
     fn num_identities(&self) -> Option<usize> {

@@ -429,18 +429,25 @@ impl RecordDataset {
     }
 }
 
+impl RecordDataset {
+    /// Sample `index`'s record and where it is, for errors (`file key K`).
+    fn image_record(&self, index: usize) -> Result<(String, Record), DataError> {
+        let &(key, offset) = self.images.get(index).ok_or(DataError::OutOfRange {
+            index,
+            len: self.images.len(),
+        })?;
+        let record = self.record_at(offset, Some(key))?;
+        Ok((format!("{} key {key}", self.path.display()), record))
+    }
+}
+
 impl FaceDataset for RecordDataset {
     fn len(&self) -> usize {
         self.images.len()
     }
 
     fn get(&self, index: usize) -> Result<Sample, DataError> {
-        let &(key, offset) = self.images.get(index).ok_or(DataError::OutOfRange {
-            index,
-            len: self.images.len(),
-        })?;
-        let record = self.record_at(offset, Some(key))?;
-        let origin = format!("{} key {key}", self.path.display());
+        let (origin, record) = self.image_record(index)?;
         let image = decode_face(&record.data, &origin, self.resize)?;
         Ok(Sample {
             image,
@@ -454,12 +461,7 @@ impl FaceDataset for RecordDataset {
         flip: bool,
         out: &mut [f32],
     ) -> Result<Option<u32>, DataError> {
-        let &(key, offset) = self.images.get(index).ok_or(DataError::OutOfRange {
-            index,
-            len: self.images.len(),
-        })?;
-        let record = self.record_at(offset, Some(key))?;
-        let origin = format!("{} key {key}", self.path.display());
+        let (origin, record) = self.image_record(index)?;
         decode_face_into(&record.data, &origin, self.resize, flip, out)?;
         Ok(record.identity())
     }
