@@ -488,14 +488,27 @@ fn inference_prelu_overwrites_only_an_unshared_activation() {
     );
 }
 
-/// Training-mode BatchNorm through [`batch_norm_train`] (the extension on flex under autodiff)
-/// or through Burn's: output, mean, variance, and the gradients of the input, gamma and beta for
+/// Which training-mode BatchNorm [`batch_norm_gradients`] runs.
+#[derive(Clone, Copy, PartialEq)]
+enum BatchNormPath {
+    /// Burn's `batch_norm_train`.
+    Burn,
+    /// [`batch_norm_train`] (the extension on flex under autodiff).
+    Kernels,
+    /// [`batch_norm_train`] then [`prelu`].
+    KernelsThenPrelu,
+    /// [`batch_norm_prelu_train`], the two as one op.
+    Fused,
+}
+
+/// Training-mode BatchNorm (then PReLU, on the last two paths) on flex under autodiff: output,
+/// mean, variance, and the gradients of the input, gamma and beta (and alpha, with PReLU) for
 /// one upstream gradient. `offset` moves the input's mean away from zero.
 fn batch_norm_gradients(
     dims: [usize; 4],
     offset: f32,
     seed: u64,
-    extension: bool,
+    path: BatchNormPath,
 ) -> Vec<Vec<f32>> {
     let device = qud_backend_flex::device().autodiff();
     let len = dims.iter().product();
@@ -510,25 +523,42 @@ fn batch_norm_gradients(
         .require_grad();
     let gamma = tensor(seed + 1, channels).detach().require_grad();
     let beta = tensor(seed + 2, channels).detach().require_grad();
-    let (y, mean, variance) = if extension {
-        let r = batch_norm_train(x.clone(), gamma.clone(), beta.clone(), 1e-5);
-        (r.output, r.mean, r.variance)
-    } else {
-        let r =
-            burn::tensor::module::batch_norm_train(x.clone(), gamma.clone(), beta.clone(), 1e-5);
-        (r.output, r.mean, r.variance)
+    let alpha = tensor(seed + 4, channels).detach().require_grad();
+    let (g, b, a) = (gamma.clone(), beta.clone(), alpha.clone());
+    let result = match path {
+        BatchNormPath::Burn => {
+            let r = burn::tensor::module::batch_norm_train(x.clone(), g, b, 1e-5);
+            BatchNormTrain {
+                output: r.output,
+                mean: r.mean,
+                variance: r.variance,
+            }
+        }
+        BatchNormPath::Kernels => batch_norm_train(x.clone(), g, b, 1e-5),
+        BatchNormPath::KernelsThenPrelu => {
+            let r = batch_norm_train(x.clone(), g, b, 1e-5);
+            BatchNormTrain {
+                output: prelu(r.output, a),
+                ..r
+            }
+        }
+        BatchNormPath::Fused => batch_norm_prelu_train(x.clone(), g, b, a, 1e-5),
     };
     let upstream = tensor(seed + 3, len).reshape(dims);
-    let grads = (y.clone() * upstream).sum().backward();
+    let grads = (result.output.clone() * upstream).sum().backward();
     let flat = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
-    vec![
-        flat(y.reshape([len])),
-        flat(mean),
-        flat(variance),
+    let mut out = vec![
+        flat(result.output.reshape([len])),
+        flat(result.mean),
+        flat(result.variance),
         flat(x.grad(&grads).unwrap().reshape([len])),
         flat(gamma.grad(&grads).unwrap()),
         flat(beta.grad(&grads).unwrap()),
-    ]
+    ];
+    if matches!(path, BatchNormPath::KernelsThenPrelu | BatchNormPath::Fused) {
+        out.push(flat(alpha.grad(&grads).unwrap()));
+    }
+    out
 }
 
 proptest! {
@@ -544,8 +574,8 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let dims = [batch, channels, height, width];
-        let ours = batch_norm_gradients(dims, offset, seed, true);
-        let burn = batch_norm_gradients(dims, offset, seed, false);
+        let ours = batch_norm_gradients(dims, offset, seed, BatchNormPath::Kernels);
+        let burn = batch_norm_gradients(dims, offset, seed, BatchNormPath::Burn);
         let what = ["output", "mean", "variance", "input grad", "gamma grad", "beta grad"];
         // gamma and beta's gradients are sums of `count` terms of about unit size that cancel:
         // the sum can come out near zero while its rounding error scales with the terms, so
@@ -635,52 +665,6 @@ proptest! {
     }
 }
 
-/// Training-mode BatchNorm then PReLU on flex under autodiff, through the fused op or through
-/// the two ops: output, statistics, and the gradients of the input, gamma, beta and alpha for
-/// one upstream gradient.
-fn batch_norm_prelu_gradients(
-    dims: [usize; 4],
-    offset: f32,
-    seed: u64,
-    fused: bool,
-) -> Vec<Vec<f32>> {
-    let device = qud_backend_flex::device().autodiff();
-    let len = dims.iter().product();
-    let channels = dims[1];
-    let tensor = |seed: u64, len: usize| {
-        Tensor::<1>::from_data(TensorData::new(values(seed, len), [len]), &device)
-    };
-    let x = tensor(seed, len)
-        .add_scalar(offset)
-        .reshape(dims)
-        .detach()
-        .require_grad();
-    let gamma = tensor(seed + 1, channels).detach().require_grad();
-    let beta = tensor(seed + 2, channels).detach().require_grad();
-    let alpha = tensor(seed + 4, channels).detach().require_grad();
-    let result = if fused {
-        batch_norm_prelu_train(x.clone(), gamma.clone(), beta.clone(), alpha.clone(), 1e-5)
-    } else {
-        let r = batch_norm_train(x.clone(), gamma.clone(), beta.clone(), 1e-5);
-        BatchNormTrain {
-            output: prelu(r.output, alpha.clone()),
-            ..r
-        }
-    };
-    let upstream = tensor(seed + 3, len).reshape(dims);
-    let grads = (result.output.clone() * upstream).sum().backward();
-    let flat = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
-    vec![
-        flat(result.output.reshape([len])),
-        flat(result.mean),
-        flat(result.variance),
-        flat(x.grad(&grads).unwrap().reshape([len])),
-        flat(gamma.grad(&grads).unwrap()),
-        flat(beta.grad(&grads).unwrap()),
-        flat(alpha.grad(&grads).unwrap()),
-    ]
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(32))]
 
@@ -696,8 +680,8 @@ proptest! {
         seed in any::<u64>(),
     ) {
         let dims = [batch, channels, height, width];
-        let fused = batch_norm_prelu_gradients(dims, offset, seed, true);
-        let separate = batch_norm_prelu_gradients(dims, offset, seed, false);
+        let fused = batch_norm_gradients(dims, offset, seed, BatchNormPath::Fused);
+        let separate = batch_norm_gradients(dims, offset, seed, BatchNormPath::KernelsThenPrelu);
         let what = ["output", "mean", "variance", "input grad", "gamma grad", "beta grad", "alpha grad"];
         for (what, (a, b)) in what.iter().zip(fused.iter().zip(&separate)) {
             let differing = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
