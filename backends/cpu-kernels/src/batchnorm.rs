@@ -12,32 +12,32 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::simd;
+use crate::simd::{self, LANES};
 
 /// Planes per rayon task: enough work to pay for the task.
 fn planes_per_task(plane: usize) -> usize {
     (16_384 / plane.max(1)).max(1)
 }
 
-/// Sum of `f(a[i], b[i])` over a plane with eight independent accumulators (lane `k` takes
-/// `i = k, k + 8, ...`), then the lanes in f64.
+/// Sum of `f(a[i], b[i])` over a plane with [`LANES`] independent accumulators (lane `k` takes
+/// `i = k, k + LANES, ...`), then the lanes in f64.
 ///
-/// Over whole chunks of eight, so that it vectorises: indexed by `i` through a closure, the
+/// Over whole chunks of `LANES`, so that it vectorises: indexed by `i` through a closure, the
 /// bounds checks kept every lane scalar (`vaddss`), and the BatchNorm sums were 20 % of a
 /// MobileFaceNet train step.
 #[inline(always)]
 fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
     let len = a.len().min(b.len());
-    let (a, b) = (a[..len].chunks_exact(8), b[..len].chunks_exact(8));
+    let (a, b) = (a[..len].chunks_exact(LANES), b[..len].chunks_exact(LANES));
     let tail: f32 = a
         .remainder()
         .iter()
         .zip(b.remainder())
         .map(|(&x, &y)| f(x, y))
         .sum();
-    let mut lanes = [0f32; 8];
+    let mut lanes = [0f32; LANES];
     for (xs, ys) in a.zip(b) {
-        for k in 0..8 {
+        for k in 0..LANES {
             lanes[k] += f(xs[k], ys[k]);
         }
     }

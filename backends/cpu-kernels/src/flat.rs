@@ -12,7 +12,8 @@
 //! more fill the vector lanes on their own: the forward and the input gradient compute those
 //! straight into the output row by row, which saves copying the line out.
 
-use crate::{simd, Depthwise};
+use crate::simd::{self, LANES};
+use crate::Depthwise;
 
 /// Taps of a 3 x 3 kernel, row-major.
 const TAPS: usize = 9;
@@ -217,7 +218,7 @@ fn correlate(taps: &[f32; TAPS], offsets: &[usize; TAPS], init: f32, src: &[f32]
     }
 }
 
-/// `sum_q g[q] * src[q + offsets[t]]` for each tap, with eight partial sums per tap.
+/// `sum_q g[q] * src[q + offsets[t]]` for each tap, with [`LANES`] partial sums per tap.
 ///
 /// The nine taps are spelled out: as a loop over an array of lines, the accumulators stayed in
 /// memory and every product was scalar.
@@ -248,9 +249,6 @@ fn correlate_sums(offsets: &[usize; TAPS], src: &[f32], g: &[f32]) -> [f32; TAPS
         acc[t].iter().sum::<f32>() + tail
     })
 }
-
-/// Partial sums per tap in [`correlate_sums`].
-const LANES: usize = 8;
 
 /// `acc[i] += g[i] * x[i]` over one lane's width.
 #[inline(always)]

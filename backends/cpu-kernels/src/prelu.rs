@@ -7,7 +7,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use crate::simd;
+use crate::simd::{self, LANES};
 
 /// Planes (one channel of one sample) per rayon task: enough work to pay for the task.
 fn planes_per_task(plane: usize) -> usize {
@@ -160,20 +160,20 @@ simd::multiversion! {
     }
 }
 
-/// `sum(x * grad where x < 0)` with eight partial sums, which vectorise (one running sum
+/// `sum(x * grad where x < 0)` with [`LANES`] partial sums, which vectorise (one running sum
 /// must be added in order and does not). `min(x, 0) * grad`, not a select: as
 /// `if x < 0 { x * grad } else { 0 }` the AVX-512 build spent 23 % of a MobileFaceNet train
 /// step here.
 #[inline(always)]
 pub(crate) fn negative_part_sum(x: &[f32], grad: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (x8, g8) = (x.chunks_exact(8), grad.chunks_exact(8));
+    let mut lanes = [0f32; LANES];
+    let (xs, gs) = (x.chunks_exact(LANES), grad.chunks_exact(LANES));
     let mut tail = 0f32;
-    for (&v, &g) in x8.remainder().iter().zip(g8.remainder()) {
+    for (&v, &g) in xs.remainder().iter().zip(gs.remainder()) {
         tail += if v < 0.0 { v * g } else { 0.0 };
     }
-    for (x, g) in x8.zip(g8) {
-        for i in 0..8 {
+    for (x, g) in xs.zip(gs) {
+        for i in 0..LANES {
             lanes[i] += x[i].min(0.0) * g[i];
         }
     }

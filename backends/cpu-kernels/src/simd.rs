@@ -50,3 +50,9 @@ macro_rules! multiversion {
 }
 
 pub(crate) use multiversion;
+
+/// Partial sums of the kernels' reductions (independent accumulators, lane `k` taking every
+/// `LANES`-th value): one AVX-512 register, two AVX2 ones. With eight (one AVX2 register) the
+/// AVX-512 builds ran half-width: MobileFaceNet's train step at batch 32 went from 72.0 to
+/// 73.8 samples/s when the BatchNorm sums took sixteen (three alternating runs each).
+pub(crate) const LANES: usize = 16;
