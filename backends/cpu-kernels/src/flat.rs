@@ -116,16 +116,35 @@ impl Phases {
     #[inline(always)]
     fn place(self, phases: &mut [f32], plane: &[f32]) {
         let (w, phase) = (self.stride(), self.phase_rows() * self.stride());
-        for (y, row) in plane.chunks_exact(self.cols).enumerate() {
-            let r = y + self.pad;
-            for parity in 0..2 {
-                // Input columns whose padded column has this parity.
-                let first = (parity + 2 - self.pad % 2) % 2;
-                let start = ((r % 2) * 2 + parity) * phase + r / 2 * w + (first + self.pad) / 2;
-                let line = &mut phases[start..];
-                for (d, &v) in line.iter_mut().zip(row.iter().skip(first).step_by(2)) {
-                    *d = v;
-                }
+        let (cols, pad) = (self.cols, self.pad);
+        // Input column `x` sits at padded column `x + pad`: the even input columns go to the
+        // phase of parity `pad % 2`, the odd ones to the other.
+        let (even_parity, odd_parity) = (pad % 2, 1 - pad % 2);
+        let (evens, odds) = (cols.div_ceil(2), cols / 2);
+        for (y, row) in plane.chunks_exact(cols).enumerate() {
+            let r = y + pad;
+            let start = |parity: usize, first: usize| {
+                ((r % 2) * 2 + parity) * phase + r / 2 * w + (first + pad) / 2
+            };
+            let (even_start, odd_start) = (start(even_parity, 0), start(odd_parity, 1));
+            // The two lines lie in different phases: split the buffer between them.
+            let (even_line, odd_line) = if even_start < odd_start {
+                let (a, b) = phases.split_at_mut(odd_start);
+                (&mut a[even_start..][..evens], &mut b[..odds])
+            } else {
+                let (a, b) = phases.split_at_mut(even_start);
+                (&mut b[..evens], &mut a[odd_start..][..odds])
+            };
+            for ((e, o), pair) in even_line
+                .iter_mut()
+                .zip(odd_line.iter_mut())
+                .zip(row.chunks_exact(2))
+            {
+                *e = pair[0];
+                *o = pair[1];
+            }
+            if cols % 2 == 1 {
+                even_line[evens - 1] = row[cols - 1];
             }
         }
     }
@@ -399,16 +418,22 @@ simd::multiversion! {
                 }
             }
         }
+        // Even input columns come from the phase of parity `p % 2`, odd ones from the other.
+        let (even_parity, odd_parity) = (p % 2, 1 - p % 2);
+        let (evens, odds) = (w.div_ceil(2), w / 2);
         for (iy, row) in grad.chunks_exact_mut(w).enumerate() {
             let r = iy + p;
-            for parity in 0..2 {
-                // Input columns whose padded column has this parity.
-                let first = (parity + 2 - p % 2) % 2;
+            let line = |parity: usize, first: usize, count: usize| {
                 let phase = &lines[((r % 2) * 2 + parity) * len..][..len];
-                let start = r / 2 * stride + (first + p) / 2;
-                for (g, &v) in row.iter_mut().skip(first).step_by(2).zip(&phase[start..]) {
-                    *g = v;
-                }
+                &phase[r / 2 * stride + (first + p) / 2..][..count]
+            };
+            let (even, odd) = (line(even_parity, 0, evens), line(odd_parity, 1, odds));
+            for ((pair, &e), &o) in row.chunks_exact_mut(2).zip(even).zip(odd) {
+                pair[0] = e;
+                pair[1] = o;
+            }
+            if w % 2 == 1 {
+                row[w - 1] = even[evens - 1];
             }
         }
     }

@@ -25,8 +25,12 @@ fn burn_conv(shape: &Depthwise, bias: bool, device: &Device) -> Conv2d {
     .init(device)
 }
 
+/// The largest difference relative to `b`'s largest value, or to 0.01 when every value of `b` is
+/// smaller: a bias gradient is a sum of tens of terms of size 1 that can cancel down to 1e-3, where
+/// two summation orders differ by a few 1e-7 (a 1 x 1 convolution over 2 x 9 x 2 values gave
+/// 3.7e-4 relative to its 1e-3).
 fn max_relative_difference(a: &[f32], b: &[f32]) -> f32 {
-    let scale = b.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+    let scale = b.iter().fold(1e-2f32, |m, v| m.max(v.abs()));
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
