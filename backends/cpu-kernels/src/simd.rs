@@ -53,6 +53,7 @@ pub(crate) use multiversion;
 
 /// Partial sums of the kernels' reductions (independent accumulators, lane `k` taking every
 /// `LANES`-th value): one AVX-512 register, two AVX2 ones. With eight (one AVX2 register) the
-/// AVX-512 builds ran half-width: MobileFaceNet's train step at batch 32 went from 72.0 to
-/// 73.8 samples/s when the BatchNorm sums took sixteen (three alternating runs each).
+/// AVX-512 builds summed half-width: MobileFaceNet's train step on flex went from 70.2 and 68.7
+/// to 72.7 and 72.8 samples/s at batch 32, from 68.1 and 67.5 to 70.0 and 70.0 at batch 128
+/// (alternating runs of the two builds, Intel AVX-512 2-core machine).
 pub(crate) const LANES: usize = 16;
