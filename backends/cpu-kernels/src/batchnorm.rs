@@ -466,6 +466,167 @@ simd::multiversion! {
     }
 }
 
+/// Training-mode BatchNorm, PReLU, then a depthwise convolution without bias (`weight`
+/// `[C, 1, k, k]`, `conv`'s geometry on `x`), as one op: `(convolution output, mean, biased
+/// variance)`. One task per channel: its planes' statistics, then each plane normalised and
+/// through PReLU into a scratch plane (in cache) and convolved from there, so the activation
+/// between the two layers, MobileFaceNet's widest, is never written. The values are those of
+/// [`batch_norm_prelu_train_host`] then [`crate::depthwise_conv2d_host`], bit for bit.
+#[allow(clippy::too_many_arguments)]
+pub fn batch_norm_prelu_depthwise_train_host(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    alpha: &[f32],
+    weight: &[f32],
+    epsilon: f64,
+    conv: &crate::Depthwise,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (channels, plane) = (gamma.len(), conv.height * conv.width);
+    assert_eq!(
+        conv.channels, channels,
+        "one BatchNorm channel per depthwise channel"
+    );
+    assert_eq!(alpha.len(), channels, "one slope per channel");
+    assert_eq!(x.len(), conv.batch * channels * plane, "input size");
+    let taps = conv.kernel * conv.kernel;
+    assert_eq!(weight.len(), channels * taps, "weight size");
+    let (oh, ow) = conv.output_size();
+    let mut statistics = vec![(0f32, 0f32); channels];
+    let out = crate::filled(conv.batch * channels * oh * ow, |out| {
+        let outputs = ChannelPlanes::new(out, channels, oh * ow);
+        statistics.par_iter_mut().enumerate().for_each_init(
+            || (vec![0f32; plane], Vec::new()),
+            |(normalised, scratch), (c, statistics)| {
+                let index = |n: usize| n * channels + c;
+                let input = |n: usize| &x[index(n) * plane..][..plane];
+                let moments: Vec<(f64, f64)> =
+                    (0..conv.batch).map(|n| plane_moments(input(n))).collect();
+                let (mean, var) = merge_moments(moments.into_iter(), plane);
+                let scale = scale_of(gamma[c], var, epsilon);
+                let kernel = &weight[c * taps..][..taps];
+                for n in 0..conv.batch {
+                    normalise_prelu_plane(
+                        as_uninit(normalised),
+                        input(n),
+                        mean,
+                        scale,
+                        beta[c],
+                        alpha[c],
+                    );
+                    // SAFETY: only this task, channel `c`'s, takes the planes of channel `c`.
+                    let out = crate::zeroed(unsafe { outputs.get(index(n)) });
+                    crate::depthwise_plane_forward(conv, (kernel, 0.0), normalised, out, scratch);
+                }
+                *statistics = (mean, var);
+            },
+        );
+    });
+    let (mean, var) = statistics.into_iter().unzip();
+    (out, mean, var)
+}
+
+/// The gradients of [`batch_norm_prelu_depthwise_train_host`] given its output's gradient
+/// `grad`: `(x_grad, gamma_grad, beta_grad, alpha_grad, weight_grad)`. Per channel, first pass,
+/// plane by plane: the convolution's input recomputed (normalised, through PReLU) for its
+/// weight gradient, its input gradient written where `x_grad` goes, and the BatchNorm and PReLU
+/// sums taken from it; second pass: that plane turned into `x_grad`, from cache. Neither the
+/// convolution's input nor its gradient goes through memory. The values are those of the
+/// depthwise convolution's gradients then [`batch_norm_prelu_backward_in_place_host`], bit for
+/// bit.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn batch_norm_prelu_depthwise_backward_host(
+    x: &[f32],
+    grad: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    alpha: &[f32],
+    weight: &[f32],
+    (mean, var, epsilon): (&[f32], &[f32], f64),
+    conv: &crate::Depthwise,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (channels, plane) = (gamma.len(), conv.height * conv.width);
+    let (oh, ow) = conv.output_size();
+    assert_eq!(grad.len(), conv.batch * channels * oh * ow, "gradient size");
+    let taps = conv.kernel * conv.kernel;
+    assert_eq!(weight.len(), channels * taps, "weight size");
+    let backward = Backward::new(x, gamma, mean, var, epsilon, plane);
+    let mut weight_grad = vec![0f32; channels * taps];
+    let mut channel_grads = vec![(0f32, 0f32, 0f32); channels];
+    let x_grad = crate::filled(x.len(), |x_grad| {
+        let planes = ChannelPlanes::new(x_grad, channels, plane);
+        channel_grads
+            .par_iter_mut()
+            .zip(weight_grad.par_chunks_mut(taps))
+            .enumerate()
+            .for_each_init(
+                || (vec![0f32; plane], vec![0f32; plane], vec![0f32; plane]),
+                |(normalised, y, dy), (c, (channel_grads, kernel_grad))| {
+                    let (m, b, slope) = (mean[c], beta[c], alpha[c]);
+                    let scale = scale_of(gamma[c], var[c], epsilon);
+                    let kernel = &weight[c * taps..][..taps];
+                    let (mut input_scratch, mut weight_scratch) = (Vec::new(), Vec::new());
+                    let (mut sum_dy, mut sum_dy_centred, mut alpha_grad) = (0f64, 0f64, 0f32);
+                    for n in 0..backward.samples {
+                        let input = backward.input(n, c);
+                        let g = &grad[backward.index(n, c) * oh * ow..][..oh * ow];
+                        normalise_prelu_plane(as_uninit(normalised), input, m, scale, b, slope);
+                        crate::depthwise_plane_weight_grad(
+                            conv,
+                            normalised,
+                            g,
+                            kernel_grad,
+                            &mut weight_scratch,
+                        );
+                        // SAFETY (both `get`s): only this task, channel `c`'s, takes the planes
+                        // of channel `c`, and each plane is held once at a time.
+                        let dz = crate::zeroed(unsafe { planes.get(backward.index(n, c)) });
+                        crate::depthwise_plane_input_grad(conv, kernel, g, dz, &mut input_scratch);
+                        let (share, sums) =
+                            prelu_backward_plane_sums(input, dz, y, dy, [m, scale, b, slope]);
+                        alpha_grad += share;
+                        sum_dy += sums.0;
+                        sum_dy_centred += sums.1;
+                    }
+                    let (coefficients, (gamma_grad, beta_grad)) =
+                        backward.coefficients(c, sum_dy, sum_dy_centred);
+                    for n in 0..backward.samples {
+                        // SAFETY: as above; the plane was initialised by the first pass.
+                        let dz = unsafe { planes.get(backward.index(n, c)) };
+                        // SAFETY: every value of the plane was written in the first pass.
+                        let dz = unsafe { assume_init(dz) };
+                        let input = backward.input(n, c);
+                        prelu_then_x_grad_plane(input, dz, [m, scale, b, slope], coefficients);
+                    }
+                    *channel_grads = (gamma_grad, beta_grad, alpha_grad);
+                },
+            );
+    });
+    let mut out = (x_grad, Vec::new(), Vec::new(), Vec::new(), weight_grad);
+    for (g, b, a) in channel_grads {
+        out.1.push(g);
+        out.2.push(b);
+        out.3.push(a);
+    }
+    out
+}
+
+/// `values` as memory to write (it is initialised already, so nothing is lost).
+fn as_uninit(values: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and only initialised values are
+    // ever written through the result.
+    unsafe { &mut *(values as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// A plane every value of which has been written.
+///
+/// # Safety
+/// Every element of `plane` must be initialised.
+unsafe fn assume_init(plane: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: the caller's guarantee, and `MaybeUninit<f32>` has the layout of `f32`.
+    unsafe { &mut *(plane as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
+
 /// What the backward of every channel shares.
 struct Backward<'a> {
     x: &'a [f32],

@@ -5,6 +5,7 @@
 use crate::batchnorm::{
     batch_norm_apply_host, batch_norm_apply_in_place_host, batch_norm_backward_host,
     batch_norm_backward_in_place_host, batch_norm_prelu_backward_in_place_host,
+    batch_norm_prelu_depthwise_backward_host, batch_norm_prelu_depthwise_train_host,
     batch_norm_prelu_train_host, batch_norm_scale, batch_norm_train_host, Normalisation,
 };
 use crate::{
@@ -1100,6 +1101,264 @@ impl<B: Backend + BatchNormPreluBackend, C: CheckpointStrategy> BatchNormPreluBa
             Self::from_inner(gamma_grad),
             Self::from_inner(beta_grad),
             Self::from_inner(alpha_grad),
+        )
+    }
+}
+
+/// BatchNorm (batch statistics) over dimension 1 of `x` `[N, C, H, W]`, PReLU with one slope per
+/// channel, then a depthwise convolution without bias (`weight` `[C, 1, k, k]`), as one
+/// training op whose in-between activation is never stored.
+#[backend_extension(Flex, Autodiff)]
+pub trait BatchNormPreluDepthwiseBackend: Backend {
+    /// `(convolution output, mean, biased variance)`.
+    #[allow(clippy::too_many_arguments)]
+    fn batch_norm_prelu_depthwise_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        alpha: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+
+    /// `(x_grad, gamma_grad, beta_grad, alpha_grad, weight_grad)` of
+    /// [`Self::batch_norm_prelu_depthwise_train`] given its output's gradient.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn batch_norm_prelu_depthwise_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        alpha: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        geometry: (usize, usize, f64),
+        grad: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    );
+}
+
+impl BatchNormPreluDepthwiseBackend for Flex {
+    fn batch_norm_prelu_depthwise_train(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        alpha: FlexTensor,
+        weight: FlexTensor,
+        stride: usize,
+        padding: usize,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let kernel = dims4(&weight.shape())[2];
+        let conv = geometry(dims4(&x.shape()), kernel, stride, padding);
+        let (out, mean, var) = batch_norm_prelu_depthwise_train_host(
+            &values(&x),
+            &values(&gamma),
+            &values(&beta),
+            &values(&alpha),
+            &values(&weight),
+            epsilon,
+            &conv,
+        );
+        let (oh, ow) = conv.output_size();
+        (
+            flex_tensor(out, [conv.batch, conv.channels, oh, ow]),
+            flex_tensor(mean, [conv.channels]),
+            flex_tensor(var, [conv.channels]),
+        )
+    }
+
+    fn batch_norm_prelu_depthwise_backward(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        alpha: FlexTensor,
+        weight: FlexTensor,
+        mean: FlexTensor,
+        variance: FlexTensor,
+        (stride, padding, epsilon): (usize, usize, f64),
+        grad: FlexTensor,
+    ) -> (FlexTensor, FlexTensor, FlexTensor, FlexTensor, FlexTensor) {
+        let weight_shape = weight.shape();
+        let kernel = dims4(&weight_shape)[2];
+        let x_shape = x.shape();
+        let conv = geometry(dims4(&x_shape), kernel, stride, padding);
+        let (x_grad, gamma_grad, beta_grad, alpha_grad, weight_grad) =
+            batch_norm_prelu_depthwise_backward_host(
+                &values(&x),
+                &values(&grad),
+                &values(&gamma),
+                &values(&beta),
+                &values(&alpha),
+                &values(&weight),
+                (&values(&mean), &values(&variance), epsilon),
+                &conv,
+            );
+        let channels = [conv.channels];
+        (
+            flex_tensor(x_grad, x_shape),
+            flex_tensor(gamma_grad, channels),
+            flex_tensor(beta_grad, channels),
+            flex_tensor(alpha_grad, channels),
+            flex_tensor(weight_grad, weight_shape),
+        )
+    }
+}
+
+/// The backward step of [`BatchNormPreluDepthwiseBackend::batch_norm_prelu_depthwise_train`] on
+/// the inner backend.
+#[derive(Debug)]
+struct BatchNormPreluDepthwiseBackward;
+
+impl<B: Backend + BatchNormPreluDepthwiseBackend> Backward<B, 5>
+    for BatchNormPreluDepthwiseBackward
+{
+    /// Input, gamma, beta, alpha and weight checkpoints; the batch statistics as the forward
+    /// computed them; `(stride, padding, epsilon)`.
+    type State = (
+        [NodeId; 5],
+        (B::FloatTensorPrimitive, B::FloatTensorPrimitive),
+        (usize, usize, f64),
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 5>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let grad = grads.consume::<B>(&ops.node);
+        let (states, (mean, variance), geometry) = ops.state;
+        let [x, gamma, beta, alpha, weight] =
+            states.map(|state| checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(state));
+        let (x_grad, gamma_grad, beta_grad, alpha_grad, weight_grad) =
+            B::batch_norm_prelu_depthwise_backward(
+                x, gamma, beta, alpha, weight, mean, variance, geometry, grad,
+            );
+        for (parent, grad) in
+            ops.parents
+                .into_iter()
+                .zip([x_grad, gamma_grad, beta_grad, alpha_grad, weight_grad])
+        {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+impl<B: Backend + BatchNormPreluDepthwiseBackend, C: CheckpointStrategy>
+    BatchNormPreluDepthwiseBackend for Autodiff<B, C>
+{
+    fn batch_norm_prelu_depthwise_train(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        alpha: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        stride: usize,
+        padding: usize,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let nodes = [
+            x.node(),
+            gamma.node(),
+            beta.node(),
+            alpha.node(),
+            weight.node(),
+        ];
+        let forward = |x: FloatTensor<Self>,
+                       gamma: FloatTensor<Self>,
+                       beta: FloatTensor<Self>,
+                       alpha: FloatTensor<Self>,
+                       weight: FloatTensor<Self>| {
+            B::batch_norm_prelu_depthwise_train(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                alpha.into_primitive(),
+                weight.into_primitive(),
+                stride,
+                padding,
+                epsilon,
+            )
+        };
+        match BatchNormPreluDepthwiseBackward
+            .prepare::<C>(nodes)
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let states = [
+                    prep.checkpoint(&x),
+                    prep.checkpoint(&gamma),
+                    prep.checkpoint(&beta),
+                    prep.checkpoint(&alpha),
+                    prep.checkpoint(&weight),
+                ];
+                let (out, mean, var) = forward(x, gamma, beta, alpha, weight);
+                let state = (
+                    states,
+                    (mean.clone(), var.clone()),
+                    (stride, padding, epsilon),
+                );
+                let out = prep.finish(state, out);
+                (out, Self::from_inner(mean), Self::from_inner(var))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, mean, var) = forward(x, gamma, beta, alpha, weight);
+                (
+                    prep.finish(out),
+                    Self::from_inner(mean),
+                    Self::from_inner(var),
+                )
+            }
+        }
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn batch_norm_prelu_depthwise_backward(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        alpha: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        mean: FloatTensor<Self>,
+        variance: FloatTensor<Self>,
+        geometry: (usize, usize, f64),
+        grad: FloatTensor<Self>,
+    ) -> (
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+        FloatTensor<Self>,
+    ) {
+        let (x_grad, gamma_grad, beta_grad, alpha_grad, weight_grad) =
+            B::batch_norm_prelu_depthwise_backward(
+                Self::inner(x),
+                Self::inner(gamma),
+                Self::inner(beta),
+                Self::inner(alpha),
+                Self::inner(weight),
+                Self::inner(mean),
+                Self::inner(variance),
+                geometry,
+                Self::inner(grad),
+            );
+        (
+            Self::from_inner(x_grad),
+            Self::from_inner(gamma_grad),
+            Self::from_inner(beta_grad),
+            Self::from_inner(alpha_grad),
+            Self::from_inner(weight_grad),
         )
     }
 }

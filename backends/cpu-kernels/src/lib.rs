@@ -25,7 +25,8 @@ pub use dense::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host, Dense,
 };
 pub use extension::{
-    BatchNormBackend, BatchNormPreluBackend, DenseConvBackend, DepthwiseBackend, PreluBackend,
+    BatchNormBackend, BatchNormPreluBackend, BatchNormPreluDepthwiseBackend, DenseConvBackend,
+    DepthwiseBackend, PreluBackend,
 };
 pub use prelu::{
     prelu_alpha_grad_host, prelu_backward_in_place_host, prelu_host, prelu_in_place_host,
@@ -149,7 +150,6 @@ pub fn depthwise_conv2d_host(
     if len == 0 {
         return Vec::new();
     }
-    let flat = flat::applies(shape);
     filled(len, |out| {
         out.par_chunks_mut(oh * ow)
             .zip(input.par_chunks(h * w))
@@ -159,13 +159,55 @@ pub fn depthwise_conv2d_host(
                 let channel = plane % c;
                 let taps = &weight[channel * k * k..(channel + 1) * k * k];
                 let init = bias.map_or(0.0, |b| b[channel]);
-                if flat {
-                    flat::forward_plane(shape, taps, init, input, out, scratch);
-                } else {
-                    depthwise_forward_plane(shape, taps, init, input, out);
-                }
+                depthwise_plane_forward(shape, (taps, init), input, out, scratch);
             });
     })
+}
+
+/// One channel plane of [`depthwise_conv2d_host`] (`init`: the channel's bias, or 0), on the
+/// path for `shape`: the flat 3 x 3 planes (`flat.rs`) or the general loops.
+fn depthwise_plane_forward(
+    shape: &Depthwise,
+    (taps, init): (&[f32], f32),
+    input: &[f32],
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    if flat::applies(shape) {
+        flat::forward_plane(shape, taps, init, input, out, scratch);
+    } else {
+        depthwise_forward_plane(shape, taps, init, input, out);
+    }
+}
+
+/// One plane of [`depthwise_conv2d_input_grad_host`] (adds onto the zeroed `grad`), on its path.
+fn depthwise_plane_input_grad(
+    shape: &Depthwise,
+    taps: &[f32],
+    grad_output: &[f32],
+    grad: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    if flat::applies(shape) {
+        flat::input_grad_plane(shape, taps, grad_output, grad, scratch);
+    } else {
+        depthwise_input_grad_plane(shape, taps, grad_output, grad);
+    }
+}
+
+/// One image's plane of [`depthwise_conv2d_weight_grad_host`] (adds onto `taps`), on its path.
+fn depthwise_plane_weight_grad(
+    shape: &Depthwise,
+    input: &[f32],
+    grad_output: &[f32],
+    taps: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    if flat::applies(shape) {
+        flat::weight_grad_plane(shape, input, grad_output, taps, scratch);
+    } else {
+        depthwise_weight_grad_plane(shape, input, grad_output, taps);
+    }
 }
 
 simd::multiversion! {
@@ -228,7 +270,6 @@ pub fn depthwise_conv2d_input_grad_host(
     if len == 0 || oh * ow == 0 {
         return vec![0f32; len];
     }
-    let flat = flat::applies(shape);
     filled(len, |grad| {
         grad.par_chunks_mut(h * w)
             .zip(grad_output.par_chunks(oh * ow))
@@ -236,11 +277,7 @@ pub fn depthwise_conv2d_input_grad_host(
             .for_each_init(Vec::new, |scratch, (plane, (grad, grad_output))| {
                 let grad = zeroed(grad);
                 let taps = &weight[(plane % c) * k * k..(plane % c + 1) * k * k];
-                if flat {
-                    flat::input_grad_plane(shape, taps, grad_output, grad, scratch);
-                } else {
-                    depthwise_input_grad_plane(shape, taps, grad_output, grad);
-                }
+                depthwise_plane_input_grad(shape, taps, grad_output, grad, scratch);
             });
     })
 }
@@ -295,7 +332,6 @@ pub fn depthwise_conv2d_weight_grad_host(
     assert_eq!(input.len(), n * c * h * w, "input size");
     assert_eq!(grad_output.len(), n * c * oh * ow, "gradient size");
     let mut grad = vec![0f32; c * k * k];
-    let flat = flat::applies(shape);
     grad.par_chunks_mut(k * k)
         .enumerate()
         .for_each_init(Vec::new, |scratch, (channel, taps)| {
@@ -303,11 +339,7 @@ pub fn depthwise_conv2d_weight_grad_host(
                 let plane = image * c + channel;
                 let input = &input[plane * h * w..(plane + 1) * h * w];
                 let grad_output = &grad_output[plane * oh * ow..(plane + 1) * oh * ow];
-                if flat {
-                    flat::weight_grad_plane(shape, input, grad_output, taps, scratch);
-                } else {
-                    depthwise_weight_grad_plane(shape, input, grad_output, taps);
-                }
+                depthwise_plane_weight_grad(shape, input, grad_output, taps, scratch);
             }
         });
     grad
@@ -388,6 +420,54 @@ pub struct BatchNormTrain<const D: usize> {
     pub mean: Tensor<1>,
     /// Biased (divided by the number of values per channel).
     pub variance: Tensor<1>,
+}
+
+/// [`batch_norm_prelu_train`] then `conv` (a depthwise convolution) on its output, as one op:
+/// the result's `output` is the convolution's, `mean` and `variance` the BatchNorm's. On flex in
+/// f32 with a depthwise `conv` without bias, the host kernels of
+/// [`BatchNormPreluDepthwiseBackend`], which never store the activation between the two layers
+/// (neither forward nor for the backward, which recomputes it per plane); the two ops
+/// otherwise. The same values either way, bit for bit on flex.
+pub fn batch_norm_prelu_depthwise_train(
+    x: Tensor<4>,
+    (gamma, beta, alpha): (Tensor<1>, Tensor<1>, Tensor<1>),
+    conv: &Conv2d,
+    epsilon: f64,
+) -> BatchNormTrain<4> {
+    let shape = depthwise_shape(conv, &x);
+    let fused = batch_norm_on_host(&x)
+        && alpha.dtype() == burn::tensor::DType::F32
+        && alpha.dims()[0] == x.dims()[1]
+        && conv.bias.is_none()
+        && conv.weight.val().dtype() == burn::tensor::DType::F32
+        // One channel: `conv2d` takes it as a dense convolution; the two ops then.
+        && dense_shape(conv, &x).is_none();
+    let shape = match shape {
+        Some(shape) if fused => shape,
+        _ => {
+            let result = batch_norm_prelu_train(x, gamma, beta, alpha, epsilon);
+            return BatchNormTrain {
+                output: conv2d(conv, result.output),
+                ..result
+            };
+        }
+    };
+    let (output, mean, variance) =
+        <Dispatch as BatchNormPreluDepthwiseBackend>::batch_norm_prelu_depthwise_train(
+            x.into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
+            alpha.into_dispatch(),
+            conv.weight.val().into_dispatch(),
+            shape.stride,
+            shape.padding,
+            epsilon,
+        );
+    BatchNormTrain {
+        output: Tensor::from_dispatch(output),
+        mean: Tensor::from_dispatch(mean),
+        variance: Tensor::from_dispatch(variance),
+    }
 }
 
 /// Whether the batch-norm kernels serve `x`: f32 on flex, with planes (everything after the

@@ -693,3 +693,93 @@ proptest! {
         }
     }
 }
+
+/// BatchNorm + PReLU + depthwise convolution on `dims` through the one op
+/// ([`batch_norm_prelu_depthwise_train`]) or through the two ([`batch_norm_prelu_train`] then
+/// [`conv2d`]): the output, the statistics and every gradient (input, gamma, beta, alpha,
+/// convolution weight).
+fn fused_depthwise_gradients(
+    dims: [usize; 4],
+    (kernel, stride, padding): (usize, usize, usize),
+    seed: u64,
+    one_op: bool,
+) -> Vec<Vec<f32>> {
+    use burn::module::Param;
+    let device = qud_backend_flex::device().autodiff();
+    let len: usize = dims.iter().product();
+    let channels = dims[1];
+    let tensor = |seed: u64, len: usize| {
+        Tensor::<1>::from_data(TensorData::new(values(seed, len), [len]), &device)
+    };
+    let x = tensor(seed, len).reshape(dims).detach().require_grad();
+    let gamma = tensor(seed + 1, channels).detach().require_grad();
+    let beta = tensor(seed + 2, channels).detach().require_grad();
+    let alpha = tensor(seed + 4, channels).detach().require_grad();
+    let mut conv = Conv2dConfig::new([channels, channels], [kernel, kernel])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(
+            padding, padding, padding, padding,
+        ))
+        .with_groups(channels)
+        .with_bias(false)
+        .init(&device);
+    let taps = tensor(seed + 5, channels * kernel * kernel);
+    conv.weight = Param::from_tensor(taps.reshape([channels, 1, kernel, kernel]));
+    let parameters = (gamma.clone(), beta.clone(), alpha.clone());
+    let result = if one_op {
+        batch_norm_prelu_depthwise_train(x.clone(), parameters, &conv, 1e-5)
+    } else {
+        let (g, b, a) = parameters;
+        let r = batch_norm_prelu_train(x.clone(), g, b, a, 1e-5);
+        BatchNormTrain {
+            output: conv2d(&conv, r.output),
+            ..r
+        }
+    };
+    let out_len = result.output.shape().num_elements();
+    let upstream = tensor(seed + 3, out_len).reshape(result.output.dims());
+    let grads = (result.output.clone() * upstream).sum().backward();
+    let flat = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
+    vec![
+        flat(result.output.reshape([out_len])),
+        flat(result.mean),
+        flat(result.variance),
+        flat(x.grad(&grads).unwrap().reshape([len])),
+        flat(gamma.grad(&grads).unwrap()),
+        flat(beta.grad(&grads).unwrap()),
+        flat(alpha.grad(&grads).unwrap()),
+        flat(
+            conv.weight
+                .grad(&grads)
+                .unwrap()
+                .reshape([channels * kernel * kernel]),
+        ),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// MobileFaceNet's 3 x 3 at stride 1 and 2 (the flat planes) and other kernels (the
+    /// general loops): the one op gives the two ops' bits.
+    #[test]
+    fn fused_batch_norm_prelu_depthwise_equals_the_two_ops(
+        batch in 1usize..4,
+        channels in 1usize..6,
+        height in 3usize..12,
+        width in 3usize..20,
+        conv in prop_oneof![Just((3usize, 1usize, 1usize)), Just((3, 2, 1)), Just((3, 1, 0)), Just((5, 2, 2)), Just((1, 1, 0))],
+        seed in any::<u64>(),
+    ) {
+        let dims = [batch, channels, height, width];
+        prop_assume!(height * width >= 8);
+        let one = fused_depthwise_gradients(dims, conv, seed, true);
+        let two = fused_depthwise_gradients(dims, conv, seed, false);
+        let what = ["output", "mean", "variance", "input grad", "gamma grad", "beta grad", "alpha grad", "weight grad"];
+        for (what, (a, b)) in what.iter().zip(one.iter().zip(&two)) {
+            prop_assert_eq!(a.len(), b.len(), "{}", what);
+            let differing = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            prop_assert_eq!(differing, 0, "{:?} conv {:?}: {} differs in {} of {}", dims, conv, what, differing, a.len());
+        }
+    }
+}

@@ -126,6 +126,31 @@ impl TorchBatchNorm {
         self.update_running_statistics(result, per_channel)
     }
 
+    /// `conv` (a depthwise convolution) on [`Self::forward_prelu`]'s output. In training on flex
+    /// one op (`qud_cpu_kernels::batch_norm_prelu_depthwise_train`): the activation between
+    /// PReLU and the convolution is never stored. The same values as the two calls.
+    pub fn forward_prelu_depthwise(
+        &self,
+        input: Tensor<4>,
+        prelu: &TorchPRelu,
+        conv: &burn::nn::conv::Conv2d,
+    ) -> Tensor<4> {
+        let device = input.device();
+        if self.folded || input.dtype() != DType::F32 || !self.uses_batch_statistics(&device) {
+            return qud_cpu_kernels::conv2d(conv, self.forward_prelu(input, prelu));
+        }
+        let (weight, bias) = self.affine(&device);
+        let per_channel = input.shape().num_elements() / self.num_features;
+        let alpha = prelu.weight.val();
+        let result = qud_cpu_kernels::batch_norm_prelu_depthwise_train(
+            input,
+            (weight, bias, alpha),
+            conv,
+            self.epsilon,
+        );
+        self.update_running_statistics(result, per_channel)
+    }
+
     /// Batch statistics (training on an autodiff device), or the running ones.
     fn uses_batch_statistics(&self, device: &Device) -> bool {
         device.is_autodiff() && self.training.is_enabled()

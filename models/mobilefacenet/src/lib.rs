@@ -73,6 +73,18 @@ impl ConvBlock {
             .forward_prelu(conv2d_fast(&self.conv, x), &self.prelu)
     }
 
+    /// `next.forward(self.forward(x))` for a depthwise `next`: this block's BatchNorm, PReLU and
+    /// `next`'s convolution run as one op in training
+    /// ([`TorchBatchNorm::forward_prelu_depthwise`]), so the widest activation of a
+    /// `Depth_Wise` unit is never stored. The same values.
+    pub fn forward_into(&self, next: &ConvBlock, x: Tensor<4>) -> Tensor<4> {
+        let expanded = conv2d_fast(&self.conv, x);
+        let convolved = self
+            .bn
+            .forward_prelu_depthwise(expanded, &self.prelu, &next.conv);
+        next.bn.forward_prelu(convolved, &next.prelu)
+    }
+
     fn fold(&mut self) {
         fold_conv_batchnorm(&mut self.conv, &mut self.bn);
     }
@@ -154,7 +166,7 @@ impl DepthWise {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let y = self
             .project
-            .forward(self.conv_dw.forward(self.conv.forward(x.clone())));
+            .forward(self.conv.forward_into(&self.conv_dw, x.clone()));
         if self.residual {
             x + y
         } else {
@@ -271,7 +283,7 @@ impl MobileFaceNet {
 
 impl Backbone for MobileFaceNet {
     fn forward(&self, images: Tensor<4>) -> Tensor<2> {
-        let x = self.conv2_dw.forward(self.conv1.forward(images));
+        let x = self.conv1.forward_into(&self.conv2_dw, images);
         let x = self.conv_3.forward(self.conv_23.forward(x));
         let x = self.conv_4.forward(self.conv_34.forward(x));
         let x = self.conv_5.forward(self.conv_45.forward(x));
