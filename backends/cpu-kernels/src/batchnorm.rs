@@ -560,12 +560,17 @@ pub fn batch_norm_prelu_depthwise_backward_host(
             .zip(weight_grad.par_chunks_mut(taps))
             .enumerate()
             .for_each_init(
-                || (vec![0f32; plane], vec![0f32; plane], vec![0f32; plane]),
-                |(normalised, y, dy), (c, (channel_grads, kernel_grad))| {
+                // Per task, kept across its channels: the flat kernels' padded planes are zeroed
+                // once and only their interiors rewritten.
+                || {
+                    let planes = (vec![0f32; plane], vec![0f32; plane], vec![0f32; plane]);
+                    (planes, Vec::new(), Vec::new())
+                },
+                |((normalised, y, dy), input_scratch, weight_scratch),
+                 (c, (channel_grads, kernel_grad))| {
                     let (m, b, slope) = (mean[c], beta[c], alpha[c]);
                     let scale = scale_of(gamma[c], var[c], epsilon);
                     let kernel = &weight[c * taps..][..taps];
-                    let (mut input_scratch, mut weight_scratch) = (Vec::new(), Vec::new());
                     let (mut sum_dy, mut sum_dy_centred, mut alpha_grad) = (0f64, 0f64, 0f32);
                     for n in 0..backward.samples {
                         let input = backward.input(n, c);
@@ -576,12 +581,12 @@ pub fn batch_norm_prelu_depthwise_backward_host(
                             normalised,
                             g,
                             kernel_grad,
-                            &mut weight_scratch,
+                            weight_scratch,
                         );
                         // SAFETY (both `get`s): only this task, channel `c`'s, takes the planes
                         // of channel `c`, and each plane is held once at a time.
                         let dz = crate::zeroed(unsafe { planes.get(backward.index(n, c)) });
-                        crate::depthwise_plane_input_grad(conv, kernel, g, dz, &mut input_scratch);
+                        crate::depthwise_plane_input_grad(conv, kernel, g, dz, input_scratch);
                         let (share, sums) =
                             prelu_backward_plane_sums(input, dz, y, dy, [m, scale, b, slope]);
                         alpha_grad += share;
