@@ -505,7 +505,21 @@ pub fn batch_norm_prelu_depthwise_train_host(
                 let (mean, var) = merge_moments(moments.into_iter(), plane);
                 let scale = scale_of(gamma[c], var, epsilon);
                 let kernel = &weight[c * taps..][..taps];
+                let affine = [mean, scale, beta[c], alpha[c]];
                 for n in 0..conv.batch {
+                    if crate::flat::fuses(conv) {
+                        // SAFETY: only this task, channel `c`'s, takes the planes of channel `c`.
+                        let out = unsafe { outputs.get(index(n)) };
+                        crate::flat::activated_forward_plane(
+                            conv,
+                            affine,
+                            kernel,
+                            input(n),
+                            out,
+                            scratch,
+                        );
+                        continue;
+                    }
                     normalise_prelu_plane(
                         as_uninit(normalised),
                         input(n),
@@ -575,6 +589,27 @@ pub fn batch_norm_prelu_depthwise_backward_host(
                     for n in 0..backward.samples {
                         let input = backward.input(n, c);
                         let g = &grad[backward.index(n, c) * oh * ow..][..oh * ow];
+                        if crate::flat::fuses(conv) {
+                            // SAFETY: as below.
+                            let dz = unsafe { planes.get(backward.index(n, c)) };
+                            crate::flat::activated_gradients_plane(
+                                conv,
+                                [m, scale, b, slope],
+                                kernel,
+                                (input, g),
+                                dz,
+                                kernel_grad,
+                                weight_scratch,
+                            );
+                            // SAFETY: the line above wrote every value of the plane.
+                            let dz = unsafe { assume_init(dz) };
+                            let (share, sums) =
+                                prelu_backward_plane_sums(input, dz, y, dy, [m, scale, b, slope]);
+                            alpha_grad += share;
+                            sum_dy += sums.0;
+                            sum_dy_centred += sums.1;
+                            continue;
+                        }
                         normalise_prelu_plane(as_uninit(normalised), input, m, scale, b, slope);
                         crate::depthwise_plane_weight_grad(
                             conv,

@@ -14,6 +14,7 @@
 
 use crate::simd::{self, LANES};
 use crate::Depthwise;
+use std::mem::MaybeUninit;
 
 /// Taps of a 3 x 3 kernel, row-major.
 const TAPS: usize = 9;
@@ -216,7 +217,13 @@ fn split_scratch(scratch: &mut Vec<f32>, first: usize, second: usize) -> (&mut [
 /// `dst[q] = init + sum_t taps[t] * src[q + offsets[t]]`, the taps added in row-major order
 /// after `init` (as the general loop adds them, so the values are the same).
 #[inline(always)]
-fn correlate(taps: &[f32; TAPS], offsets: &[usize; TAPS], init: f32, src: &[f32], dst: &mut [f32]) {
+fn correlate(
+    taps: &[f32; TAPS],
+    offsets: &[usize; TAPS],
+    init: f32,
+    src: &[f32],
+    dst: &mut [MaybeUninit<f32>],
+) {
     let n = dst.len();
     let line = |t: usize| &src[offsets[t]..][..n];
     let (l0, l1, l2) = (line(0), line(1), line(2));
@@ -224,16 +231,36 @@ fn correlate(taps: &[f32; TAPS], offsets: &[usize; TAPS], init: f32, src: &[f32]
     let (l6, l7, l8) = (line(6), line(7), line(8));
     let t = taps;
     for q in 0..n {
-        dst[q] = init
-            + t[0] * l0[q]
-            + t[1] * l1[q]
-            + t[2] * l2[q]
-            + t[3] * l3[q]
-            + t[4] * l4[q]
-            + t[5] * l5[q]
-            + t[6] * l6[q]
-            + t[7] * l7[q]
-            + t[8] * l8[q];
+        dst[q].write(
+            init + t[0] * l0[q]
+                + t[1] * l1[q]
+                + t[2] * l2[q]
+                + t[3] * l3[q]
+                + t[4] * l4[q]
+                + t[5] * l5[q]
+                + t[6] * l6[q]
+                + t[7] * l7[q]
+                + t[8] * l8[q],
+        );
+    }
+}
+
+/// `values` as memory to write (it is initialised already, so nothing is lost).
+#[inline(always)]
+fn writable(values: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has the layout of `f32`, and only initialised values are ever
+    // written through the result.
+    unsafe { &mut *(values as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// Copies the first `cols` values of each `stride`-long row of `line` into the rows of `dst`:
+/// the output without the line's padding columns.
+#[inline(always)]
+fn unpad(line: &[f32], stride: usize, cols: usize, dst: &mut [MaybeUninit<f32>]) {
+    for (row, values) in dst.chunks_exact_mut(cols).zip(line.chunks_exact(stride)) {
+        for (o, &v) in row.iter_mut().zip(&values[..cols]) {
+            o.write(v);
+        }
     }
 }
 
@@ -297,16 +324,14 @@ simd::multiversion! {
             let (source, _) = split_scratch(scratch, layout.len(), 0);
             layout.place(source, input);
             for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
-                correlate(taps, &offsets, init, &source[oy * w..], row);
+                correlate(taps, &offsets, init, &source[oy * w..], writable(row));
             }
             return;
         }
         let (source, line) = split_scratch(scratch, layout.len(), oh * w);
         layout.place(source, input);
-        correlate(taps, &offsets, init, source, line);
-        for (row, values) in out.chunks_exact_mut(ow).zip(line.chunks_exact(w)) {
-            row.copy_from_slice(&values[..ow]);
-        }
+        correlate(taps, &offsets, init, source, writable(line));
+        unpad(line, w, ow, writable(out));
     }
 }
 
@@ -344,16 +369,14 @@ simd::multiversion! {
             let (source, _) = split_scratch(scratch, padded.len(), 0);
             padded.place(source, grad_output);
             for (iy, row) in grad.chunks_exact_mut(shape.width).enumerate() {
-                correlate(&turned, &offsets, 0.0, &source[iy * w..], row);
+                correlate(&turned, &offsets, 0.0, &source[iy * w..], writable(row));
             }
             return;
         }
         let (source, line) = split_scratch(scratch, padded.len(), shape.height * w);
         padded.place(source, grad_output);
-        correlate(&turned, &offsets, 0.0, source, line);
-        for (row, values) in grad.chunks_exact_mut(shape.width).zip(line.chunks_exact(w)) {
-            row.copy_from_slice(&values[..shape.width]);
-        }
+        correlate(&turned, &offsets, 0.0, source, writable(line));
+        unpad(line, w, shape.width, writable(grad));
     }
 }
 
@@ -435,6 +458,103 @@ simd::multiversion! {
             if w % 2 == 1 {
                 row[w - 1] = even[evens - 1];
             }
+        }
+    }
+}
+
+/// Whether planes of `shape` take the fused BatchNorm + PReLU + depthwise paths below: stride-1,
+/// padding-1 3 x 3 planes (every MobileFaceNet depthwise layer but the downsampling ones), whose
+/// padded line has the row stride of the padded output gradient.
+pub(crate) fn fuses(shape: &Depthwise) -> bool {
+    applies(shape) && shape.stride == 1 && shape.padding == 1
+}
+
+/// Writes `PReLU((x - m) * a + b)` of `input` (`affine` is `[m, a, b, slope]`, as
+/// `normalise_prelu_plane` computes it) into the interior of the padded `source`: the
+/// activation's only copy, made where the correlation reads it.
+#[inline(always)]
+fn place_activated(padded: Padded, source: &mut [f32], input: &[f32], affine: [f32; 4]) {
+    let [m, a, b, slope] = affine;
+    let w = padded.stride();
+    for (r, row) in input.chunks_exact(padded.cols).enumerate() {
+        let line = &mut source[(r + padded.pad) * w + padded.pad..][..padded.cols];
+        for (o, &v) in line.iter_mut().zip(row) {
+            let y = (v - m) * a + b;
+            *o = if y >= 0.0 { y } else { slope * y };
+        }
+    }
+}
+
+simd::multiversion! {
+    /// One plane of the fused forward on a [`fuses`] shape: the activation of `input` written
+    /// straight into the padded line, then convolved (no bias) into every value of `out`.
+    pub(crate) fn activated_forward_plane(
+        shape: &Depthwise,
+        affine: [f32; 4],
+        taps: &[f32],
+        input: &[f32],
+        out: &mut [MaybeUninit<f32>],
+        scratch: &mut Vec<f32>,
+    ) {
+        let padded = Padded { rows: shape.height, cols: shape.width, pad: 1 };
+        let (oh, ow) = shape.output_size();
+        let w = padded.stride();
+        let taps: &[f32; TAPS] = taps.try_into().expect("nine taps");
+        let offsets = padded.offsets();
+        let wide = ow >= WIDE_ROWS;
+        let (source, line) = split_scratch(scratch, padded.len(), if wide { 0 } else { oh * w });
+        place_activated(padded, source, input, affine);
+        if wide {
+            for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
+                correlate(taps, &offsets, 0.0, &source[oy * w..], row);
+            }
+        } else {
+            correlate(taps, &offsets, 0.0, source, writable(line));
+            unpad(line, w, ow, out);
+        }
+    }
+}
+
+simd::multiversion! {
+    /// Both gradients of one plane of the fused backward on a [`fuses`] shape. The activation
+    /// is recomputed into the padded line; the output gradient is padded once, and that one
+    /// copy is both the line-stride output gradient of the weight gradient (read one row and
+    /// one column in: its padding columns are the zeros the line's extra columns need) and the
+    /// padded source of the input gradient. Adds onto the channel's nine `kernel_grad`; writes
+    /// every value of `grad`, the activation's gradient. `planes` are the BatchNorm's input plane
+    /// and the output gradient's.
+    pub(crate) fn activated_gradients_plane(
+        shape: &Depthwise,
+        affine: [f32; 4],
+        taps: &[f32],
+        planes: (&[f32], &[f32]),
+        grad: &mut [MaybeUninit<f32>],
+        kernel_grad: &mut [f32],
+        scratch: &mut Vec<f32>,
+    ) {
+        let (input, grad_output) = planes;
+        let padded = Padded { rows: shape.height, cols: shape.width, pad: 1 };
+        let (oh, ow) = shape.output_size();
+        let w = padded.stride();
+        let wide = shape.width >= WIDE_ROWS;
+        let line_len = if wide { 0 } else { shape.height * w };
+        let (source, rest) = split_scratch(scratch, padded.len(), padded.len() + line_len);
+        let (padded_grad, line) = rest.split_at_mut(padded.len());
+        place_activated(padded, source, input, affine);
+        Padded { rows: oh, cols: ow, pad: 1 }.place(padded_grad, grad_output);
+        let offsets = padded.offsets();
+        let sums = correlate_sums(&offsets, source, &padded_grad[w + 1..][..oh * w]);
+        for (tap, sum) in kernel_grad.iter_mut().zip(sums) {
+            *tap += sum;
+        }
+        let turned: [f32; TAPS] = std::array::from_fn(|t| taps[TAPS - 1 - t]);
+        if wide {
+            for (iy, row) in grad.chunks_exact_mut(shape.width).enumerate() {
+                correlate(&turned, &offsets, 0.0, &padded_grad[iy * w..], row);
+            }
+        } else {
+            correlate(&turned, &offsets, 0.0, padded_grad, writable(line));
+            unpad(line, w, shape.width, grad);
         }
     }
 }
