@@ -516,6 +516,16 @@ pub fn dense_conv2d_weight_grad_host(s: &Dense, x: &[f32], grad: &[f32]) -> Vec<
     } else {
         Parallelism::Rayon(0)
     };
+    // gemm packs the operand whose rows run along the output's columns by gathering each value
+    // apart (both operands hold the summed positions contiguously): computing `dW^T` instead
+    // when it has fewer rows makes that the output gradient, the smaller of the two in a
+    // MobileFaceNet projection (`[O, P]` against `[4 O, P]` of input).
+    let transposed = o < rows;
+    let dw_strides = if transposed {
+        (o as isize, 1)
+    } else {
+        (1, rows as isize)
+    };
     let partial = |part: usize| {
         let mut dw = vec![0.0f32; o * rows];
         let (start, end) = (part * chunks / threads, (part + 1) * chunks / threads);
@@ -532,7 +542,7 @@ pub fn dense_conv2d_weight_grad_host(s: &Dense, x: &[f32], grad: &[f32]) -> Vec<
                 product(
                     (o, rows, n),
                     &mut dw,
-                    (1, rows as isize),
+                    dw_strides,
                     accumulate,
                     dy,
                     (1, n as isize),
@@ -556,7 +566,7 @@ pub fn dense_conv2d_weight_grad_host(s: &Dense, x: &[f32], grad: &[f32]) -> Vec<
                     product(
                         (o, rows, n),
                         &mut dw,
-                        (1, rows as isize),
+                        dw_strides,
                         accumulate,
                         dy,
                         (1, n as isize),
@@ -579,7 +589,16 @@ pub fn dense_conv2d_weight_grad_host(s: &Dense, x: &[f32], grad: &[f32]) -> Vec<
     for p in partials {
         dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
     }
-    dw
+    if !transposed {
+        return dw;
+    }
+    let mut out = vec![0.0f32; o * rows];
+    for (r, column) in dw.chunks_exact(o).enumerate() {
+        for (i, &v) in column.iter().enumerate() {
+            out[i * rows + r] = v;
+        }
+    }
+    out
 }
 
 /// Output tiles per Winograd product before chunking stops adding images.
