@@ -67,7 +67,7 @@ pub fn batch_norm_train_host(
     epsilon: f64,
     plane: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    normalise_train(x, gamma, beta, None, epsilon, plane)
+    normalise_train(x, gamma, beta, Then::Nothing, epsilon, plane)
 }
 
 /// Training-mode BatchNorm followed by PReLU with one slope per channel (`alpha` `[C]`):
@@ -83,15 +83,41 @@ pub fn batch_norm_prelu_train_host(
     plane: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert_eq!(alpha.len(), gamma.len(), "one slope per channel");
-    normalise_train(x, gamma, beta, Some(alpha), epsilon, plane)
+    normalise_train(x, gamma, beta, Then::Prelu(alpha), epsilon, plane)
 }
 
-/// [`batch_norm_train_host`], with PReLU after it when `alpha` is given.
+/// Training-mode BatchNorm whose output is added to `shortcut` (the input of a residual unit,
+/// `x`'s shape): `(output + shortcut, mean, biased variance)`. The sum is written as each plane
+/// is normalised, so neither the BatchNorm's output nor a separate pass for the sum exists. The
+/// values are those of [`batch_norm_train_host`] then the sum, bit for bit.
+pub fn batch_norm_add_train_host(
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    shortcut: &[f32],
+    epsilon: f64,
+    plane: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert_eq!(shortcut.len(), x.len(), "a shortcut of the input's shape");
+    normalise_train(x, gamma, beta, Then::Add(shortcut), epsilon, plane)
+}
+
+/// What [`normalise_train`] does to each normalised plane before writing it.
+#[derive(Clone, Copy)]
+enum Then<'a> {
+    Nothing,
+    /// PReLU with one slope per channel.
+    Prelu(&'a [f32]),
+    /// Add the plane of the same index of this buffer.
+    Add(&'a [f32]),
+}
+
+/// [`batch_norm_train_host`], then `then` on each plane.
 fn normalise_train(
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
-    alpha: Option<&[f32]>,
+    then: Then,
     epsilon: f64,
     plane: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
@@ -114,10 +140,14 @@ fn normalise_train(
                 for n in 0..samples {
                     // SAFETY: only this task, channel `c`'s, takes the planes of channel `c`.
                     let out = unsafe { planes.get(index(n)) };
-                    match alpha {
-                        None => normalise_plane(out, input(n), mean, scale, beta[c]),
-                        Some(alpha) => {
+                    match then {
+                        Then::Nothing => normalise_plane(out, input(n), mean, scale, beta[c]),
+                        Then::Prelu(alpha) => {
                             normalise_prelu_plane(out, input(n), mean, scale, beta[c], alpha[c])
+                        }
+                        Then::Add(shortcut) => {
+                            let shortcut = &shortcut[index(n) * plane..][..plane];
+                            normalise_add_plane(out, (input(n), shortcut), mean, scale, beta[c])
                         }
                     }
                 }
@@ -242,6 +272,22 @@ simd::multiversion! {
         for (o, &v) in out.iter_mut().zip(x) {
             let y = (v - m) * a + b;
             o.write(if y >= 0.0 { y } else { slope * y });
+        }
+    }
+}
+
+simd::multiversion! {
+    /// [`normalise_into`] plus the shortcut's plane: `planes` are `(x, shortcut)`.
+    fn normalise_add_plane(
+        out: &mut [MaybeUninit<f32>],
+        planes: (&[f32], &[f32]),
+        m: f32,
+        a: f32,
+        b: f32,
+    ) {
+        let (x, shortcut) = planes;
+        for ((o, &v), &s) in out.iter_mut().zip(x).zip(shortcut) {
+            o.write((v - m) * a + b + s);
         }
     }
 }

@@ -3,10 +3,11 @@
 //! gradient kernels, so that training uses them as well as inference.
 
 use crate::batchnorm::{
-    batch_norm_apply_host, batch_norm_apply_in_place_host, batch_norm_backward_host,
-    batch_norm_backward_in_place_host, batch_norm_prelu_backward_in_place_host,
-    batch_norm_prelu_depthwise_backward_host, batch_norm_prelu_depthwise_train_host,
-    batch_norm_prelu_train_host, batch_norm_scale, batch_norm_train_host, Normalisation,
+    batch_norm_add_train_host, batch_norm_apply_host, batch_norm_apply_in_place_host,
+    batch_norm_backward_host, batch_norm_backward_in_place_host,
+    batch_norm_prelu_backward_in_place_host, batch_norm_prelu_depthwise_backward_host,
+    batch_norm_prelu_depthwise_train_host, batch_norm_prelu_train_host, batch_norm_scale,
+    batch_norm_train_host, Normalisation,
 };
 use crate::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host,
@@ -875,6 +876,137 @@ impl<B: Backend + BatchNormBackend, C: CheckpointStrategy> BatchNormBackend for 
             Self::inner(variance),
             epsilon,
         ))
+    }
+}
+
+/// Training-mode BatchNorm over dimension 1 of `x` `[N, C, ...]` plus `shortcut` (`x`'s shape):
+/// the last BatchNorm of a residual unit and the unit's sum as one op, whose BatchNorm output
+/// is never written. Its backward is the BatchNorm's ([`BatchNormBackend`]) and, for the
+/// shortcut, the output gradient itself.
+#[backend_extension(Flex, Autodiff)]
+pub trait BatchNormAddBackend: Backend {
+    /// `(output + shortcut, mean, biased variance)`.
+    fn batch_norm_add_train_channels(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        shortcut: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+impl BatchNormAddBackend for Flex {
+    fn batch_norm_add_train_channels(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        shortcut: FlexTensor,
+        epsilon: f64,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let shape = x.shape();
+        let (channels, plane) = channels_and_plane(&shape);
+        let (out, mean, var) = batch_norm_add_train_host(
+            &values(&x),
+            &values(&gamma),
+            &values(&beta),
+            &values(&shortcut),
+            epsilon,
+            plane,
+        );
+        (
+            flex_tensor(out, shape),
+            flex_tensor(mean, [channels]),
+            flex_tensor(var, [channels]),
+        )
+    }
+}
+
+/// The backward step of [`BatchNormAddBackend::batch_norm_add_train_channels`].
+#[derive(Debug)]
+struct BatchNormAddTrainBackward;
+
+impl<B: Backend + BatchNormBackend> Backward<B, 4> for BatchNormAddTrainBackward {
+    /// As [`BatchNormTrainBackward`]'s.
+    type State = (
+        NodeId,
+        NodeId,
+        B::FloatTensorPrimitive,
+        B::FloatTensorPrimitive,
+        f64,
+    );
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 4>,
+        grads: &mut Gradients,
+        checkpointer: &mut Checkpointer,
+    ) {
+        let [node_x, node_gamma, node_beta, node_shortcut] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        if let Some(node) = node_shortcut {
+            grads.register::<B>(node.id, grad.clone());
+        }
+        let (x_state, gamma_state, mean, variance, epsilon) = ops.state;
+        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+        let gamma = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gamma_state);
+        let (x_grad, gamma_grad, beta_grad) =
+            B::batch_norm_train_channels_backward(x, gamma, mean, variance, epsilon, grad);
+        if let Some(node) = node_x {
+            grads.register::<B>(node.id, x_grad);
+        }
+        if let Some(node) = node_gamma {
+            grads.register::<B>(node.id, gamma_grad);
+        }
+        if let Some(node) = node_beta {
+            grads.register::<B>(node.id, beta_grad);
+        }
+    }
+}
+
+impl<B: Backend + BatchNormBackend + BatchNormAddBackend, C: CheckpointStrategy> BatchNormAddBackend
+    for Autodiff<B, C>
+{
+    fn batch_norm_add_train_channels(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        shortcut: FloatTensor<Self>,
+        epsilon: f64,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let forward = |x: FloatTensor<Self>,
+                       gamma: FloatTensor<Self>,
+                       beta: FloatTensor<Self>,
+                       shortcut: FloatTensor<Self>| {
+            B::batch_norm_add_train_channels(
+                x.into_primitive(),
+                gamma.into_primitive(),
+                beta.into_primitive(),
+                shortcut.into_primitive(),
+                epsilon,
+            )
+        };
+        // The statistics leave as constants, as in `batch_norm_train_channels`.
+        match BatchNormAddTrainBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node(), shortcut.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let (x_state, gamma_state) = (prep.checkpoint(&x), prep.checkpoint(&gamma));
+                let (out, mean, var) = forward(x, gamma, beta, shortcut);
+                let state = (x_state, gamma_state, mean.clone(), var.clone(), epsilon);
+                let out = prep.finish(state, out);
+                (out, Self::from_inner(mean), Self::from_inner(var))
+            }
+            OpsKind::UnTracked(prep) => {
+                let (out, mean, var) = forward(x, gamma, beta, shortcut);
+                (
+                    prep.finish(out),
+                    Self::from_inner(mean),
+                    Self::from_inner(var),
+                )
+            }
+        }
     }
 }
 

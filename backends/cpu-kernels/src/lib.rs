@@ -25,8 +25,8 @@ pub use dense::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host, Dense,
 };
 pub use extension::{
-    BatchNormBackend, BatchNormPreluBackend, BatchNormPreluDepthwiseBackend, DenseConvBackend,
-    DepthwiseBackend, PreluBackend,
+    BatchNormAddBackend, BatchNormBackend, BatchNormPreluBackend, BatchNormPreluDepthwiseBackend,
+    DenseConvBackend, DepthwiseBackend, PreluBackend,
 };
 pub use prelu::{
     prelu_alpha_grad_host, prelu_backward_in_place_host, prelu_host, prelu_in_place_host,
@@ -498,6 +498,39 @@ pub fn batch_norm_train<const D: usize>(
         x.into_dispatch(),
         gamma.into_dispatch(),
         beta.into_dispatch(),
+        epsilon,
+    );
+    BatchNormTrain {
+        output: Tensor::from_dispatch(output),
+        mean: Tensor::from_dispatch(mean),
+        variance: Tensor::from_dispatch(variance),
+    }
+}
+
+/// [`batch_norm_train`] with `shortcut` (`x`'s shape) added to its output, a residual unit's
+/// last BatchNorm and sum: on flex in f32, one op ([`BatchNormAddBackend`]) that writes the sum
+/// as it normalises, in parallel over the channels, where the sum alone was one more pass over
+/// memory on one thread; the two ops otherwise. The same values either way, bit for bit on
+/// flex. `output` is the sum.
+pub fn batch_norm_add_train<const D: usize>(
+    x: Tensor<D>,
+    gamma: Tensor<1>,
+    beta: Tensor<1>,
+    shortcut: Tensor<D>,
+    epsilon: f64,
+) -> BatchNormTrain<D> {
+    if !batch_norm_on_host(&x) || shortcut.dims() != x.dims() || shortcut.dtype() != x.dtype() {
+        let result = batch_norm_train(x, gamma, beta, epsilon);
+        return BatchNormTrain {
+            output: shortcut + result.output,
+            ..result
+        };
+    }
+    let (output, mean, variance) = <Dispatch as BatchNormAddBackend>::batch_norm_add_train_channels(
+        x.into_dispatch(),
+        gamma.into_dispatch(),
+        beta.into_dispatch(),
+        shortcut.into_dispatch(),
         epsilon,
     );
     BatchNormTrain {

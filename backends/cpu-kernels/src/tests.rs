@@ -783,3 +783,65 @@ proptest! {
         }
     }
 }
+
+/// BatchNorm plus a shortcut on `dims` through the one op ([`batch_norm_add_train`]) or the two
+/// ([`batch_norm_train`], then the sum): the output, the statistics and the input, gamma, beta
+/// and shortcut gradients.
+fn batch_norm_add_gradients(dims: [usize; 4], seed: u64, one_op: bool) -> Vec<Vec<f32>> {
+    let device = qud_backend_flex::device().autodiff();
+    let len: usize = dims.iter().product();
+    let channels = dims[1];
+    let tensor = |seed: u64, len: usize| {
+        Tensor::<1>::from_data(TensorData::new(values(seed, len), [len]), &device)
+    };
+    let x = tensor(seed, len).reshape(dims).detach().require_grad();
+    let gamma = tensor(seed + 1, channels).detach().require_grad();
+    let beta = tensor(seed + 2, channels).detach().require_grad();
+    let shortcut = tensor(seed + 4, len).reshape(dims).detach().require_grad();
+    let result = if one_op {
+        batch_norm_add_train(x.clone(), gamma.clone(), beta.clone(), shortcut.clone(), 1e-5)
+    } else {
+        let r = batch_norm_train(x.clone(), gamma.clone(), beta.clone(), 1e-5);
+        BatchNormTrain {
+            output: r.output + shortcut.clone(),
+            ..r
+        }
+    };
+    let upstream = tensor(seed + 3, len).reshape(dims);
+    let grads = (result.output.clone() * upstream).sum().backward();
+    let flat = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
+    vec![
+        flat(result.output.reshape([len])),
+        flat(result.mean),
+        flat(result.variance),
+        flat(x.grad(&grads).unwrap().reshape([len])),
+        flat(gamma.grad(&grads).unwrap()),
+        flat(beta.grad(&grads).unwrap()),
+        flat(shortcut.grad(&grads).unwrap().reshape([len])),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// A residual unit's last BatchNorm and sum as one op give the two ops' bits, the
+    /// shortcut's gradient included.
+    #[test]
+    fn fused_batch_norm_add_equals_the_two_ops(
+        batch in 1usize..4,
+        channels in 1usize..6,
+        height in 2usize..10,
+        width in 4usize..20,
+        seed in any::<u64>(),
+    ) {
+        let dims = [batch, channels, height, width];
+        let one = batch_norm_add_gradients(dims, seed, true);
+        let two = batch_norm_add_gradients(dims, seed, false);
+        let what = ["output", "mean", "variance", "input grad", "gamma grad", "beta grad", "shortcut grad"];
+        for (what, (a, b)) in what.iter().zip(one.iter().zip(&two)) {
+            prop_assert_eq!(a.len(), b.len(), "{}", what);
+            let differing = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            prop_assert_eq!(differing, 0, "{:?}: {} differs in {} of {}", dims, what, differing, a.len());
+        }
+    }
+}

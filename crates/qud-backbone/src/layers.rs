@@ -110,6 +110,21 @@ impl TorchBatchNorm {
         self.update_running_statistics(result, per_channel)
     }
 
+    /// `shortcut + self.forward(input)`, a residual unit's last BatchNorm and its sum: in
+    /// training on flex one op (`qud_cpu_kernels::batch_norm_add_train`) that writes the sum as
+    /// it normalises. The same values as the two calls.
+    pub fn forward_add<const D: usize>(&self, input: Tensor<D>, shortcut: Tensor<D>) -> Tensor<D> {
+        let device = input.device();
+        if self.folded || input.dtype() != DType::F32 || !self.uses_batch_statistics(&device) {
+            return shortcut + self.forward(input);
+        }
+        let (weight, bias) = self.affine(&device);
+        let per_channel = input.shape().num_elements() / self.num_features;
+        let result =
+            qud_cpu_kernels::batch_norm_add_train(input, weight, bias, shortcut, self.epsilon);
+        self.update_running_statistics(result, per_channel)
+    }
+
     /// `prelu.forward(self.forward(input))`, the pair every MobileFaceNet `Conv_block` and
     /// iResNet block has: in training on flex, one op that never stores the BatchNorm's output
     /// (`qud_cpu_kernels::batch_norm_prelu_train`), the same values.

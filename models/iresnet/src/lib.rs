@@ -64,12 +64,11 @@ impl IBasicBlock {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let out = conv2d_fast(&self.conv1, self.bn1.forward(x.clone()));
         let out = conv2d_fast(&self.conv2, self.bn2.forward_prelu(out, &self.prelu));
-        let out = self.bn3.forward(out);
         let identity = match &self.downsample {
             Some((conv, bn)) => bn.forward(conv2d_fast(conv, x)),
             None => x,
         };
-        out + identity
+        self.bn3.forward_add(out, identity)
     }
 
     /// `bn2` and `bn3` and the downsampling BatchNorm follow convolutions; `bn1` precedes a

@@ -109,6 +109,11 @@ impl LinearBlock {
         self.bn.forward(conv2d_fast(&self.conv, x))
     }
 
+    /// `shortcut + self.forward(x)`, the BatchNorm and the sum as one op in training.
+    pub fn forward_add(&self, x: Tensor<4>, shortcut: Tensor<4>) -> Tensor<4> {
+        self.bn.forward_add(conv2d_fast(&self.conv, x), shortcut)
+    }
+
     fn fold(&mut self) {
         fold_conv_batchnorm(&mut self.conv, &mut self.bn);
     }
@@ -164,13 +169,11 @@ impl DepthWise {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let y = self
-            .project
-            .forward(self.conv.forward_into(&self.conv_dw, x.clone()));
+        let expanded = self.conv.forward_into(&self.conv_dw, x.clone());
         if self.residual {
-            x + y
+            self.project.forward_add(expanded, x)
         } else {
-            y
+            self.project.forward(expanded)
         }
     }
 }
