@@ -575,7 +575,7 @@ pub fn batch_norm_prelu_depthwise_train_host(
                         alpha[c],
                     );
                     // SAFETY: only this task, channel `c`'s, takes the planes of channel `c`.
-                    let out = crate::zeroed(unsafe { outputs.get(index(n)) });
+                    let out = unsafe { outputs.get(index(n)) };
                     crate::depthwise_plane_forward(conv, (kernel, 0.0), normalised, out, scratch);
                 }
                 *statistics = (mean, var);
@@ -666,8 +666,10 @@ pub fn batch_norm_prelu_depthwise_backward_host(
                         );
                         // SAFETY (both `get`s): only this task, channel `c`'s, takes the planes
                         // of channel `c`, and each plane is held once at a time.
-                        let dz = crate::zeroed(unsafe { planes.get(backward.index(n, c)) });
+                        let dz = unsafe { planes.get(backward.index(n, c)) };
                         crate::depthwise_plane_input_grad(conv, kernel, g, dz, input_scratch);
+                        // SAFETY: the line above wrote every value of the plane.
+                        let dz = unsafe { assume_init(dz) };
                         let (share, sums) =
                             prelu_backward_plane_sums(input, dz, y, dy, [m, scale, b, slope]);
                         alpha_grad += share;

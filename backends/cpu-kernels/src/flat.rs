@@ -312,7 +312,7 @@ simd::multiversion! {
         taps: &[f32],
         init: f32,
         input: &[f32],
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
         scratch: &mut Vec<f32>,
     ) {
         let layout = Layout::of(shape);
@@ -324,23 +324,23 @@ simd::multiversion! {
             let (source, _) = split_scratch(scratch, layout.len(), 0);
             layout.place(source, input);
             for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
-                correlate(taps, &offsets, init, &source[oy * w..], writable(row));
+                correlate(taps, &offsets, init, &source[oy * w..], row);
             }
             return;
         }
         let (source, line) = split_scratch(scratch, layout.len(), oh * w);
         layout.place(source, input);
         correlate(taps, &offsets, init, source, writable(line));
-        unpad(line, w, ow, writable(out));
+        unpad(line, w, ow, out);
     }
 }
 
-/// One channel plane of the input gradient: writes `grad` `[H, W]`.
+/// One channel plane of the input gradient: writes every value of `grad` `[H, W]`.
 pub(crate) fn input_grad_plane(
     shape: &Depthwise,
     taps: &[f32],
     grad_output: &[f32],
-    grad: &mut [f32],
+    grad: &mut [MaybeUninit<f32>],
     scratch: &mut Vec<f32>,
 ) {
     if shape.stride == 1 {
@@ -357,7 +357,7 @@ simd::multiversion! {
         shape: &Depthwise,
         taps: &[f32],
         grad_output: &[f32],
-        grad: &mut [f32],
+        grad: &mut [MaybeUninit<f32>],
         scratch: &mut Vec<f32>,
     ) {
         let (oh, ow) = shape.output_size();
@@ -369,14 +369,14 @@ simd::multiversion! {
             let (source, _) = split_scratch(scratch, padded.len(), 0);
             padded.place(source, grad_output);
             for (iy, row) in grad.chunks_exact_mut(shape.width).enumerate() {
-                correlate(&turned, &offsets, 0.0, &source[iy * w..], writable(row));
+                correlate(&turned, &offsets, 0.0, &source[iy * w..], row);
             }
             return;
         }
         let (source, line) = split_scratch(scratch, padded.len(), shape.height * w);
         padded.place(source, grad_output);
         correlate(&turned, &offsets, 0.0, source, writable(line));
-        unpad(line, w, shape.width, writable(grad));
+        unpad(line, w, shape.width, grad);
     }
 }
 
@@ -416,7 +416,7 @@ simd::multiversion! {
         shape: &Depthwise,
         taps: &[f32],
         grad_output: &[f32],
-        grad: &mut [f32],
+        grad: &mut [MaybeUninit<f32>],
         scratch: &mut Vec<f32>,
     ) {
         let (p, w) = (shape.padding, shape.width);
@@ -452,11 +452,11 @@ simd::multiversion! {
             };
             let (even, odd) = (line(even_parity, 0, evens), line(odd_parity, 1, odds));
             for ((pair, &e), &o) in row.chunks_exact_mut(2).zip(even).zip(odd) {
-                pair[0] = e;
-                pair[1] = o;
+                pair[0].write(e);
+                pair[1].write(o);
             }
             if w % 2 == 1 {
-                row[w - 1] = even[evens - 1];
+                row[w - 1].write(even[evens - 1]);
             }
         }
     }

@@ -155,7 +155,6 @@ pub fn depthwise_conv2d_host(
             .zip(input.par_chunks(h * w))
             .enumerate()
             .for_each_init(Vec::new, |scratch, (plane, (out, input))| {
-                let out = zeroed(out);
                 let channel = plane % c;
                 let taps = &weight[channel * k * k..(channel + 1) * k * k];
                 let init = bias.map_or(0.0, |b| b[channel]);
@@ -166,32 +165,35 @@ pub fn depthwise_conv2d_host(
 
 /// One channel plane of [`depthwise_conv2d_host`] (`init`: the channel's bias, or 0), on the
 /// path for `shape`: the flat 3 x 3 planes (`flat.rs`) or the general loops.
+///
+/// Writes every value of `out`: the flat planes straight, the general loops after zeroing it.
 fn depthwise_plane_forward(
     shape: &Depthwise,
     (taps, init): (&[f32], f32),
     input: &[f32],
-    out: &mut [f32],
+    out: &mut [std::mem::MaybeUninit<f32>],
     scratch: &mut Vec<f32>,
 ) {
     if flat::applies(shape) {
         flat::forward_plane(shape, taps, init, input, out, scratch);
     } else {
-        depthwise_forward_plane(shape, taps, init, input, out);
+        depthwise_forward_plane(shape, taps, init, input, zeroed(out));
     }
 }
 
-/// One plane of [`depthwise_conv2d_input_grad_host`] (adds onto the zeroed `grad`), on its path.
+/// One plane of [`depthwise_conv2d_input_grad_host`], on its path. Writes every value of
+/// `grad`: the flat planes straight, the general loops (which add) after zeroing it.
 fn depthwise_plane_input_grad(
     shape: &Depthwise,
     taps: &[f32],
     grad_output: &[f32],
-    grad: &mut [f32],
+    grad: &mut [std::mem::MaybeUninit<f32>],
     scratch: &mut Vec<f32>,
 ) {
     if flat::applies(shape) {
         flat::input_grad_plane(shape, taps, grad_output, grad, scratch);
     } else {
-        depthwise_input_grad_plane(shape, taps, grad_output, grad);
+        depthwise_input_grad_plane(shape, taps, grad_output, zeroed(grad));
     }
 }
 
@@ -275,7 +277,6 @@ pub fn depthwise_conv2d_input_grad_host(
             .zip(grad_output.par_chunks(oh * ow))
             .enumerate()
             .for_each_init(Vec::new, |scratch, (plane, (grad, grad_output))| {
-                let grad = zeroed(grad);
                 let taps = &weight[(plane % c) * k * k..(plane % c + 1) * k * k];
                 depthwise_plane_input_grad(shape, taps, grad_output, grad, scratch);
             });

@@ -799,7 +799,13 @@ fn batch_norm_add_gradients(dims: [usize; 4], seed: u64, one_op: bool) -> Vec<Ve
     let beta = tensor(seed + 2, channels).detach().require_grad();
     let shortcut = tensor(seed + 4, len).reshape(dims).detach().require_grad();
     let result = if one_op {
-        batch_norm_add_train(x.clone(), gamma.clone(), beta.clone(), shortcut.clone(), 1e-5)
+        batch_norm_add_train(
+            x.clone(),
+            gamma.clone(),
+            beta.clone(),
+            shortcut.clone(),
+            1e-5,
+        )
     } else {
         let r = batch_norm_train(x.clone(), gamma.clone(), beta.clone(), 1e-5);
         BatchNormTrain {
