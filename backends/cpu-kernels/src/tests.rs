@@ -283,10 +283,18 @@ proptest! {
         };
         for (what, (a, b)) in ["output", "input grad", "slope grad"].iter().zip(ours.iter().zip(&burn)) {
             prop_assert_eq!(a.len(), b.len());
+            if *what == "slope grad" {
+                // Summed over the batch and the plane in another order than Burn: each of the
+                // `terms` products of values in [-1, 1] may round differently, so the sums may
+                // differ by a few f32 epsilons per term, however much they cancel.
+                let terms = if flat { batch } else { batch * height * width };
+                let bound = 4.0 * f32::EPSILON * terms as f32;
+                let diff = a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+                prop_assert!(diff <= bound, "{batch}x{channels}x{height}x{width} flat {flat}: slope grad differs by {diff} (bound {bound})");
+                continue;
+            }
             let diff = max_relative_difference(a, b);
-            // The slope gradient sums over the batch and the plane in another order than Burn.
-            let tolerance = if *what == "slope grad" { 1e-5 } else { 0.0 };
-            prop_assert!(diff <= tolerance, "{batch}x{channels}x{height}x{width} flat {flat}: {what} max relative difference {diff}");
+            prop_assert!(diff == 0.0, "{batch}x{channels}x{height}x{width} flat {flat}: {what} max relative difference {diff}");
         }
     }
 }
