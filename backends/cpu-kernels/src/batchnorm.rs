@@ -508,12 +508,7 @@ unsafe fn prelu_backward_plane_sums_avx512(
     let [m, a, b, slope] = affine;
     let len = x.len().min(dz.len());
     let body = len / LANES * LANES;
-    let (vm, va, vb, vslope) = (
-        _mm512_set1_ps(m),
-        _mm512_set1_ps(a),
-        _mm512_set1_ps(b),
-        _mm512_set1_ps(slope),
-    );
+    let activation = simd::avx512::Activation::new(affine);
     let zero = _mm512_setzero_ps();
     let (mut share, mut sum_dy, mut sum_dy_centred) = (zero, zero, zero);
     for base in (0..body).step_by(LANES) {
@@ -524,11 +519,8 @@ unsafe fn prelu_backward_plane_sums_avx512(
                 _mm512_loadu_ps(dz.as_ptr().add(base)),
             )
         };
-        let centred = _mm512_sub_ps(v, vm);
-        let value = _mm512_add_ps(_mm512_mul_ps(centred, va), vb);
-        // `if value >= 0 { g } else { slope * g }`: NaN takes the slope, as there.
-        let below = _mm512_cmp_ps_mask::<_CMP_NGE_UQ>(value, zero);
-        let dy = _mm512_mask_mul_ps(g, below, vslope, g);
+        let (centred, value) = activation.normalise(v);
+        let dy = activation.prelu(value, g);
         share = _mm512_add_ps(share, _mm512_mul_ps(_mm512_min_ps(value, zero), g));
         sum_dy = _mm512_add_ps(sum_dy, dy);
         sum_dy_centred = _mm512_add_ps(sum_dy_centred, _mm512_mul_ps(dy, centred));

@@ -291,6 +291,23 @@ fn channels_and_plane(shape: &burn::tensor::Shape) -> (usize, usize) {
     (dims[1], dims[2..].iter().product())
 }
 
+/// A training BatchNorm's host kernel on `x` (`host` gets `x`'s values and its plane size and
+/// returns `(output, mean, biased variance)`), its results as flex tensors: the output of `x`'s
+/// shape, the statistics `[C]`.
+fn batch_norm_train_on_host(
+    x: &FlexTensor,
+    host: impl FnOnce(&[f32], usize) -> (Vec<f32>, Vec<f32>, Vec<f32>),
+) -> (FlexTensor, FlexTensor, FlexTensor) {
+    let shape = x.shape();
+    let (channels, plane) = channels_and_plane(&shape);
+    let (out, mean, var) = host(&values(x), plane);
+    (
+        flex_tensor(out, shape),
+        flex_tensor(mean, [channels]),
+        flex_tensor(var, [channels]),
+    )
+}
+
 impl PreluBackend for Flex {
     fn prelu_channels(mut x: FlexTensor, alpha: FlexTensor) -> FlexTensor {
         let shape = x.shape();
@@ -681,15 +698,9 @@ impl BatchNormBackend for Flex {
         beta: FlexTensor,
         epsilon: f64,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let shape = x.shape();
-        let (channels, plane) = channels_and_plane(&shape);
-        let (out, mean, var) =
-            batch_norm_train_host(&values(&x), &values(&gamma), &values(&beta), epsilon, plane);
-        (
-            flex_tensor(out, shape),
-            flex_tensor(mean, [channels]),
-            flex_tensor(var, [channels]),
-        )
+        batch_norm_train_on_host(&x, |x, plane| {
+            batch_norm_train_host(x, &values(&gamma), &values(&beta), epsilon, plane)
+        })
     }
 
     fn batch_norm_train_channels_backward(
@@ -762,15 +773,12 @@ impl BatchNormBackend for Flex {
 #[derive(Debug)]
 struct BatchNormTrainBackward;
 
+/// What a training BatchNorm's backward step keeps: the input and gamma checkpoints, the batch
+/// statistics as the forward computed them, epsilon.
+type BatchNormState<B> = (NodeId, NodeId, FloatTensor<B>, FloatTensor<B>, f64);
+
 impl<B: Backend + BatchNormBackend> Backward<B, 3> for BatchNormTrainBackward {
-    /// Input and gamma checkpoints; the batch statistics as the forward computed them.
-    type State = (
-        NodeId,
-        NodeId,
-        B::FloatTensorPrimitive,
-        B::FloatTensorPrimitive,
-        f64,
-    );
+    type State = BatchNormState<B>;
 
     fn backward(
         self,
@@ -778,21 +786,29 @@ impl<B: Backend + BatchNormBackend> Backward<B, 3> for BatchNormTrainBackward {
         grads: &mut Gradients,
         checkpointer: &mut Checkpointer,
     ) {
-        let [node_x, node_gamma, node_beta] = ops.parents;
         let grad = grads.consume::<B>(&ops.node);
-        let (x_state, gamma_state, mean, variance, epsilon) = ops.state;
-        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
-        let gamma = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gamma_state);
-        let (x_grad, gamma_grad, beta_grad) =
-            B::batch_norm_train_channels_backward(x, gamma, mean, variance, epsilon, grad);
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, x_grad);
-        }
-        if let Some(node) = node_gamma {
-            grads.register::<B>(node.id, gamma_grad);
-        }
-        if let Some(node) = node_beta {
-            grads.register::<B>(node.id, beta_grad);
+        let parents = ops.parents.map(|node| node.map(|node| node.id));
+        register_batch_norm_grads::<B>(parents, ops.state, grad, grads, checkpointer);
+    }
+}
+
+/// The BatchNorm part of a training BatchNorm's backward step: its input, gamma and beta
+/// gradients from the output gradient `grad`, registered for those of the parents (`x`,
+/// `gamma`, `beta`) that are tracked.
+fn register_batch_norm_grads<B: Backend + BatchNormBackend>(
+    [x_id, gamma_id, beta_id]: [Option<NodeId>; 3],
+    (x_state, gamma_state, mean, variance, epsilon): BatchNormState<B>,
+    grad: B::FloatTensorPrimitive,
+    grads: &mut Gradients,
+    checkpointer: &mut Checkpointer,
+) {
+    let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
+    let gamma = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gamma_state);
+    let (x_grad, gamma_grad, beta_grad) =
+        B::batch_norm_train_channels_backward(x, gamma, mean, variance, epsilon, grad);
+    for (id, grad) in [(x_id, x_grad), (gamma_id, gamma_grad), (beta_id, beta_grad)] {
+        if let Some(id) = id {
+            grads.register::<B>(id, grad);
         }
     }
 }
@@ -903,21 +919,10 @@ impl BatchNormAddBackend for Flex {
         shortcut: FlexTensor,
         epsilon: f64,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let shape = x.shape();
-        let (channels, plane) = channels_and_plane(&shape);
-        let (out, mean, var) = batch_norm_add_train_host(
-            &values(&x),
-            &values(&gamma),
-            &values(&beta),
-            &values(&shortcut),
-            epsilon,
-            plane,
-        );
-        (
-            flex_tensor(out, shape),
-            flex_tensor(mean, [channels]),
-            flex_tensor(var, [channels]),
-        )
+        batch_norm_train_on_host(&x, |x, plane| {
+            let (gamma, beta) = (values(&gamma), values(&beta));
+            batch_norm_add_train_host(x, &gamma, &beta, &values(&shortcut), epsilon, plane)
+        })
     }
 }
 
@@ -926,14 +931,7 @@ impl BatchNormAddBackend for Flex {
 struct BatchNormAddTrainBackward;
 
 impl<B: Backend + BatchNormBackend> Backward<B, 4> for BatchNormAddTrainBackward {
-    /// As [`BatchNormTrainBackward`]'s.
-    type State = (
-        NodeId,
-        NodeId,
-        B::FloatTensorPrimitive,
-        B::FloatTensorPrimitive,
-        f64,
-    );
+    type State = BatchNormState<B>;
 
     fn backward(
         self,
@@ -946,20 +944,8 @@ impl<B: Backend + BatchNormBackend> Backward<B, 4> for BatchNormAddTrainBackward
         if let Some(node) = node_shortcut {
             grads.register::<B>(node.id, grad.clone());
         }
-        let (x_state, gamma_state, mean, variance, epsilon) = ops.state;
-        let x = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(x_state);
-        let gamma = checkpointer.retrieve_node_output::<B::FloatTensorPrimitive>(gamma_state);
-        let (x_grad, gamma_grad, beta_grad) =
-            B::batch_norm_train_channels_backward(x, gamma, mean, variance, epsilon, grad);
-        if let Some(node) = node_x {
-            grads.register::<B>(node.id, x_grad);
-        }
-        if let Some(node) = node_gamma {
-            grads.register::<B>(node.id, gamma_grad);
-        }
-        if let Some(node) = node_beta {
-            grads.register::<B>(node.id, beta_grad);
-        }
+        let parents = [node_x, node_gamma, node_beta].map(|node| node.map(|node| node.id));
+        register_batch_norm_grads::<B>(parents, ops.state, grad, grads, checkpointer);
     }
 }
 
@@ -1052,21 +1038,10 @@ impl BatchNormPreluBackend for Flex {
         alpha: FlexTensor,
         epsilon: f64,
     ) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let shape = x.shape();
-        let (channels, plane) = channels_and_plane(&shape);
-        let (out, mean, var) = batch_norm_prelu_train_host(
-            &values(&x),
-            &values(&gamma),
-            &values(&beta),
-            &values(&alpha),
-            epsilon,
-            plane,
-        );
-        (
-            flex_tensor(out, shape),
-            flex_tensor(mean, [channels]),
-            flex_tensor(var, [channels]),
-        )
+        batch_norm_train_on_host(&x, |x, plane| {
+            let (gamma, beta) = (values(&gamma), values(&beta));
+            batch_norm_prelu_train_host(x, &gamma, &beta, &values(&alpha), epsilon, plane)
+        })
     }
 
     fn batch_norm_prelu_train_channels_backward(

@@ -504,14 +504,7 @@ fn place_activated(padded: Padded, source: &mut [f32], input: &[f32], affine: [f
 #[target_feature(enable = "avx512f")]
 unsafe fn activate_row_avx512(line: &mut [f32], row: &[f32], affine: [f32; 4]) {
     use std::arch::x86_64::*;
-    let [m, a, b, slope] = affine;
-    let (vm, va, vb, vslope) = (
-        _mm512_set1_ps(m),
-        _mm512_set1_ps(a),
-        _mm512_set1_ps(b),
-        _mm512_set1_ps(slope),
-    );
-    let zero = _mm512_setzero_ps();
+    let activation = simd::avx512::Activation::new(affine);
     let n = row.len().min(line.len());
     for start in (0..n).step_by(16) {
         let count = (n - start).min(16);
@@ -520,11 +513,8 @@ unsafe fn activate_row_avx512(line: &mut [f32], row: &[f32], affine: [f32; 4]) {
         // within both slices.
         unsafe {
             let v = _mm512_maskz_loadu_ps(mask, row.as_ptr().add(start));
-            let y = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(v, vm), va), vb);
-            // `if y >= 0 { y } else { slope * y }`: NaN takes the slope, as there.
-            let below = _mm512_cmp_ps_mask::<_CMP_NGE_UQ>(y, zero);
-            let out = _mm512_mask_mul_ps(y, below, vslope, y);
-            _mm512_mask_storeu_ps(line.as_mut_ptr().add(start), mask, out);
+            let (_, y) = activation.normalise(v);
+            _mm512_mask_storeu_ps(line.as_mut_ptr().add(start), mask, activation.prelu(y, y));
         }
     }
 }

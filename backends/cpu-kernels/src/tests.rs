@@ -110,6 +110,15 @@ fn values(seed: u64, len: usize) -> Vec<f32> {
         .collect()
 }
 
+/// `values(seed, ..)` as a tensor of `dims` on `device`, a leaf tracked for its gradient.
+fn tracked<const D: usize>(seed: u64, dims: [usize; D], device: &Device) -> Tensor<D> {
+    let len = dims.iter().product();
+    Tensor::<1>::from_data(TensorData::new(values(seed, len), [len]), device)
+        .reshape(dims)
+        .detach()
+        .require_grad()
+}
+
 /// The output and the gradients of the input, the weight and the bias, through `conv2d` (the
 /// extension on flex under autodiff) or through Burn's convolution, for one upstream gradient.
 fn gradients(shape: &Depthwise, bias: bool, seed: u64, extension: bool) -> Vec<Vec<f32>> {
@@ -533,9 +542,9 @@ fn batch_norm_gradients(
         .reshape(dims)
         .detach()
         .require_grad();
-    let gamma = tensor(seed + 1, channels).detach().require_grad();
-    let beta = tensor(seed + 2, channels).detach().require_grad();
-    let alpha = tensor(seed + 4, channels).detach().require_grad();
+    let gamma = tracked(seed + 1, [channels], &device);
+    let beta = tracked(seed + 2, [channels], &device);
+    let alpha = tracked(seed + 4, [channels], &device);
     let (g, b, a) = (gamma.clone(), beta.clone(), alpha.clone());
     let result = match path {
         BatchNormPath::Burn => {
@@ -719,10 +728,10 @@ fn fused_depthwise_gradients(
     let tensor = |seed: u64, len: usize| {
         Tensor::<1>::from_data(TensorData::new(values(seed, len), [len]), &device)
     };
-    let x = tensor(seed, len).reshape(dims).detach().require_grad();
-    let gamma = tensor(seed + 1, channels).detach().require_grad();
-    let beta = tensor(seed + 2, channels).detach().require_grad();
-    let alpha = tensor(seed + 4, channels).detach().require_grad();
+    let x = tracked(seed, dims, &device);
+    let gamma = tracked(seed + 1, [channels], &device);
+    let beta = tracked(seed + 2, [channels], &device);
+    let alpha = tracked(seed + 4, [channels], &device);
     let mut conv = Conv2dConfig::new([channels, channels], [kernel, kernel])
         .with_stride([stride, stride])
         .with_padding(PaddingConfig2d::Explicit(
@@ -798,14 +807,10 @@ proptest! {
 fn batch_norm_add_gradients(dims: [usize; 4], seed: u64, one_op: bool) -> Vec<Vec<f32>> {
     let device = qud_backend_flex::device().autodiff();
     let len: usize = dims.iter().product();
-    let channels = dims[1];
-    let tensor = |seed: u64, len: usize| {
-        Tensor::<1>::from_data(TensorData::new(values(seed, len), [len]), &device)
-    };
-    let x = tensor(seed, len).reshape(dims).detach().require_grad();
-    let gamma = tensor(seed + 1, channels).detach().require_grad();
-    let beta = tensor(seed + 2, channels).detach().require_grad();
-    let shortcut = tensor(seed + 4, len).reshape(dims).detach().require_grad();
+    let x = tracked(seed, dims, &device);
+    let gamma = tracked(seed + 1, [dims[1]], &device);
+    let beta = tracked(seed + 2, [dims[1]], &device);
+    let shortcut = tracked(seed + 4, dims, &device);
     let result = if one_op {
         batch_norm_add_train(
             x.clone(),
@@ -821,7 +826,7 @@ fn batch_norm_add_gradients(dims: [usize; 4], seed: u64, one_op: bool) -> Vec<Ve
             ..r
         }
     };
-    let upstream = tensor(seed + 3, len).reshape(dims);
+    let upstream = tracked(seed + 3, dims, &device).detach();
     let grads = (result.output.clone() * upstream).sum().backward();
     let flat = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
     vec![
