@@ -429,34 +429,32 @@ pub fn batch_norm_prelu_backward_in_place_host(
     let backward = Backward::new(x, gamma, mean, var, epsilon, plane);
     let planes = ChannelPlanes::new(grad, gamma.len(), plane);
     let mut channel_grads = vec![(0f32, 0f32, 0f32); gamma.len()];
-    channel_grads
-        .par_iter_mut()
-        .enumerate()
-        .for_each(|(c, channel_grads)| {
-            let (m, b, slope) = (mean[c], beta[c], alpha[c]);
-            let scale = scale_of(gamma[c], var[c], epsilon);
-            let (mut y, mut dy) = (vec![0f32; plane], vec![0f32; plane]);
-            let (mut sum_dy, mut sum_dy_centred, mut alpha_grad) = (0f64, 0f64, 0f32);
+    channel_grads.par_iter_mut().enumerate().for_each_init(
+        PreluSums::scratch,
+        |scratch, (c, channel_grads)| {
+            let affine = [
+                mean[c],
+                scale_of(gamma[c], var[c], epsilon),
+                beta[c],
+                alpha[c],
+            ];
+            let mut sums = PreluSums::default();
             for n in 0..backward.samples {
                 // SAFETY (both `get`s): only this task, channel `c`'s, takes the planes of
                 // channel `c`, and each plane is held once at a time.
                 let dz = unsafe { planes.get(backward.index(n, c)) };
-                let input = backward.input(n, c);
-                let (share, sums) =
-                    prelu_backward_plane_sums(input, dz, &mut y, &mut dy, [m, scale, b, slope]);
-                alpha_grad += share;
-                sum_dy += sums.0;
-                sum_dy_centred += sums.1;
+                sums.add(backward.input(n, c), dz, affine, scratch);
             }
-            let (coefficients, (gamma_grad, beta_grad)) =
-                backward.coefficients(c, sum_dy, sum_dy_centred);
-            for n in 0..backward.samples {
-                let dz = unsafe { planes.get(backward.index(n, c)) };
-                let input = backward.input(n, c);
-                prelu_then_x_grad_plane(input, dz, [m, scale, b, slope], coefficients);
-            }
-            *channel_grads = (gamma_grad, beta_grad, alpha_grad);
-        });
+            // SAFETY: as above.
+            *channel_grads =
+                backward.prelu_x_grad_pass(c, affine, sums, |i| unsafe { planes.get(i) });
+        },
+    );
+    unzip3(channel_grads)
+}
+
+/// The per-channel `(gamma, beta, alpha)` gradients as three vectors.
+fn unzip3(channel_grads: Vec<(f32, f32, f32)>) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let mut out = (Vec::new(), Vec::new(), Vec::new());
     for (g, b, a) in channel_grads {
         out.0.push(g);
@@ -464,6 +462,31 @@ pub fn batch_norm_prelu_backward_in_place_host(
         out.2.push(a);
     }
     out
+}
+
+/// One channel's sums from the first pass of a BatchNorm + PReLU backward, in sample order.
+#[derive(Default)]
+struct PreluSums {
+    alpha_grad: f32,
+    sum_dy: f64,
+    sum_dy_centred: f64,
+}
+
+impl PreluSums {
+    /// Scratch planes for [`Self::add`], one pair per task (the AVX-512 path does not use them).
+    fn scratch() -> (Vec<f32>, Vec<f32>) {
+        (Vec::new(), Vec::new())
+    }
+
+    /// Adds the plane `x` with its activation gradient `dz` (`affine` `[m, scale, beta, slope]`).
+    fn add(&mut self, x: &[f32], dz: &[f32], affine: [f32; 4], (y, dy): &mut (Vec<f32>, Vec<f32>)) {
+        y.resize(x.len(), 0.0);
+        dy.resize(x.len(), 0.0);
+        let (share, (sum_dy, sum_dy_centred)) = prelu_backward_plane_sums(x, dz, y, dy, affine);
+        self.alpha_grad += share;
+        self.sum_dy += sum_dy;
+        self.sum_dy_centred += sum_dy_centred;
+    }
 }
 
 /// One plane of [`batch_norm_prelu_backward_in_place_host`]'s first pass: PReLU's slope share
@@ -709,81 +732,60 @@ pub fn batch_norm_prelu_depthwise_backward_host(
             .for_each_init(
                 // Per task, kept across its channels: the flat kernels' padded planes are zeroed
                 // once and only their interiors rewritten.
-                || {
-                    let planes = (vec![0f32; plane], vec![0f32; plane], vec![0f32; plane]);
-                    (planes, Vec::new(), Vec::new())
-                },
-                |((normalised, y, dy), input_scratch, weight_scratch),
+                || (Vec::new(), PreluSums::scratch(), Vec::new(), Vec::new()),
+                |(normalised, sums_scratch, input_scratch, weight_scratch),
                  (c, (channel_grads, kernel_grad))| {
                     let (m, b, slope) = (mean[c], beta[c], alpha[c]);
-                    let scale = scale_of(gamma[c], var[c], epsilon);
+                    let affine = [m, scale_of(gamma[c], var[c], epsilon), b, slope];
                     let kernel = &weight[c * taps..][..taps];
-                    let (mut sum_dy, mut sum_dy_centred, mut alpha_grad) = (0f64, 0f64, 0f32);
+                    let mut sums = PreluSums::default();
                     for n in 0..backward.samples {
                         let input = backward.input(n, c);
                         let g = &grad[backward.index(n, c) * oh * ow..][..oh * ow];
+                        // SAFETY (both `get`s): only this task, channel `c`'s, takes the planes
+                        // of channel `c`, and each plane is held once at a time.
+                        let dz = unsafe { planes.get(backward.index(n, c)) };
                         if crate::flat::fuses(conv) {
-                            // SAFETY: as below.
-                            let dz = unsafe { planes.get(backward.index(n, c)) };
                             crate::flat::activated_gradients_plane(
                                 conv,
-                                [m, scale, b, slope],
+                                affine,
                                 kernel,
                                 (input, g),
                                 dz,
                                 kernel_grad,
                                 weight_scratch,
                             );
-                            // SAFETY: the line above wrote every value of the plane.
-                            let dz = unsafe { assume_init(dz) };
-                            let (share, sums) =
-                                prelu_backward_plane_sums(input, dz, y, dy, [m, scale, b, slope]);
-                            alpha_grad += share;
-                            sum_dy += sums.0;
-                            sum_dy_centred += sums.1;
-                            continue;
+                        } else {
+                            normalised.resize(plane, 0.0);
+                            normalise_prelu_plane(
+                                as_uninit(normalised),
+                                input,
+                                m,
+                                affine[1],
+                                b,
+                                slope,
+                            );
+                            crate::depthwise_plane_weight_grad(
+                                conv,
+                                normalised,
+                                g,
+                                kernel_grad,
+                                weight_scratch,
+                            );
+                            crate::depthwise_plane_input_grad(conv, kernel, g, dz, input_scratch);
                         }
-                        normalise_prelu_plane(as_uninit(normalised), input, m, scale, b, slope);
-                        crate::depthwise_plane_weight_grad(
-                            conv,
-                            normalised,
-                            g,
-                            kernel_grad,
-                            weight_scratch,
-                        );
-                        // SAFETY (both `get`s): only this task, channel `c`'s, takes the planes
-                        // of channel `c`, and each plane is held once at a time.
-                        let dz = unsafe { planes.get(backward.index(n, c)) };
-                        crate::depthwise_plane_input_grad(conv, kernel, g, dz, input_scratch);
-                        // SAFETY: the line above wrote every value of the plane.
-                        let dz = unsafe { assume_init(dz) };
-                        let (share, sums) =
-                            prelu_backward_plane_sums(input, dz, y, dy, [m, scale, b, slope]);
-                        alpha_grad += share;
-                        sum_dy += sums.0;
-                        sum_dy_centred += sums.1;
+                        // SAFETY: either path writes every value of the plane.
+                        sums.add(input, unsafe { assume_init(dz) }, affine, sums_scratch);
                     }
-                    let (coefficients, (gamma_grad, beta_grad)) =
-                        backward.coefficients(c, sum_dy, sum_dy_centred);
-                    for n in 0..backward.samples {
-                        // SAFETY: as above; the plane was initialised by the first pass.
-                        let dz = unsafe { planes.get(backward.index(n, c)) };
-                        // SAFETY: every value of the plane was written in the first pass.
-                        let dz = unsafe { assume_init(dz) };
-                        let input = backward.input(n, c);
-                        prelu_then_x_grad_plane(input, dz, [m, scale, b, slope], coefficients);
-                    }
-                    *channel_grads = (gamma_grad, beta_grad, alpha_grad);
+                    // SAFETY: as above; every value of each plane was written in the first pass.
+                    *channel_grads = backward.prelu_x_grad_pass(c, affine, sums, |i| unsafe {
+                        assume_init(planes.get(i))
+                    });
                 },
             );
     });
-    let mut out = (x_grad, Vec::new(), Vec::new(), Vec::new(), weight_grad);
-    for (g, b, a) in channel_grads {
-        out.1.push(g);
-        out.2.push(b);
-        out.3.push(a);
-    }
-    out
+    let (gamma_grad, beta_grad, alpha_grad) = unzip3(channel_grads);
+    (x_grad, gamma_grad, beta_grad, alpha_grad, weight_grad)
 }
 
 /// `values` as memory to write (it is initialised already, so nothing is lost).
@@ -865,6 +867,25 @@ impl<'a> Backward<'a> {
             [a as f32, slope as f32, mean_dy as f32, self.mean[c]],
             (sum_dy_xhat as f32, sum_dy as f32),
         )
+    }
+
+    /// The second pass of a BatchNorm + PReLU backward for channel `c` (`affine` `[m, scale,
+    /// beta, slope]`): each plane `plane(index)` of the activation's gradient becomes `x_grad`,
+    /// from cache. Returns the channel's `(gamma_grad, beta_grad, alpha_grad)`.
+    fn prelu_x_grad_pass<'p>(
+        &self,
+        c: usize,
+        affine: [f32; 4],
+        sums: PreluSums,
+        mut plane: impl FnMut(usize) -> &'p mut [f32],
+    ) -> (f32, f32, f32) {
+        let (coefficients, (gamma_grad, beta_grad)) =
+            self.coefficients(c, sums.sum_dy, sums.sum_dy_centred);
+        for n in 0..self.samples {
+            let dz = plane(self.index(n, c));
+            prelu_then_x_grad_plane(self.input(n, c), dz, affine, coefficients);
+        }
+        (gamma_grad, beta_grad, sums.alpha_grad)
     }
 }
 

@@ -423,6 +423,23 @@ pub struct BatchNormTrain<const D: usize> {
     pub variance: Tensor<1>,
 }
 
+impl<const D: usize> BatchNormTrain<D> {
+    /// A backend extension's `(output, mean, biased variance)`.
+    fn from_dispatch(
+        (output, mean, variance): (
+            burn::backend::tensor::FloatTensor<Dispatch>,
+            burn::backend::tensor::FloatTensor<Dispatch>,
+            burn::backend::tensor::FloatTensor<Dispatch>,
+        ),
+    ) -> Self {
+        Self {
+            output: Tensor::from_dispatch(output),
+            mean: Tensor::from_dispatch(mean),
+            variance: Tensor::from_dispatch(variance),
+        }
+    }
+}
+
 /// [`batch_norm_prelu_train`] then `conv` (a depthwise convolution) on its output, as one op:
 /// the result's `output` is the convolution's, `mean` and `variance` the BatchNorm's. On flex in
 /// f32 with a depthwise `conv` without bias, the host kernels of
@@ -453,7 +470,7 @@ pub fn batch_norm_prelu_depthwise_train(
             };
         }
     };
-    let (output, mean, variance) =
+    BatchNormTrain::from_dispatch(
         <Dispatch as BatchNormPreluDepthwiseBackend>::batch_norm_prelu_depthwise_train(
             x.into_dispatch(),
             gamma.into_dispatch(),
@@ -463,12 +480,8 @@ pub fn batch_norm_prelu_depthwise_train(
             shape.stride,
             shape.padding,
             epsilon,
-        );
-    BatchNormTrain {
-        output: Tensor::from_dispatch(output),
-        mean: Tensor::from_dispatch(mean),
-        variance: Tensor::from_dispatch(variance),
-    }
+        ),
+    )
 }
 
 /// Whether the batch-norm kernels serve `x`: f32 on flex, with planes (everything after the
@@ -495,17 +508,12 @@ pub fn batch_norm_train<const D: usize>(
             variance: result.variance.detach(),
         };
     }
-    let (output, mean, variance) = <Dispatch as BatchNormBackend>::batch_norm_train_channels(
+    BatchNormTrain::from_dispatch(<Dispatch as BatchNormBackend>::batch_norm_train_channels(
         x.into_dispatch(),
         gamma.into_dispatch(),
         beta.into_dispatch(),
         epsilon,
-    );
-    BatchNormTrain {
-        output: Tensor::from_dispatch(output),
-        mean: Tensor::from_dispatch(mean),
-        variance: Tensor::from_dispatch(variance),
-    }
+    ))
 }
 
 /// [`batch_norm_train`] with `shortcut` (`x`'s shape) added to its output, a residual unit's
@@ -527,18 +535,15 @@ pub fn batch_norm_add_train<const D: usize>(
             ..result
         };
     }
-    let (output, mean, variance) = <Dispatch as BatchNormAddBackend>::batch_norm_add_train_channels(
-        x.into_dispatch(),
-        gamma.into_dispatch(),
-        beta.into_dispatch(),
-        shortcut.into_dispatch(),
-        epsilon,
-    );
-    BatchNormTrain {
-        output: Tensor::from_dispatch(output),
-        mean: Tensor::from_dispatch(mean),
-        variance: Tensor::from_dispatch(variance),
-    }
+    BatchNormTrain::from_dispatch(
+        <Dispatch as BatchNormAddBackend>::batch_norm_add_train_channels(
+            x.into_dispatch(),
+            gamma.into_dispatch(),
+            beta.into_dispatch(),
+            shortcut.into_dispatch(),
+            epsilon,
+        ),
+    )
 }
 
 /// [`batch_norm_train`] then [`prelu`] (slopes `alpha` `[C]`): on flex in f32, one op whose
@@ -561,19 +566,15 @@ pub fn batch_norm_prelu_train<const D: usize>(
             ..result
         };
     }
-    let (output, mean, variance) =
+    BatchNormTrain::from_dispatch(
         <Dispatch as BatchNormPreluBackend>::batch_norm_prelu_train_channels(
             x.into_dispatch(),
             gamma.into_dispatch(),
             beta.into_dispatch(),
             alpha.into_dispatch(),
             epsilon,
-        );
-    BatchNormTrain {
-        output: Tensor::from_dispatch(output),
-        mean: Tensor::from_dispatch(mean),
-        variance: Tensor::from_dispatch(variance),
-    }
+        ),
+    )
 }
 
 /// `burn::tensor::module::batch_norm` (given statistics): on flex in f32 outside autodiff, one

@@ -110,6 +110,32 @@ fn values(seed: u64, len: usize) -> Vec<f32> {
         .collect()
 }
 
+/// A BatchNorm result's output and statistics and the gradients of its input, gamma and beta
+/// for the upstream gradient `values(seed + 3, ..)`, as flat vectors; and all the gradients, for
+/// the caller's other parameters.
+fn batch_norm_outputs(
+    result: BatchNormTrain<4>,
+    seed: u64,
+    (x, gamma, beta): (&Tensor<4>, &Tensor<1>, &Tensor<1>),
+) -> (Vec<Vec<f32>>, burn::tensor::Gradients) {
+    let upstream = tracked(seed + 3, result.output.dims(), &result.output.device()).detach();
+    let grads = (result.output.clone() * upstream).sum().backward();
+    let outputs = vec![
+        flat(result.output),
+        flat(result.mean),
+        flat(result.variance),
+        flat(x.grad(&grads).unwrap()),
+        flat(gamma.grad(&grads).unwrap()),
+        flat(beta.grad(&grads).unwrap()),
+    ];
+    (outputs, grads)
+}
+
+/// A tensor's values in order.
+fn flat<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_into_vec::<f32>().unwrap()
+}
+
 /// `values(seed, ..)` as a tensor of `dims` on `device`, a leaf tracked for its gradient.
 fn tracked<const D: usize>(seed: u64, dims: [usize; D], device: &Device) -> Tensor<D> {
     let len = dims.iter().product();
@@ -565,17 +591,7 @@ fn batch_norm_gradients(
         }
         BatchNormPath::Fused => batch_norm_prelu_train(x.clone(), g, b, a, 1e-5),
     };
-    let upstream = tensor(seed + 3, len).reshape(dims);
-    let grads = (result.output.clone() * upstream).sum().backward();
-    let flat = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
-    let mut out = vec![
-        flat(result.output.reshape([len])),
-        flat(result.mean),
-        flat(result.variance),
-        flat(x.grad(&grads).unwrap().reshape([len])),
-        flat(gamma.grad(&grads).unwrap()),
-        flat(beta.grad(&grads).unwrap()),
-    ];
+    let (mut out, grads) = batch_norm_outputs(result, seed, (&x, &gamma, &beta));
     if matches!(path, BatchNormPath::KernelsThenPrelu | BatchNormPath::Fused) {
         out.push(flat(alpha.grad(&grads).unwrap()));
     }
@@ -723,7 +739,6 @@ fn fused_depthwise_gradients(
 ) -> Vec<Vec<f32>> {
     use burn::module::Param;
     let device = qud_backend_flex::device().autodiff();
-    let len: usize = dims.iter().product();
     let channels = dims[1];
     let tensor = |seed: u64, len: usize| {
         Tensor::<1>::from_data(TensorData::new(values(seed, len), [len]), &device)
@@ -753,25 +768,10 @@ fn fused_depthwise_gradients(
             ..r
         }
     };
-    let out_len = result.output.shape().num_elements();
-    let upstream = tensor(seed + 3, out_len).reshape(result.output.dims());
-    let grads = (result.output.clone() * upstream).sum().backward();
-    let flat = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
-    vec![
-        flat(result.output.reshape([out_len])),
-        flat(result.mean),
-        flat(result.variance),
-        flat(x.grad(&grads).unwrap().reshape([len])),
-        flat(gamma.grad(&grads).unwrap()),
-        flat(beta.grad(&grads).unwrap()),
-        flat(alpha.grad(&grads).unwrap()),
-        flat(
-            conv.weight
-                .grad(&grads)
-                .unwrap()
-                .reshape([channels * kernel * kernel]),
-        ),
-    ]
+    let (mut out, grads) = batch_norm_outputs(result, seed, (&x, &gamma, &beta));
+    out.push(flat(alpha.grad(&grads).unwrap()));
+    out.push(flat(conv.weight.grad(&grads).unwrap()));
+    out
 }
 
 proptest! {
@@ -806,7 +806,6 @@ proptest! {
 /// and shortcut gradients.
 fn batch_norm_add_gradients(dims: [usize; 4], seed: u64, one_op: bool) -> Vec<Vec<f32>> {
     let device = qud_backend_flex::device().autodiff();
-    let len: usize = dims.iter().product();
     let x = tracked(seed, dims, &device);
     let gamma = tracked(seed + 1, [dims[1]], &device);
     let beta = tracked(seed + 2, [dims[1]], &device);
@@ -826,18 +825,9 @@ fn batch_norm_add_gradients(dims: [usize; 4], seed: u64, one_op: bool) -> Vec<Ve
             ..r
         }
     };
-    let upstream = tracked(seed + 3, dims, &device).detach();
-    let grads = (result.output.clone() * upstream).sum().backward();
-    let flat = |t: Tensor<1>| t.into_data().try_into_vec::<f32>().unwrap();
-    vec![
-        flat(result.output.reshape([len])),
-        flat(result.mean),
-        flat(result.variance),
-        flat(x.grad(&grads).unwrap().reshape([len])),
-        flat(gamma.grad(&grads).unwrap()),
-        flat(beta.grad(&grads).unwrap()),
-        flat(shortcut.grad(&grads).unwrap().reshape([len])),
-    ]
+    let (mut out, grads) = batch_norm_outputs(result, seed, (&x, &gamma, &beta));
+    out.push(flat(shortcut.grad(&grads).unwrap()));
+    out
 }
 
 proptest! {
