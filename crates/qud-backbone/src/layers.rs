@@ -114,26 +114,31 @@ impl TorchBatchNorm {
     /// training on flex one op (`qud_cpu_kernels::batch_norm_add_train`) that writes the sum as
     /// it normalises. The same values as the two calls.
     pub fn forward_add<const D: usize>(&self, input: Tensor<D>, shortcut: Tensor<D>) -> Tensor<D> {
-        let device = input.device();
-        if self.folded || input.dtype() != DType::F32 || !self.uses_batch_statistics(&device) {
+        let Some((weight, bias)) = self.fused_training(&input) else {
             return shortcut + self.forward(input);
-        }
-        let (weight, bias) = self.affine(&device);
+        };
         let per_channel = input.shape().num_elements() / self.num_features;
         let result =
             qud_cpu_kernels::batch_norm_add_train(input, weight, bias, shortcut, self.epsilon);
         self.update_running_statistics(result, per_channel)
     }
 
+    /// The f32 `(weight, bias)` when `input` is normalised with its own batch statistics in f32
+    /// (training on an autodiff device, not folded): the case the fused training ops serve.
+    fn fused_training<const D: usize>(&self, input: &Tensor<D>) -> Option<(Tensor<1>, Tensor<1>)> {
+        let device = input.device();
+        let fused =
+            !self.folded && input.dtype() == DType::F32 && self.uses_batch_statistics(&device);
+        fused.then(|| self.affine(&device))
+    }
+
     /// `prelu.forward(self.forward(input))`, the pair every MobileFaceNet `Conv_block` and
     /// iResNet block has: in training on flex, one op that never stores the BatchNorm's output
     /// (`qud_cpu_kernels::batch_norm_prelu_train`), the same values.
     pub fn forward_prelu<const D: usize>(&self, input: Tensor<D>, prelu: &TorchPRelu) -> Tensor<D> {
-        let device = input.device();
-        if self.folded || input.dtype() != DType::F32 || !self.uses_batch_statistics(&device) {
+        let Some((weight, bias)) = self.fused_training(&input) else {
             return prelu.forward(self.forward(input));
-        }
-        let (weight, bias) = self.affine(&device);
+        };
         let per_channel = input.shape().num_elements() / self.num_features;
         let alpha = prelu.weight.val();
         let result =
@@ -150,11 +155,9 @@ impl TorchBatchNorm {
         prelu: &TorchPRelu,
         conv: &burn::nn::conv::Conv2d,
     ) -> Tensor<4> {
-        let device = input.device();
-        if self.folded || input.dtype() != DType::F32 || !self.uses_batch_statistics(&device) {
+        let Some((weight, bias)) = self.fused_training(&input) else {
             return qud_cpu_kernels::conv2d(conv, self.forward_prelu(input, prelu));
-        }
-        let (weight, bias) = self.affine(&device);
+        };
         let per_channel = input.shape().num_elements() / self.num_features;
         let alpha = prelu.weight.val();
         let result = qud_cpu_kernels::batch_norm_prelu_depthwise_train(
