@@ -44,6 +44,22 @@ fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
     lanes.iter().map(|&v| v as f64).sum::<f64>() + tail as f64
 }
 
+/// `lane_sum(p, p, |x, _| x)`, the same additions in the same order, requesting line `i` of
+/// `next` as it adds line `i` of `p`.
+#[inline(always)]
+fn prefetching_sum(p: &[f32], next: &[f32]) -> f64 {
+    let chunks = p.chunks_exact(LANES);
+    let tail: f32 = chunks.remainder().iter().sum();
+    let mut lanes = [0f32; LANES];
+    for (i, xs) in chunks.enumerate() {
+        simd::prefetch_line(next, i * LANES);
+        for k in 0..LANES {
+            lanes[k] += xs[k];
+        }
+    }
+    lanes.iter().map(|&v| v as f64).sum::<f64>() + tail as f64
+}
+
 /// A channel's mean and biased variance from its planes' `(mean, centred sum of squares)`, in
 /// sample order (Chan's formula).
 fn merge_moments(planes: impl Iterator<Item = (f64, f64)> + Clone, plane: usize) -> (f32, f32) {
@@ -133,11 +149,21 @@ fn normalise_train(
             .for_each(|(c, statistics)| {
                 let index = |n: usize| n * channels + c;
                 let input = |n: usize| &x[index(n) * plane..][..plane];
-                let moments: Vec<(f64, f64)> =
-                    (0..samples).map(|n| plane_moments(input(n))).collect();
+                let moments: Vec<(f64, f64)> = (0..samples)
+                    .map(|n| {
+                        plane_moments(input(n), if n + 1 < samples { input(n + 1) } else { &[] })
+                    })
+                    .collect();
                 let (mean, var) = merge_moments(moments.into_iter(), plane);
                 let scale = scale_of(gamma[c], var, epsilon);
                 for n in 0..samples {
+                    if n + 1 < samples {
+                        // SAFETY: as below; the plane is released at once.
+                        simd::prefetch_to_write(unsafe { planes.get(index(n + 1)) });
+                        if let Then::Add(shortcut) = then {
+                            simd::prefetch(&shortcut[index(n + 1) * plane..][..plane]);
+                        }
+                    }
                     // SAFETY: only this task, channel `c`'s, takes the planes of channel `c`.
                     let out = unsafe { planes.get(index(n)) };
                     match then {
@@ -199,9 +225,11 @@ impl<'a, T> ChannelPlanes<'a, T> {
 }
 
 simd::multiversion! {
-    /// A plane's mean and centred sum of squares.
-    fn plane_moments(p: &[f32]) -> (f64, f64) {
-        let mean = (lane_sum(p, p, #[inline(always)] |x, _| x) / p.len() as f64) as f32;
+    /// A plane's mean and centred sum of squares. The first pass also requests the lines of
+    /// `next` (the plane read after this one, or nothing), one per line of `p`, so that the
+    /// next plane arrives while this one is summed ([`simd::prefetch_line`]).
+    fn plane_moments(p: &[f32], next: &[f32]) -> (f64, f64) {
+        let mean = (prefetching_sum(p, next) / p.len() as f64) as f32;
         let m2 = lane_sum(p, p, #[inline(always)] |x, _| (x - mean) * (x - mean));
         (mean as f64, m2)
     }
@@ -440,6 +468,11 @@ pub fn batch_norm_prelu_backward_in_place_host(
             ];
             let mut sums = PreluSums::default();
             for n in 0..backward.samples {
+                if n + 1 < backward.samples {
+                    backward.prefetch(n + 1, c);
+                    // SAFETY: as below; the plane is only read, and released at once.
+                    simd::prefetch(unsafe { planes.get(backward.index(n + 1, c)) });
+                }
                 // SAFETY (both `get`s): only this task, channel `c`'s, takes the planes of
                 // channel `c`, and each plane is held once at a time.
                 let dz = unsafe { planes.get(backward.index(n, c)) };
@@ -656,13 +689,25 @@ pub fn batch_norm_prelu_depthwise_train_host(
             |(normalised, scratch), (c, statistics)| {
                 let index = |n: usize| n * channels + c;
                 let input = |n: usize| &x[index(n) * plane..][..plane];
-                let moments: Vec<(f64, f64)> =
-                    (0..conv.batch).map(|n| plane_moments(input(n))).collect();
+                let moments: Vec<(f64, f64)> = (0..conv.batch)
+                    .map(|n| {
+                        let next = if n + 1 < conv.batch {
+                            input(n + 1)
+                        } else {
+                            &[]
+                        };
+                        plane_moments(input(n), next)
+                    })
+                    .collect();
                 let (mean, var) = merge_moments(moments.into_iter(), plane);
                 let scale = scale_of(gamma[c], var, epsilon);
                 let kernel = &weight[c * taps..][..taps];
                 let affine = [mean, scale, beta[c], alpha[c]];
                 for n in 0..conv.batch {
+                    if n + 1 < conv.batch {
+                        // SAFETY: as below; the plane is released at once.
+                        simd::prefetch_to_write(unsafe { outputs.get(index(n + 1)) });
+                    }
                     if crate::flat::fuses(conv) {
                         // SAFETY: only this task, channel `c`'s, takes the planes of channel `c`.
                         let out = unsafe { outputs.get(index(n)) };
@@ -739,18 +784,35 @@ pub fn batch_norm_prelu_depthwise_backward_host(
                     let affine = [m, scale_of(gamma[c], var[c], epsilon), b, slope];
                     let kernel = &weight[c * taps..][..taps];
                     let mut sums = PreluSums::default();
+                    let output_grad = |n: usize| &grad[backward.index(n, c) * oh * ow..][..oh * ow];
+                    let fused = crate::flat::fuses(conv);
                     for n in 0..backward.samples {
+                        // The next planes of channel `c`: requested line by line as the fused
+                        // plane function works from cache, all at once before the other path.
+                        let mut upcoming = crate::flat::Upcoming::default();
+                        if n + 1 < backward.samples {
+                            // SAFETY: as below; the plane is only read for its addresses, and
+                            // released before it is taken again.
+                            let next_grad: &[MaybeUninit<f32>] =
+                                unsafe { planes.get(backward.index(n + 1, c)) };
+                            upcoming.reads = [backward.input(n + 1, c), output_grad(n + 1)];
+                            upcoming.writes = next_grad;
+                            if !fused {
+                                upcoming.reads.iter().for_each(|p| simd::prefetch(p));
+                                simd::prefetch_to_write(next_grad);
+                            }
+                        }
                         let input = backward.input(n, c);
-                        let g = &grad[backward.index(n, c) * oh * ow..][..oh * ow];
+                        let g = output_grad(n);
                         // SAFETY (both `get`s): only this task, channel `c`'s, takes the planes
                         // of channel `c`, and each plane is held once at a time.
                         let dz = unsafe { planes.get(backward.index(n, c)) };
-                        if crate::flat::fuses(conv) {
+                        if fused {
                             crate::flat::activated_gradients_plane(
                                 conv,
                                 affine,
                                 kernel,
-                                (input, g),
+                                (input, g, &upcoming),
                                 dz,
                                 kernel_grad,
                                 weight_scratch,
@@ -845,12 +907,23 @@ impl<'a> Backward<'a> {
         &self.x[self.index(n, c) * self.plane..][..self.plane]
     }
 
+    /// Starts loading plane `(n, c)` of the input (see [`simd::prefetch`]).
+    fn prefetch(&self, n: usize, c: usize) {
+        simd::prefetch(self.input(n, c));
+    }
+
     /// Channel `c`'s `[a, slope, mean(dy), mean]` of `x_grad = a * ((dy - mean(dy)) - (x -
     /// mean) * slope)`, and its `(gamma_grad, beta_grad)`, from its planes' sums in sample
     /// order (the same bits on any thread count).
     fn channel<'g>(&self, c: usize, dy: impl Fn(usize) -> &'g [f32]) -> ([f32; 4], (f32, f32)) {
         let (sum_dy, sum_dy_centred) = (0..self.samples)
-            .map(|n| plane_backward_sums(self.input(n, c), dy(n), self.mean[c]))
+            .map(|n| {
+                if n + 1 < self.samples {
+                    self.prefetch(n + 1, c);
+                    simd::prefetch(dy(n + 1));
+                }
+                plane_backward_sums(self.input(n, c), dy(n), self.mean[c])
+            })
             .fold((0f64, 0f64), |(a, b), (p, q)| (a + p, b + q));
         self.coefficients(c, sum_dy, sum_dy_centred)
     }
@@ -947,6 +1020,17 @@ mod tests {
                 prop_assert_eq!(one_pass.1 .0.to_bits(), scratch.1 .0.to_bits());
                 prop_assert_eq!(one_pass.1 .1.to_bits(), scratch.1 .1.to_bits());
             }
+        }
+
+        /// Requesting the next plane's lines changes nothing in the sum, whatever that plane's
+        /// length: the bits of the plain lane sum, tails included.
+        #[test]
+        fn prefetching_sum_equals_the_lane_sum(
+            p in prop::collection::vec(-4.0f32..4.0, 0..120),
+            next in prop::collection::vec(-4.0f32..4.0, 0..200),
+        ) {
+            let plain = lane_sum(&p, &p, |x, _| x);
+            prop_assert_eq!(prefetching_sum(&p, &next).to_bits(), plain.to_bits());
         }
     }
 }

@@ -264,12 +264,19 @@ fn unpad(line: &[f32], stride: usize, cols: usize, dst: &mut [MaybeUninit<f32>])
     }
 }
 
-/// `sum_q g[q] * src[q + offsets[t]]` for each tap, with [`LANES`] partial sums per tap.
+/// `sum_q g[q] * src[q + offsets[t]]` for each tap, with [`LANES`] partial sums per tap. Each
+/// step also requests the line at the same index of every plane of `upcoming` (planes the
+/// caller reads next), so that they arrive while this works from cache.
 ///
 /// The nine taps are spelled out: as a loop over an array of lines, the accumulators stayed in
 /// memory and every product was scalar.
 #[inline(always)]
-fn correlate_sums(offsets: &[usize; TAPS], src: &[f32], g: &[f32]) -> [f32; TAPS] {
+fn correlate_sums(
+    offsets: &[usize; TAPS],
+    src: &[f32],
+    g: &[f32],
+    upcoming: &Upcoming,
+) -> [f32; TAPS] {
     let n = g.len();
     let line = |t: usize| &src[offsets[t]..][..n];
     let (l0, l1, l2) = (line(0), line(1), line(2));
@@ -279,6 +286,7 @@ fn correlate_sums(offsets: &[usize; TAPS], src: &[f32], g: &[f32]) -> [f32; TAPS
     let body = n / LANES * LANES;
     for base in (0..body).step_by(LANES) {
         let gs: &[f32; LANES] = g[base..base + LANES].try_into().expect("a lane's values");
+        upcoming.request(base);
         multiply_add(&mut acc[0], gs, &l0[base..]);
         multiply_add(&mut acc[1], gs, &l1[base..]);
         multiply_add(&mut acc[2], gs, &l2[base..]);
@@ -294,6 +302,27 @@ fn correlate_sums(offsets: &[usize; TAPS], src: &[f32], g: &[f32]) -> [f32; TAPS
         let tail: f32 = (body..n).map(|q| g[q] * lines[t][q]).sum();
         acc[t].iter().sum::<f32>() + tail
     })
+}
+
+/// The planes that the next call of a plane function reads (`reads`) and writes (`writes`):
+/// a plane function that works from cache requests their lines as it goes (see
+/// [`simd::prefetch_line`]). Channel `c`'s planes lie `C` planes apart, and the hardware
+/// prefetcher, which stops at 4 KB pages, is slow to find each one.
+#[derive(Default)]
+pub(crate) struct Upcoming<'a> {
+    pub reads: [&'a [f32]; 2],
+    pub writes: &'a [MaybeUninit<f32>],
+}
+
+impl Upcoming<'_> {
+    /// Requests the line holding index `at` of every upcoming plane (one call per [`LANES`]
+    /// values, a line's worth).
+    #[inline(always)]
+    fn request(&self, at: usize) {
+        simd::prefetch_line(self.reads[0], at);
+        simd::prefetch_line(self.reads[1], at);
+        simd::prefetch_line(self.writes, at);
+    }
 }
 
 /// `acc[i] += g[i] * x[i]` over one lane's width.
@@ -398,7 +427,7 @@ simd::multiversion! {
         for (row, values) in spread.chunks_exact_mut(w).zip(grad_output.chunks_exact(ow)) {
             row[..ow].copy_from_slice(values);
         }
-        let sums = correlate_sums(&layout.offsets(), source, spread);
+        let sums = correlate_sums(&layout.offsets(), source, spread, &Upcoming::default());
         for (tap, sum) in taps.iter_mut().zip(sums) {
             *tap += sum;
         }
@@ -556,17 +585,17 @@ simd::multiversion! {
     /// one column in: its padding columns are the zeros the line's extra columns need) and the
     /// padded source of the input gradient. Adds onto the channel's nine `kernel_grad`; writes
     /// every value of `grad`, the activation's gradient. `planes` are the BatchNorm's input plane
-    /// and the output gradient's.
+    /// and the output gradient's, and the planes of the next call.
     pub(crate) fn activated_gradients_plane(
         shape: &Depthwise,
         affine: [f32; 4],
         taps: &[f32],
-        planes: (&[f32], &[f32]),
+        planes: (&[f32], &[f32], &Upcoming),
         grad: &mut [MaybeUninit<f32>],
         kernel_grad: &mut [f32],
         scratch: &mut Vec<f32>,
     ) {
-        let (input, grad_output) = planes;
+        let (input, grad_output, upcoming) = planes;
         let padded = Padded { rows: shape.height, cols: shape.width, pad: 1 };
         let (oh, ow) = shape.output_size();
         let w = padded.stride();
@@ -577,7 +606,7 @@ simd::multiversion! {
         place_activated(padded, source, input, affine);
         Padded { rows: oh, cols: ow, pad: 1 }.place(padded_grad, grad_output);
         let offsets = padded.offsets();
-        let sums = correlate_sums(&offsets, source, &padded_grad[w + 1..][..oh * w]);
+        let sums = correlate_sums(&offsets, source, &padded_grad[w + 1..][..oh * w], upcoming);
         for (tap, sum) in kernel_grad.iter_mut().zip(sums) {
             *tap += sum;
         }

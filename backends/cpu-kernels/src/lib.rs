@@ -336,10 +336,20 @@ pub fn depthwise_conv2d_weight_grad_host(
     grad.par_chunks_mut(k * k)
         .enumerate()
         .for_each_init(Vec::new, |scratch, (channel, taps)| {
-            for image in 0..n {
+            let planes = |image: usize| {
                 let plane = image * c + channel;
-                let input = &input[plane * h * w..(plane + 1) * h * w];
-                let grad_output = &grad_output[plane * oh * ow..(plane + 1) * oh * ow];
+                (
+                    &input[plane * h * w..(plane + 1) * h * w],
+                    &grad_output[plane * oh * ow..(plane + 1) * oh * ow],
+                )
+            };
+            for image in 0..n {
+                if image + 1 < n {
+                    let (input, grad_output) = planes(image + 1);
+                    simd::prefetch(input);
+                    simd::prefetch(grad_output);
+                }
+                let (input, grad_output) = planes(image);
                 depthwise_plane_weight_grad(shape, input, grad_output, taps, scratch);
             }
         });

@@ -107,3 +107,52 @@ pub(crate) mod avx512 {
         }
     }
 }
+
+/// Asks the CPU to bring `values` into its caches ahead of use. For loops over the planes of
+/// one channel, which lie `C` planes apart: each plane starts a new stream, and the hardware
+/// prefetcher, which does not cross 4 KB pages, has to learn each one afresh.
+#[inline(always)]
+pub(crate) fn prefetch<T>(values: &[T]) {
+    prefetch_lines::<T, false>(values);
+}
+
+/// [`prefetch`] for values about to be written: the lines arrive owned, so the stores do not
+/// wait for them.
+#[inline(always)]
+pub(crate) fn prefetch_to_write<T>(values: &[T]) {
+    prefetch_lines::<T, true>(values);
+}
+
+/// [`prefetch`] of the line of `values` that holds index `at` (nothing past the end): one line
+/// at a time, from inside a loop over another plane, so that the requests do not pile up.
+#[inline(always)]
+pub(crate) fn prefetch_line<T>(values: &[T], at: usize) {
+    if let Some(value) = values.get(at) {
+        prefetch_lines::<T, false>(std::slice::from_ref(value));
+    }
+}
+
+#[inline(always)]
+fn prefetch_lines<T, const WRITE: bool>(values: &[T]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET1, _MM_HINT_T1};
+        let bytes = std::mem::size_of_val(values);
+        let start = values.as_ptr().cast::<i8>();
+        // One request per 64-byte line, into the second-level cache: to the first, a plane's
+        // worth of requests stalled on the line fill buffers.
+        for offset in (0..bytes).step_by(64) {
+            // SAFETY: prefetching is a hint and never faults; the address lies in `values`.
+            unsafe {
+                let line = start.add(offset);
+                if WRITE {
+                    _mm_prefetch::<_MM_HINT_ET1>(line);
+                } else {
+                    _mm_prefetch::<_MM_HINT_T1>(line);
+                }
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
+}
