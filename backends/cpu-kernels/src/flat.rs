@@ -277,6 +277,22 @@ fn correlate_sums(
     g: &[f32],
     upcoming: &Upcoming,
 ) -> [f32; TAPS] {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has AVX-512F, all the function is compiled for.
+        return unsafe { correlate_sums_avx512(offsets, src, g, upcoming) };
+    }
+    correlate_sums_portable(offsets, src, g, upcoming)
+}
+
+/// [`correlate_sums`] as plain loops, for the compiler to vectorise.
+#[inline(always)]
+fn correlate_sums_portable(
+    offsets: &[usize; TAPS],
+    src: &[f32],
+    g: &[f32],
+    upcoming: &Upcoming,
+) -> [f32; TAPS] {
     let n = g.len();
     let line = |t: usize| &src[offsets[t]..][..n];
     let (l0, l1, l2) = (line(0), line(1), line(2));
@@ -301,6 +317,47 @@ fn correlate_sums(
     std::array::from_fn(|t| {
         let tail: f32 = (body..n).map(|q| g[q] * lines[t][q]).sum();
         acc[t].iter().sum::<f32>() + tail
+    })
+}
+
+/// [`correlate_sums`] with its nine partial sums in registers: compiled from the plain loop,
+/// they lived on the stack, and every step loaded, added and stored each of the nine (that loop
+/// was most of `activated_gradients_plane`'s samples). Every lane takes the products and sums
+/// (separate multiply and add, no FMA) that lane `k` of the plain loop takes, in the same
+/// order, and the lanes and the tail are reduced by the same code: the same bits.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn correlate_sums_avx512(
+    offsets: &[usize; TAPS],
+    src: &[f32],
+    g: &[f32],
+    upcoming: &Upcoming,
+) -> [f32; TAPS] {
+    use std::arch::x86_64::*;
+    let n = g.len();
+    let lines: [&[f32]; TAPS] = std::array::from_fn(|t| &src[offsets[t]..][..n]);
+    let mut acc = [_mm512_setzero_ps(); TAPS];
+    let body = n / LANES * LANES;
+    for base in (0..body).step_by(LANES) {
+        upcoming.request(base);
+        // SAFETY: `base + LANES <= body <= n`, within `g` and every line (each `n` long).
+        unsafe {
+            let gs = _mm512_loadu_ps(g.as_ptr().add(base));
+            for (sum, line) in acc.iter_mut().zip(&lines) {
+                let x = _mm512_loadu_ps(line.as_ptr().add(base));
+                *sum = _mm512_add_ps(*sum, _mm512_mul_ps(gs, x));
+            }
+        }
+    }
+    std::array::from_fn(|t| {
+        let mut lanes = [0f32; LANES];
+        // SAFETY: `lanes` holds `LANES` (16) values.
+        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), acc[t]) };
+        let tail: f32 = (body..n).map(|q| g[q] * lines[t][q]).sum();
+        lanes.iter().sum::<f32>() + tail
     })
 }
 
@@ -618,6 +675,38 @@ simd::multiversion! {
         } else {
             correlate(&turned, &offsets, 0.0, padded_grad, writable(line));
             unpad(line, w, shape.width, grad);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// The nine sums in registers give the plain loop's bits, tails included.
+        #[test]
+        fn register_correlate_sums_equal_the_plain_ones(
+            rows in 1usize..20,
+            cols in 1usize..20,
+            // Enough for the largest padded plane (21 x 21 + 2) and gradient line (19 x 21).
+            src in prop::collection::vec(-2.0f32..2.0, 443),
+            g in prop::collection::vec(-2.0f32..2.0, 399),
+        ) {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                let padded = Padded { rows, cols, pad: 1 };
+                let (src, g) = (&src[..padded.len()], &g[..rows * padded.stride()]);
+                let offsets = padded.offsets();
+                let none = Upcoming::default();
+                let plain = correlate_sums_portable(&offsets, src, g, &none);
+                // SAFETY: the CPU has AVX-512F (checked above).
+                let registers = unsafe { correlate_sums_avx512(&offsets, src, g, &none) };
+                prop_assert_eq!(registers.map(f32::to_bits), plain.map(f32::to_bits));
+            }
         }
     }
 }
