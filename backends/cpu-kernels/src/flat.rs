@@ -12,7 +12,7 @@
 //! more fill the vector lanes on their own: the forward and the input gradient compute those
 //! straight into the output row by row, which saves copying the line out.
 
-use crate::simd::{self, LANES};
+use crate::simd::{self, Upcoming, LANES};
 use crate::Depthwise;
 use std::mem::MaybeUninit;
 
@@ -413,27 +413,6 @@ unsafe fn correlate_sums_avx512(
         let tail: f32 = (body..n).map(|q| g[q] * lines[t][q]).sum();
         lanes.iter().sum::<f32>() + tail
     })
-}
-
-/// The planes that the next call of a plane function reads (`reads`) and writes (`writes`):
-/// a plane function that works from cache requests their lines as it goes (see
-/// [`simd::prefetch_line`]). Channel `c`'s planes lie `C` planes apart, and the hardware
-/// prefetcher, which stops at 4 KB pages, is slow to find each one.
-#[derive(Default)]
-pub(crate) struct Upcoming<'a> {
-    pub reads: [&'a [f32]; 2],
-    pub writes: &'a [MaybeUninit<f32>],
-}
-
-impl Upcoming<'_> {
-    /// Requests the line holding index `at` of every upcoming plane (one call per [`LANES`]
-    /// values, a line's worth).
-    #[inline(always)]
-    fn request(&self, at: usize) {
-        simd::prefetch_line(self.reads[0], at);
-        simd::prefetch_line(self.reads[1], at);
-        simd::prefetch_line(self.writes, at);
-    }
 }
 
 /// `acc[i] += g[i] * x[i]` over one lane's width.

@@ -108,6 +108,27 @@ pub(crate) mod avx512 {
     }
 }
 
+/// The planes that the next call of a plane function reads (`reads`) and writes (`writes`):
+/// a plane function that works from cache requests their lines as it goes (see
+/// [`prefetch_line`]). Channel `c`'s planes lie `C` planes apart, and the hardware
+/// prefetcher, which stops at 4 KB pages, is slow to find each one.
+#[derive(Default)]
+pub(crate) struct Upcoming<'a> {
+    pub reads: [&'a [f32]; 2],
+    pub writes: &'a [std::mem::MaybeUninit<f32>],
+}
+
+impl Upcoming<'_> {
+    /// Requests the line holding index `at` of every upcoming plane (one call per [`LANES`]
+    /// values, a line's worth).
+    #[inline(always)]
+    pub(crate) fn request(&self, at: usize) {
+        prefetch_line(self.reads[0], at);
+        prefetch_line(self.reads[1], at);
+        prefetch_line(self.writes, at);
+    }
+}
+
 /// Asks the CPU to bring `values` into its caches ahead of use. For loops over the planes of
 /// one channel, which lie `C` planes apart: each plane starts a new stream, and the hardware
 /// prefetcher, which does not cross 4 KB pages, has to learn each one afresh.
