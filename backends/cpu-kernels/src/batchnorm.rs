@@ -714,12 +714,20 @@ pub fn batch_norm_prelu_depthwise_train_host(
                 let scale = scale_of(gamma[c], var, epsilon);
                 let kernel = &weight[c * taps..][..taps];
                 let affine = [mean, scale, beta[c], alpha[c]];
+                let fused = crate::flat::fuses(conv);
                 for n in 0..conv.batch {
+                    // The next output plane: requested line by line as the fused plane function
+                    // works from cache, all at once before the other path.
+                    let mut upcoming = Upcoming::default();
                     if n + 1 < conv.batch {
-                        // SAFETY: as below; the plane is released at once.
-                        simd::prefetch_to_write(unsafe { outputs.get(index(n + 1)) });
+                        // SAFETY: as below; the plane is only used for its addresses, and
+                        // released before it is taken again.
+                        upcoming.writes = unsafe { outputs.get(index(n + 1)) };
+                        if !fused {
+                            simd::prefetch_to_write(upcoming.writes);
+                        }
                     }
-                    if crate::flat::fuses(conv) {
+                    if fused {
                         // SAFETY: only this task, channel `c`'s, takes the planes of channel `c`.
                         let out = unsafe { outputs.get(index(n)) };
                         crate::flat::activated_forward_plane(
@@ -729,6 +737,7 @@ pub fn batch_norm_prelu_depthwise_train_host(
                             input(n),
                             out,
                             scratch,
+                            &upcoming,
                         );
                         continue;
                     }

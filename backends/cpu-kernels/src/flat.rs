@@ -224,11 +224,26 @@ fn correlate(
     src: &[f32],
     dst: &mut [MaybeUninit<f32>],
 ) {
+    correlate_requesting(taps, offsets, init, (src, dst), (&Upcoming::default(), 0));
+}
+
+/// [`correlate`], requesting the lines of the `upcoming` planes as it goes; `dst[0]` is value
+/// `first` of its plane, and the request for value `first + q` goes with output `q` (on the
+/// AVX-512 path; the plain loop requests nothing).
+#[inline(always)]
+fn correlate_requesting(
+    taps: &[f32; TAPS],
+    offsets: &[usize; TAPS],
+    init: f32,
+    (src, dst): (&[f32], &mut [MaybeUninit<f32>]),
+    (upcoming, first): (&Upcoming, usize),
+) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has AVX-512F, all the function is compiled for.
-        return unsafe { correlate_avx512(taps, offsets, init, src, dst) };
+        return unsafe { correlate_avx512(taps, offsets, init, (src, dst), (upcoming, first)) };
     }
+    let _ = (upcoming, first);
     correlate_portable(taps, offsets, init, src, dst);
 }
 
@@ -275,8 +290,8 @@ unsafe fn correlate_avx512(
     taps: &[f32; TAPS],
     offsets: &[usize; TAPS],
     init: f32,
-    src: &[f32],
-    dst: &mut [MaybeUninit<f32>],
+    (src, dst): (&[f32], &mut [MaybeUninit<f32>]),
+    (upcoming, first): (&Upcoming, usize),
 ) {
     use std::arch::x86_64::*;
     let n = dst.len();
@@ -286,6 +301,7 @@ unsafe fn correlate_avx512(
     for start in (0..n).step_by(LANES) {
         let count = (n - start).min(LANES);
         let mask: __mmask16 = if count == LANES { !0 } else { (1 << count) - 1 };
+        upcoming.request(first + start);
         // SAFETY: the mask keeps every load and the store to the `count` values from `start`,
         // within each line and `dst` (all `n` long).
         unsafe {
@@ -640,7 +656,8 @@ unsafe fn activate_row_avx512(line: &mut [f32], row: &[f32], affine: [f32; 4]) {
 
 simd::multiversion! {
     /// One plane of the fused forward on a [`fuses`] shape: the activation of `input` written
-    /// straight into the padded line, then convolved (no bias) into every value of `out`.
+    /// straight into the padded line, then convolved (no bias) into every value of `out`, while
+    /// the `upcoming` planes' lines are requested.
     pub(crate) fn activated_forward_plane(
         shape: &Depthwise,
         affine: [f32; 4],
@@ -648,6 +665,7 @@ simd::multiversion! {
         input: &[f32],
         out: &mut [MaybeUninit<f32>],
         scratch: &mut Vec<f32>,
+        upcoming: &Upcoming,
     ) {
         let padded = Padded { rows: shape.height, cols: shape.width, pad: 1 };
         let (oh, ow) = shape.output_size();
@@ -659,10 +677,11 @@ simd::multiversion! {
         place_activated(padded, source, input, affine);
         if wide {
             for (oy, row) in out.chunks_exact_mut(ow).enumerate() {
-                correlate(taps, &offsets, 0.0, &source[oy * w..], row);
+                let src = &source[oy * w..];
+                correlate_requesting(taps, &offsets, 0.0, (src, row), (upcoming, oy * ow));
             }
         } else {
-            correlate(taps, &offsets, 0.0, source, writable(line));
+            correlate_requesting(taps, &offsets, 0.0, (source, writable(line)), (upcoming, 0));
             unpad(line, w, ow, out);
         }
     }
@@ -738,7 +757,10 @@ mod tests {
                 let (mut plain, mut masked) = (vec![0f32; n], vec![0f32; n]);
                 correlate_portable(&taps, &offsets, init, src, writable(&mut plain));
                 // SAFETY: the CPU has AVX-512F (checked above).
-                unsafe { correlate_avx512(&taps, &offsets, init, src, writable(&mut masked)) };
+                unsafe {
+                    let none = (&Upcoming::default(), 0);
+                    correlate_avx512(&taps, &offsets, init, (src, writable(&mut masked)), none)
+                };
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                 prop_assert_eq!(bits(&masked), bits(&plain));
             }
