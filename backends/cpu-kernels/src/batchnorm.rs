@@ -168,7 +168,7 @@ fn normalise_train(
                 for n in 0..samples {
                     if n + 1 < samples {
                         // SAFETY: as below; the plane is released at once.
-                        simd::prefetch_to_write(unsafe { planes.get(index(n + 1)) });
+                        simd::prefetch(unsafe { planes.get(index(n + 1)) });
                         if let Then::Add(shortcut) = then {
                             simd::prefetch(&shortcut[index(n + 1) * plane..][..plane]);
                         }
@@ -728,7 +728,7 @@ pub fn batch_norm_prelu_depthwise_train_host(
                         // released before it is taken again.
                         upcoming.writes = unsafe { outputs.get(index(n + 1)) };
                         if !fused {
-                            simd::prefetch_to_write(upcoming.writes);
+                            simd::prefetch(upcoming.writes);
                         }
                     }
                     if fused {
@@ -823,7 +823,7 @@ pub fn batch_norm_prelu_depthwise_backward_host(
                             upcoming.writes = next_grad;
                             if !fused {
                                 upcoming.reads.iter().for_each(|p| simd::prefetch(p));
-                                simd::prefetch_to_write(next_grad);
+                                simd::prefetch(next_grad);
                             }
                         }
                         let input = backward.input(n, c);

@@ -129,19 +129,25 @@ impl Upcoming<'_> {
     }
 }
 
-/// Asks the CPU to bring `values` into its caches ahead of use. For loops over the planes of
-/// one channel, which lie `C` planes apart: each plane starts a new stream, and the hardware
-/// prefetcher, which does not cross 4 KB pages, has to learn each one afresh.
+/// Asks the CPU to bring `values` into its second-level cache ahead of use, one request per
+/// 64-byte line (to the first level, a plane's worth of requests stalled on the line fill
+/// buffers). For loops over the planes of one channel, which lie `C` planes apart: each plane
+/// starts a new stream, and the hardware prefetcher, which does not cross 4 KB pages, has to
+/// learn each one afresh. Planes about to be written are requested the same way: the lines
+/// arrive exclusive when no other core holds them, so the stores do not wait either.
 #[inline(always)]
 pub(crate) fn prefetch<T>(values: &[T]) {
-    prefetch_lines::<T, false>(values);
-}
-
-/// [`prefetch`] for values about to be written: the lines arrive owned, so the stores do not
-/// wait for them.
-#[inline(always)]
-pub(crate) fn prefetch_to_write<T>(values: &[T]) {
-    prefetch_lines::<T, true>(values);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        let start = values.as_ptr().cast::<i8>();
+        for offset in (0..std::mem::size_of_val(values)).step_by(64) {
+            // SAFETY: prefetching is a hint and never faults; the address lies in `values`.
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(start.add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = values;
 }
 
 /// [`prefetch`] of the line of `values` that holds index `at` (nothing past the end): one line
@@ -149,31 +155,6 @@ pub(crate) fn prefetch_to_write<T>(values: &[T]) {
 #[inline(always)]
 pub(crate) fn prefetch_line<T>(values: &[T], at: usize) {
     if let Some(value) = values.get(at) {
-        prefetch_lines::<T, false>(std::slice::from_ref(value));
+        prefetch(std::slice::from_ref(value));
     }
-}
-
-#[inline(always)]
-fn prefetch_lines<T, const WRITE: bool>(values: &[T]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET1, _MM_HINT_T1};
-        let bytes = std::mem::size_of_val(values);
-        let start = values.as_ptr().cast::<i8>();
-        // One request per 64-byte line, into the second-level cache: to the first, a plane's
-        // worth of requests stalled on the line fill buffers.
-        for offset in (0..bytes).step_by(64) {
-            // SAFETY: prefetching is a hint and never faults; the address lies in `values`.
-            unsafe {
-                let line = start.add(offset);
-                if WRITE {
-                    _mm_prefetch::<_MM_HINT_ET1>(line);
-                } else {
-                    _mm_prefetch::<_MM_HINT_T1>(line);
-                }
-            }
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = values;
 }
