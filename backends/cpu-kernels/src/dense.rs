@@ -255,6 +255,43 @@ fn pointwise_products(
     (m, k): (usize, usize),
 ) -> Vec<f32> {
     let positions = s.positions();
+    if crate::pointwise::available() {
+        let (columns, rows) = weight_strides;
+        let lhs =
+            crate::pointwise::PackedLhs::new(weight, (m, k), (rows as usize, columns as usize));
+        let threads = rayon::current_num_threads();
+        return crate::filled(s.batch * output_len, |out| {
+            if s.batch < threads {
+                // Fewer images than threads: each image's rows split between them.
+                let per = m.div_ceil(threads).next_multiple_of(crate::pointwise::ROWS);
+                for (out, x) in out.chunks_mut(output_len).zip(inputs.chunks(input_len)) {
+                    out.par_chunks_mut(per * positions)
+                        .enumerate()
+                        .for_each(|(part, out)| {
+                            crate::pointwise::product(&lhs, (x, positions), (part * per, out), None)
+                        });
+                }
+                return;
+            }
+            // The address only: the next image's output is requested, never touched here.
+            let base = out.as_ptr() as usize;
+            let next = |n: usize| {
+                (n + 1 < s.batch).then(|| {
+                    let out = base + (n + 1) * output_len * std::mem::size_of::<f32>();
+                    (
+                        &inputs[(n + 1) * input_len..][..input_len],
+                        out as *const f32,
+                    )
+                })
+            };
+            out.par_chunks_mut(output_len)
+                .zip(inputs.par_chunks(input_len))
+                .enumerate()
+                .for_each(|(n, (out, x))| {
+                    crate::pointwise::product(&lhs, (x, positions), (0, out), next(n))
+                });
+        });
+    }
     crate::filled(s.batch * output_len, |out| {
         let image = |(out, x): (&mut [MaybeUninit<f32>], &[f32]), parallelism| {
             product_into_uninit(

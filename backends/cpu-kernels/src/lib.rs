@@ -18,6 +18,7 @@ mod batchnorm;
 pub(crate) mod dense;
 mod extension;
 mod flat;
+mod pointwise;
 mod prelu;
 mod simd;
 

@@ -870,3 +870,67 @@ proptest! {
         }
     }
 }
+
+/// `lhs[m, k] * image[k, positions]` in f64, the reference for the pointwise kernel.
+fn plain_product(lhs: &[f32], image: &[f32], (m, k, positions): (usize, usize, usize)) -> Vec<f32> {
+    let mut out = vec![0f32; m * positions];
+    for i in 0..m {
+        for p in 0..positions {
+            let sum: f64 = (0..k)
+                .map(|j| lhs[i * k + j] as f64 * image[j * positions + p] as f64)
+                .sum();
+            out[i * positions + p] = sum as f32;
+        }
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// The AVX-512 1 x 1 kernel against an f64 product: every output written (the buffer starts
+    /// as NaN), rows in tiles of eight with a partial last one, positions in blocks of up to 48
+    /// with a masked last vector, several passes over the tiles when depth + rows is large, rows
+    /// split between calls, the weight read through either stride (forward or transposed).
+    #[test]
+    fn pointwise_kernel_matches_the_plain_product(
+        m in 1usize..40,
+        k in 1usize..40,
+        positions in 1usize..200,
+        wide in any::<bool>(),
+        transposed in any::<bool>(),
+        split in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        prop_assume!(pointwise::available());
+        // Wide: past the per-pass budget of 96K values, so that one image takes several passes.
+        let (m, k) = if wide { (m + 600, k + 600) } else { (m, k) };
+        let (lhs, image) = (values(seed, m * k), values(seed + 1, k * positions));
+        let next = values(seed + 2, k * positions);
+        // The weight as stored: `[m, k]`, or `[k, m]` read transposed.
+        let (stored, strides) = if transposed {
+            let mut t = vec![0f32; m * k];
+            for i in 0..m {
+                for j in 0..k {
+                    t[j * m + i] = lhs[i * k + j];
+                }
+            }
+            (t, (1, m))
+        } else {
+            (lhs.clone(), (k, 1))
+        };
+        let packed = pointwise::PackedLhs::new(&stored, (m, k), strides);
+        let mut out = vec![std::mem::MaybeUninit::new(f32::NAN); m * positions];
+        let first = if split { (m / 2).next_multiple_of(pointwise::ROWS).min(m) } else { 0 };
+        let (top, bottom) = out.split_at_mut(first * positions);
+        pointwise::product(&packed, (&image, positions), (0, top), Some((&next, bottom.as_ptr().cast())));
+        pointwise::product(&packed, (&image, positions), (first, bottom), None);
+        // SAFETY: initialised as NaN above.
+        let out: Vec<f32> = out.iter().map(|v| unsafe { v.assume_init() }).collect();
+        let expected = plain_product(&lhs, &image, (m, k, positions));
+        for (i, (got, want)) in out.iter().zip(&expected).enumerate() {
+            // Sums of k products of values in [-1, 1] in another order, with FMA.
+            prop_assert!((got - want).abs() <= 1e-5 * k as f32, "element {i}: {got} against {want}");
+        }
+    }
+}
