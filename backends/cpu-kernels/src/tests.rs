@@ -902,7 +902,11 @@ proptest! {
         split in any::<bool>(),
         seed in any::<u64>(),
     ) {
-        prop_assume!(pointwise::available());
+        // Nothing to test where the kernel cannot run (the products go to `gemm` there);
+        // `prop_assume!` would fail the test once every case was rejected.
+        if !pointwise::available() {
+            return Ok(());
+        }
         // Wide: past the per-pass budget of 96K values, so that one image takes several passes.
         let (m, k) = if wide { (m + 600, k + 600) } else { (m, k) };
         let (lhs, image) = (values(seed, m * k), values(seed + 1, k * positions));
