@@ -183,6 +183,7 @@ impl Requests {
     }
 }
 
+/// [`product`]'s loop: passes over the columns, blocks of columns, tiles of rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn product_avx512(
