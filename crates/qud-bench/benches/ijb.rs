@@ -7,8 +7,7 @@
 //! (231,240 images). `QUD_IJB_SCALE=0.1` scales templates, images and pairs down.
 
 use qud_eval::ijb::{
-    image_features, pair_scores, roc_curve, tar_at_far, template_features, FarTies, IjbMeta,
-    IJB_FARS,
+    image_features, pair_scores, roc_curve, tar_at_far, template_features, IjbMeta, IJB_FARS,
 };
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -73,7 +72,7 @@ fn main() {
     lap("pair scores");
     let (fpr, tpr, _) = roc_curve(&meta.labels, &scores);
     lap("ROC");
-    let tars = tar_at_far(&fpr, &tpr, &IJB_FARS, FarTies::First);
+    let tars = tar_at_far(&fpr, &tpr, &IJB_FARS);
     let ours = start.elapsed().as_secs_f64();
     println!("qud:   {ours:>8.2} s (TAR at FAR 1e-4: {:.4})", tars[2]);
     drop(features);

@@ -99,10 +99,6 @@ enum Command {
         /// Do not weight image features by their detector score.
         #[arg(long)]
         no_detector_score: bool,
-        /// The ROC point for a FAR when several are equally near: `first` (insightface's
-        /// np.argmin, the smallest TPR) or `max-tpr`.
-        #[arg(long, default_value = "first", value_parser = ["first", "max-tpr"])]
-        far_ties: String,
     },
     /// Embed faces (an image folder, a RecordIO .rec or a .bin) and write float32 [N, D] rows in
     /// input order (.npy).
@@ -408,7 +404,6 @@ fn main() -> Result<()> {
             no_flip,
             no_norm_score,
             no_detector_score,
-            far_ties,
         } => {
             init_logging(None);
             let meta = qud_eval::ijb::IjbMeta::load(&root, &set)?;
@@ -444,17 +439,12 @@ fn main() -> Result<()> {
                     (name, rows)
                 }
             };
-            let ties = match far_ties.as_str() {
-                "max-tpr" => qud_eval::ijb::FarTies::MaxTpr,
-                _ => qud_eval::ijb::FarTies::First,
-            };
             let score = qud_eval::ijb::score_ijb(
                 &set,
                 &meta,
                 &features,
                 !no_norm_score,
                 !no_detector_score,
-                ties,
                 threads,
             );
             let header: Vec<String> = score

@@ -1,7 +1,8 @@
 //! IJB-B and IJB-C 1:1 template verification as insightface's `recognition/_evaluation_/ijb/
 //! ijb_11.py` computes it: 5-landmark similarity alignment, flip-summed unnormalised features
 //! times the detector score, media-averaged and summed template features, dot-product scores, and
-//! TAR at FAR read off scikit-learn's `roc_curve(drop_intermediate=True)`.
+//! TAR at FAR read off scikit-learn's `roc_curve(drop_intermediate=True)` as the script does
+//! (flipped, then the nearest point: [`tar_at_far`]).
 //!
 //! Reference: <https://github.com/deepinsight/insightface/tree/master/recognition/_evaluation_/ijb>.
 //! Floating-point order follows NumPy where it decides bits: per-image features, media means
@@ -571,28 +572,24 @@ pub fn roc_curve(labels: &[bool], scores: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f6
     (fpr, tpr, thresholds)
 }
 
-/// Which ROC point stands for a FAR when several are equally near.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum FarTies {
-    /// The first in ROC order, i.e. the smallest TPR: `np.argmin(abs(fpr - far))`, what
-    /// insightface's script prints.
-    First,
-    /// The largest TPR among the equally near points.
-    MaxTpr,
-}
-
-/// TAR at each FAR of `fars`: the TPR of the ROC point whose FPR is nearest to it.
-pub fn tar_at_far(fpr: &[f64], tpr: &[f64], fars: &[f64], ties: FarTies) -> Vec<f64> {
+/// TAR at each FAR of `fars` as every insightface IJB script reads it: the ROC flipped
+/// (`fpr = np.flipud(fpr)`, "select largest tpr at same fpr"), then the point nearest to the
+/// FAR, the first of equally near ones in the flipped order. In ROC order that is the *last* of
+/// the nearest points, the one with the largest TPR: scikit-learn's `roc_curve` keeps both ends
+/// of every vertical stretch, so the nearest FPR is usually shared by two points, and the lower
+/// one would understate the TAR (the TAR at FAR 1e-6 of a set too small to reach it would read 0).
+pub fn tar_at_far(fpr: &[f64], tpr: &[f64], fars: &[f64]) -> Vec<f64> {
     fars.iter()
         .map(|&far| {
-            let mut best = 0;
-            for i in 1..fpr.len() {
-                let (d, d_best) = ((fpr[i] - far).abs(), (fpr[best] - far).abs());
-                if d < d_best || ties == FarTies::MaxTpr && d == d_best && tpr[i] > tpr[best] {
-                    best = i;
+            let mut best = None;
+            for (i, f) in fpr.iter().enumerate() {
+                let d = (f - far).abs();
+                // `<=`: a later point equally near replaces the earlier one.
+                if best.is_none_or(|(_, d_best)| d <= d_best) {
+                    best = Some((i, d));
                 }
             }
-            tpr.get(best).copied().unwrap_or(f64::NAN)
+            best.map_or(f64::NAN, |(i, _)| tpr[i])
         })
         .collect()
 }
@@ -695,7 +692,6 @@ pub fn score_ijb(
     embeddings: &[Vec<f32>],
     norm_score: bool,
     detector_score: bool,
-    ties: FarTies,
     threads: usize,
 ) -> IjbScore {
     let features = image_features(
@@ -711,7 +707,7 @@ pub fn score_ijb(
         .build()
         .expect("cannot start the IJB scoring threads")
         .install(|| roc_curve(&meta.labels, &scores));
-    let tars = tar_at_far(&fpr, &tpr, &IJB_FARS, ties);
+    let tars = tar_at_far(&fpr, &tpr, &IJB_FARS);
     IjbScore {
         set: set.to_string(),
         templates: templates.len(),

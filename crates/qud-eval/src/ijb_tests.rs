@@ -120,15 +120,11 @@ fn pooling_scores_and_roc_match_the_reference_exactly() {
         let (fpr, tpr, _) = roc_curve(&meta.labels, &want_scores);
         assert_eq!(fpr, floats(&reference["fpr"]), "{case}: fpr");
         assert_eq!(tpr, floats(&reference["tpr"]), "{case}: tpr");
-        // And the whole chain from features gives the same TAR at every FAR, for both tie rules.
-        for (ties, key) in [
-            (FarTies::First, "tar_first"),
-            (FarTies::MaxTpr, "tar_max_tpr"),
-        ] {
-            let score = score_ijb("ijbc", &meta, &features, norm_score, detector, ties, 2);
-            let tars: Vec<f64> = score.tar_at_far.iter().map(|p| p.1).collect();
-            assert_eq!(tars, floats(&reference[key]), "{case} {key}");
-        }
+        // And the whole chain from features gives the TAR at every FAR that insightface's
+        // script prints.
+        let score = score_ijb("ijbc", &meta, &features, norm_score, detector, 2);
+        let tars: Vec<f64> = score.tar_at_far.iter().map(|p| p.1).collect();
+        assert_eq!(tars, floats(&reference["tar"]), "{case}");
     }
 }
 
@@ -140,9 +136,71 @@ fn roc_of_a_tiny_case_by_hand() {
     assert_eq!(fpr, [0.0, 0.0, 0.5, 1.0]);
     assert_eq!(tpr, [0.0, 0.5, 1.0, 1.0]);
     assert_eq!(thr[1..], [0.9, 0.8, 0.1]);
-    // FAR 0.01: nearest FPR is 0, reached at TPR 0 and 0.5.
-    assert_eq!(tar_at_far(&fpr, &tpr, &[0.01], FarTies::First), [0.0]);
-    assert_eq!(tar_at_far(&fpr, &tpr, &[0.01], FarTies::MaxTpr), [0.5]);
+    // FAR 0.01: nearest FPR is 0, reached at TPR 0 and 0.5; insightface's flip takes 0.5.
+    assert_eq!(tar_at_far(&fpr, &tpr, &[0.01]), [0.5]);
+}
+
+/// insightface's reading, literally: `fpr = np.flipud(fpr); tpr = np.flipud(tpr)`, then
+/// `min(zip(abs(fpr - far), range(len(fpr))))`, the first of the smallest distances.
+fn flipped_nearest(fpr: &[f64], tpr: &[f64], far: f64) -> f64 {
+    let (fpr, tpr): (Vec<f64>, Vec<f64>) = (
+        fpr.iter().rev().copied().collect(),
+        tpr.iter().rev().copied().collect(),
+    );
+    let mut best = 0;
+    for i in 1..fpr.len() {
+        if (fpr[i] - far).abs() < (fpr[best] - far).abs() {
+            best = i;
+        }
+    }
+    tpr[best]
+}
+
+#[test]
+fn vertical_stretches_at_every_far_read_their_top() {
+    // A ROC that climbs vertically at each of the six FARs (as scikit-learn keeps both ends of a
+    // vertical stretch): the nearest FPR is exactly the FAR, shared by the stretch's foot and top.
+    // The top is insightface's TAR; the foot, the rule qud had before, read 0.00 at 1e-6.
+    let mut fpr = vec![0.0];
+    let mut tpr = vec![0.0];
+    for (k, far) in IJB_FARS.iter().enumerate() {
+        fpr.extend([*far, *far]);
+        tpr.extend([0.1 * k as f64 + 0.01, 0.1 * k as f64 + 0.09]);
+    }
+    fpr.push(1.0);
+    tpr.push(1.0);
+    let tars = tar_at_far(&fpr, &tpr, &IJB_FARS);
+    let tops: Vec<f64> = (0..6).map(|k| 0.1 * k as f64 + 0.09).collect();
+    assert_eq!(tars, tops);
+    for (far, tar) in IJB_FARS.iter().zip(&tars) {
+        assert_eq!(*tar, flipped_nearest(&fpr, &tpr, *far));
+    }
+}
+
+proptest::proptest! {
+    /// On ROCs of scores with many ties (few distinct values, so long vertical and diagonal
+    /// stretches) and FARs on and between its points, `tar_at_far` reads what insightface's
+    /// flip-then-nearest reads.
+    #[test]
+    fn tar_at_far_is_insightfaces_flip_then_nearest(
+        pairs in proptest::collection::vec((0u8..6, proptest::bool::ANY), 2..300),
+        extra_fars in proptest::collection::vec(0.0f64..1.0, 0..4),
+    ) {
+        let scores: Vec<f64> = pairs.iter().map(|p| p.0 as f64 / 5.0).collect();
+        let labels: Vec<bool> = pairs.iter().map(|p| p.1).collect();
+        proptest::prop_assume!(labels.iter().any(|l| *l) && labels.iter().any(|l| !*l));
+        let (fpr, tpr, _) = roc_curve(&labels, &scores);
+        // Every FPR of the ROC is a FAR with a tie at distance 0 wherever the ROC is vertical;
+        // midpoints between neighbours tie on both sides.
+        let mut fars: Vec<f64> = fpr.clone();
+        fars.extend(fpr.windows(2).map(|w| 0.5 * (w[0] + w[1])));
+        fars.extend(extra_fars);
+        fars.extend(IJB_FARS);
+        let got = tar_at_far(&fpr, &tpr, &fars);
+        for (far, tar) in fars.iter().zip(got) {
+            proptest::prop_assert_eq!(tar, flipped_nearest(&fpr, &tpr, *far), "FAR {}", far);
+        }
+    }
 }
 
 #[test]
@@ -241,7 +299,7 @@ fn end_to_end_on_a_tiny_set() {
         .valid();
     let rows = embed_ijb(&model, dir.path(), &meta, 3, true, 2, &device).unwrap();
     assert_eq!((rows.len(), rows[0].len()), (8, 16));
-    let score = score_ijb("ijbb", &meta, &rows, true, true, FarTies::First, 2);
+    let score = score_ijb("ijbb", &meta, &rows, true, true, 2);
     assert_eq!((score.templates, score.pairs), (4, 6));
     assert!(score
         .tar_at_far
