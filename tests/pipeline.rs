@@ -1,9 +1,10 @@
-//! The foundation working together: a config drives a queue, the QUD loss and SGD, and a tiny
-//! linear student learns a frozen linear teacher's embedding without labels.
+//! The foundation working together: a config drives a queue, the QUD loss and the trainer's SGD,
+//! and a tiny linear student learns a frozen linear teacher's embedding without labels. (The
+//! trainer's own step, `qud_trainer::train_step`, is held against PyTorch in qud-trainer.)
 
 use burn::module::Module;
 use burn::nn::{Linear, LinearConfig};
-use burn::optim::{decay::WeightDecayConfig, momentum::MomentumConfig, GradientsParams, SgdConfig};
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use qud_config::ConfigLoader;
 use qud_loss::{info_nce, l2_normalize};
@@ -41,16 +42,8 @@ fn distil(backend: &str, steps: usize) -> (f32, f32, f32) {
         config.run.seed,
         &device,
     );
-    let mut optim = SgdConfig::new()
-        .with_momentum(Some(
-            MomentumConfig::new()
-                .with_momentum(config.optim.momentum)
-                .with_dampening(0.0),
-        ))
-        .with_weight_decay(Some(WeightDecayConfig::new(
-            config.optim.weight_decay as f32,
-        )))
-        .init();
+    // The trainer's SGD (momentum without dampening, coupled weight decay), as a run builds it.
+    let mut optim = qud_trainer::optim::sgd(&config.optim);
     let lr = config.optim.lr_at_epoch(0);
     let batch = config.optim.batch_size;
     let mut losses = Vec::new();

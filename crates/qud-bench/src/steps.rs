@@ -41,10 +41,11 @@ pub fn student_step(device: &Device, batch: usize, timing: Timing) -> f64 {
     })
 }
 
-/// Samples/s of a QUD step at `batch` on `device`: MobileFaceNet student, `teacher_arch` (the
-/// paper's iresnet50) in eval mode with BatchNorm folded (as the trainer runs it), queue of
-/// 1,024, InfoNCE at tau 0.1, global-norm clipping, SGD. With `cached`, the teacher's keys come from host memory each step,
-/// as they do from the teacher-feature cache, instead of from the teacher's forward pass.
+/// Samples/s of a QUD step at `batch` on `device`, through the trainer's own
+/// [`qud_trainer::train_step`]: MobileFaceNet student, `teacher_arch` (the paper's iresnet50) in
+/// eval mode with BatchNorm folded (as the trainer builds it), queue of 1,024, InfoNCE at tau
+/// 0.1, global-norm clipping, SGD. With `cached`, the teacher's keys are read from a teacher
+/// cache built first (a file in the temporary directory), instead of the teacher's forward pass.
 pub fn qud_step(
     device: &Device,
     teacher_arch: &str,
@@ -52,46 +53,67 @@ pub fn qud_step(
     cached: bool,
     timing: Timing,
 ) -> f64 {
-    let train_device = device.clone().autodiff();
+    use qud_data::FaceDataset;
+    use qud_trainer::{Objective, StepContext, TrainState};
     let spec = qud_models::BackboneSpec::default();
     let mut teacher = qud_models::create(teacher_arch, &spec, device)
         .expect("teacher")
         .valid();
     teacher.fold_batchnorm();
-    // An Option so that each step can move the student through the optimizer.
-    let mut student = Some(qud_trainer::Student {
-        backbone: qud_models::create("mobilefacenet", &spec, &train_device).expect("student"),
-        head: None,
-    });
-    let mut optim = qud_trainer::optim::sgd(&qud_config::OptimConfig::default());
-    let mut queue = qud_queue::FeatureQueue::new(1024, 512, qud_queue::QueueKind::Fifo, 0, device);
-    let x = Tensor::<4>::from_data(
-        TensorData::new(crate::random_faces(batch), [batch, 3, 112, 112]),
-        device,
-    );
-    let cached_keys: Vec<f32> = qud_loss::l2_normalize(teacher.forward(x.clone()))
-        .into_data()
-        .try_into_vec::<f32>()
-        .expect("f32 keys");
-    timed(device, batch, timing, || {
-        let k = if cached {
-            Tensor::<2>::from_data(TensorData::new(cached_keys.clone(), [batch, 512]), device)
-        } else {
-            qud_loss::l2_normalize(teacher.forward(x.clone()))
+    let teacher = qud_trainer::Teacher::Backbone(Box::new(teacher));
+    let faces = qud_data::SyntheticFaces::new(batch, 1, 7);
+    let face = 3 * 112 * 112;
+    let mut images = vec![0.0; batch * face];
+    for (i, out) in images.chunks_exact_mut(face).enumerate() {
+        faces.get_into(i, false, out).expect("synthetic face");
+    }
+    let batch_of_faces = qud_data::Batch {
+        images,
+        indices: (0..batch).collect(),
+        flips: vec![false; batch],
+        labels: vec![None; batch],
+        skipped: Vec::new(),
+    };
+    let cache_path = std::env::temp_dir().join(format!("qud-bench-{}.cache", std::process::id()));
+    let cache = cached.then(|| {
+        let key = qud_trainer::CacheKey {
+            teacher: 1,
+            dataset: 2,
+            preprocessing: 3,
         };
-        let net = student.take().expect("the student");
-        let features = net.backbone.forward(x.clone().autodiff());
-        let out = qud_loss::info_nce(
-            qud_loss::l2_normalize(features),
-            k.clone(),
-            queue.negatives(),
-            0.1,
-        );
-        queue.enqueue(k).expect("finite keys");
-        let grads = GradientsParams::from_grads(out.loss.backward(), &net);
-        let (grads, _) = qud_trainer::optim::clip_global_norm(&net, grads, 5.0);
-        student = Some(optim.step(0.1 * batch as f64 / 512.0, net, grads));
-    })
+        let dtype = qud_config::CacheDtype::F32;
+        qud_trainer::TeacherCache::build(&cache_path, key, dtype, &faces, &teacher, device, 32, 2)
+            .expect("teacher cache")
+    });
+    let mut state = Some(TrainState {
+        student: qud_trainer::Student {
+            backbone: qud_models::create("mobilefacenet", &spec, &device.clone().autodiff())
+                .expect("student"),
+            head: None,
+        },
+        optim: qud_trainer::optim::sgd(&qud_config::OptimConfig::default()),
+        objective: Objective::Qud {
+            queue: qud_queue::FeatureQueue::new(1024, 512, qud_queue::QueueKind::Fifo, 0, device),
+            tau: 0.1,
+        },
+        loss_scale: None,
+    });
+    let devices = [device.clone()];
+    let mut context = StepContext::single(&devices, Some(&teacher), 5.0);
+    context.cache = cache.as_ref();
+    let lr = 0.1 * batch as f64 / 512.0;
+    let mut step = 0;
+    let rate = timed(device, batch, timing, || {
+        let current = state.take().expect("the training state");
+        let (next, _) =
+            qud_trainer::train_step(current, &context, &batch_of_faces, lr, step, false)
+                .expect("a finite QUD step");
+        state = Some(next);
+        step += 1;
+    });
+    drop(cache);
+    let _ = std::fs::remove_file(&cache_path);
+    rate
 }
 
 /// `batch * steps / seconds` over the timed steps of `step`, waiting for `device` to finish

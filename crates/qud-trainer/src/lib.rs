@@ -1,11 +1,11 @@
 //! The qud training loop: one loop for every method (QUD, feature MSE, ArcFace), the SGD schedule
 //! of the paper, evaluation during training, checkpoints and exact resume.
 //!
-//! QUD (Kolf, Damer, Boutros, BMVC 2024), step by step as ../shared/DESIGN.md section 2:
-//! student features in train mode, teacher features from the frozen eval-mode teacher, InfoNCE
-//! against the queue *before* this batch, enqueue the teacher features, backward, global
-//! gradient-norm clip, SGD step. With several `run.devices` a step is data parallel with DDP's
-//! semantics (`parallel`).
+//! QUD (Kolf, Damer, Boutros, BMVC 2024), one step as [`train_step`] runs it: student features
+//! in train mode, teacher features from the frozen eval-mode teacher, InfoNCE against the queue
+//! *before* this batch, enqueue the teacher features, backward, global gradient-norm clip, SGD
+//! step. With several `run.devices` a step is data parallel with DDP's semantics (`parallel`).
+//! `train` is the loop around it: setup, then per batch the step and the loop's duties.
 
 mod checkpoint;
 pub mod objective;
@@ -17,10 +17,13 @@ mod progress;
 pub mod report;
 mod run;
 mod setup;
+pub mod step;
 pub mod teacher_cache;
 
+pub use objective::Objective;
 pub use run::{train, TrainOptions, TrainReport};
 pub use setup::{initialize_now, open_dataset, prepare_teacher_cache, seeded, Student, Teacher};
+pub use step::{train_step, StepContext, StepReport, TrainState};
 pub use teacher_cache::{CacheError, CacheKey, TeacherCache};
 
 use std::path::PathBuf;

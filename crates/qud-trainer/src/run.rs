@@ -1,21 +1,19 @@
 //! The loop, top to bottom: set up, then for every batch one step of the configured method.
 
 use crate::checkpoint::{self, Position};
-use crate::optim::{clip_global_norm, learning_rate, scale_gradients, sgd};
-use crate::parallel;
+use crate::objective::Objective;
+use crate::optim::{learning_rate, sgd};
 use crate::precision::LossScale;
 use crate::progress::Progress;
 use crate::setup::{build_student, build_teacher, eval_sets, open_dataset, Teacher};
+use crate::step::{train_step, StepContext, StepReport, TrainState};
 use crate::{io_error, TrainError};
 use burn::module::Module;
-use burn::optim::GradientsParams;
-use burn::tensor::{Device, FloatDType, Tensor, TensorData};
-use qud_backbone::{cast_trainable, Backbone, FaceEmbedder};
-use qud_config::{Config, MethodKind, Precision};
+use burn::tensor::Device;
+use qud_backbone::Backbone;
+use qud_config::{Config, Precision};
 use qud_data::{Batch, Loader};
 use qud_eval::SetScore;
-use qud_loss::{feature_mse, info_nce, l2_normalize};
-use qud_queue::FeatureQueue;
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
@@ -64,8 +62,130 @@ impl JsonLines {
     }
 }
 
-/// Train as `config` says, writing everything under `config.run.output_dir`.
+/// Train as `config` says, writing everything under `config.run.output_dir`: set up, then for
+/// every batch one [`train_step`] followed by the loop's duties (log, checkpoint, evaluate, stop).
 pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, TrainError> {
+    let Setup {
+        mut run,
+        devices,
+        teacher,
+        teacher_replicas,
+        cache,
+        mut state,
+        mut position,
+    } = prepare(config, options)?;
+    let context = StepContext {
+        devices: &devices,
+        teacher: teacher.as_ref(),
+        teacher_replicas: &teacher_replicas,
+        cache: cache.as_ref(),
+        grad_clip: config.optim.grad_clip,
+        compute_dtype: crate::precision::compute_dtype(config.run.precision),
+    };
+    let total_steps = config.optim.epochs * run.steps_per_epoch;
+    let progress = Progress::new(position.step, total_steps, config.optim.batch_size, "img");
+    let (mut timer, mut since_log) = (Instant::now(), 0usize);
+    let (mut losses, mut epoch_seconds, mut final_eval) = (Vec::new(), Vec::new(), Vec::new());
+    let start_epoch = position.epoch;
+    'epochs: for epoch in start_epoch..config.optim.epochs {
+        let epoch_start = Instant::now();
+        let first_batch = if epoch == start_epoch {
+            position.batch
+        } else {
+            0
+        };
+        let mut skipped_samples = 0usize;
+        for (b, batch) in run.loader.epoch(epoch, first_batch).into_iter().enumerate() {
+            let batch = run.usable(batch?, epoch, first_batch + b, &mut skipped_samples)?;
+            let step = position.step;
+            let lr = learning_rate(&config.optim, epoch, step, run.steps_per_epoch);
+            let want_similarities = since_log + 1 >= config.run.log_every;
+            let (next, done) = train_step(state, &context, &batch, lr, step, want_similarities)
+                .map_err(|e| run.name_last_checkpoint(e))?;
+            state = next;
+            losses.push(done.loss);
+            let epoch_done = first_batch + b + 1 == run.steps_per_epoch;
+            position = match epoch_done {
+                true => Position::new(config, step + 1, epoch + 1, 0),
+                false => Position::new(config, step + 1, epoch, first_batch + b + 1),
+            };
+            if progress.is_drawn() {
+                let detail = format!("epoch {epoch} loss {:.4}", done.loss);
+                progress.draw(step + 1, "train", &detail);
+            }
+            since_log += 1;
+            if since_log >= config.run.log_every {
+                let rate = (since_log * batch.len()) as f64 / timer.elapsed().as_secs_f64();
+                run.log_step(step + 1, epoch, lr, &done, rate);
+                (timer, since_log) = (Instant::now(), 0);
+            }
+            if epoch_done && skipped_samples > 0 {
+                tracing::warn!("epoch {epoch}: {skipped_samples} undecodable samples skipped");
+                run.metrics
+                    .write(json!({"epoch": epoch, "skipped_samples": skipped_samples}));
+            }
+            let stop = run.stop_requested(step + 1);
+            run.checkpoint(&mut position, &state, epoch_done || stop.is_some())?;
+            if let Some(scores) =
+                run.evaluate_if_due(&state.student, step + 1, epoch, epoch_done)?
+            {
+                final_eval = scores;
+            }
+            if epoch_done {
+                epoch_seconds.push(epoch_start.elapsed().as_secs_f64());
+            }
+            if let Some(why) = stop {
+                tracing::info!(
+                    "stopping after step {} {why}; checkpoint {} (continue with --resume)",
+                    step + 1,
+                    run.last_checkpoint
+                );
+                break 'epochs;
+            }
+        }
+    }
+    let student_weights = run.finish(&state.student, &final_eval)?;
+    Ok(TrainReport {
+        output_dir: run.out,
+        steps: position.step,
+        losses,
+        final_eval,
+        student_weights,
+        epoch_seconds,
+    })
+}
+
+/// A run ready for its first step.
+struct Setup<'a> {
+    run: Run<'a>,
+    devices: Vec<Device>,
+    teacher: Option<Teacher>,
+    /// A copy of a backbone teacher for each data-parallel device other than the main one.
+    teacher_replicas: Vec<Option<Teacher>>,
+    cache: Option<crate::TeacherCache>,
+    state: TrainState,
+    position: Position,
+}
+
+/// What the loop keeps besides the training state: data, outputs, logs and evaluation sets.
+struct Run<'a> {
+    config: &'a Config,
+    options: &'a TrainOptions,
+    /// The main device: evaluation runs there.
+    device: Device,
+    out: PathBuf,
+    loader: Loader,
+    steps_per_epoch: usize,
+    eval_sets: Vec<qud_eval::PairSet>,
+    metrics: JsonLines,
+    eval_log: JsonLines,
+    last_checkpoint: String,
+    reported_bad: std::collections::HashSet<usize>,
+}
+
+/// Validate, create the output directory, open the data, build the teacher and the student (or
+/// resume them from the newest checkpoint), and the teacher cache.
+fn prepare<'a>(config: &'a Config, options: &'a TrainOptions) -> Result<Setup<'a>, TrainError> {
     config
         .validate()
         .map_err(|e| TrainError::Config(qud_config::ConfigError::Invalid(e).to_string()))?;
@@ -83,7 +203,6 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
 
     let devices = crate::setup::run_devices(config)?;
     let device = devices[0].clone();
-    let train_device = device.clone().autodiff();
     if devices.len() > 1 {
         tracing::info!(
             "data parallel over {} devices {:?}: BatchNorm statistics per device, as PyTorch DDP",
@@ -94,7 +213,6 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             tracing::warn!("run.devices names one device more than once: its replicas give a multi-device run's numerics, not its speed");
         }
     }
-
     let dataset = open_dataset(config)?;
     tracing::info!("data: {}", dataset.describe());
     let loader = Loader::new(dataset.clone(), crate::setup::loader_options(config));
@@ -106,24 +224,18 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             dataset.len()
         )));
     }
-    let method = config.method.kind;
+    let mut objective = Objective::from_config(config, &device);
     let (teacher, student) =
         crate::setup::seeded(&device, config.run.seed, || -> Result<_, TrainError> {
-            let teacher = match method {
-                MethodKind::Qud | MethodKind::Mse => Some(build_teacher(config, &device)?),
-                MethodKind::Arcface => None,
+            let teacher = match objective.needs_teacher() {
+                true => Some(build_teacher(config, &device)?),
+                false => None,
             };
-            Ok((
-                teacher,
-                crate::setup::initialize_now(build_student(
-                    config,
-                    dataset.num_identities(),
-                    &train_device,
-                )?),
-            ))
+            let train_device = device.clone().autodiff();
+            let student = build_student(config, dataset.num_identities(), &train_device)?;
+            Ok((teacher, crate::setup::initialize_now(student)))
         })?;
     crate::precision::check_supported(config.run.precision, &devices)?;
-    let compute_dtype = crate::precision::compute_dtype(config.run.precision);
     let teacher_replicas: Vec<Option<Teacher>> = devices
         .iter()
         .enumerate()
@@ -136,367 +248,196 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
         "student {} ({} parameters), method {:?}, {} steps per epoch",
         student.backbone.arch(),
         qud_backbone::num_parameters(&student.backbone),
-        method,
+        config.method.kind,
         steps_per_epoch
     );
-    let queue = (method == MethodKind::Qud).then(|| {
-        FeatureQueue::new(
-            config.method.queue_size,
-            config.student.embedding_dim,
-            config.method.queue_kind,
-            config.run.seed,
-            &device,
-        )
-    });
     let mut loss_scale = (config.run.precision == Precision::F16).then(LossScale::new);
-    let (mut student, mut optim, mut queue, mut position) = if options.resume {
+    let (student, optim, position) = if options.resume {
         let restored = checkpoint::load_latest(&out, config, student, sgd(&config.optim), &device)?;
         tracing::info!("resuming at step {}", restored.position.step);
         if loss_scale.is_some() {
             loss_scale = restored.position.loss_scale.or(loss_scale);
         }
-        (
-            restored.student,
-            restored.optim,
-            restored.queue.or(queue),
-            restored.position,
-        )
+        objective.restore_queue(restored.queue)?;
+        (restored.student, restored.optim, restored.position)
     } else {
-        (
-            student,
-            sgd(&config.optim),
-            queue,
-            Position::new(config, 0, 0, 0),
-        )
+        (student, sgd(&config.optim), Position::new(config, 0, 0, 0))
     };
     let cache = match &teacher {
         Some(teacher) => crate::setup::teacher_cache(config, dataset.as_ref(), teacher, &device)?,
         None => None,
     };
-    let eval_sets = eval_sets(config)?;
-    let mut metrics = JsonLines::open(&out.join("metrics.jsonl"))?;
-    let mut eval_log = JsonLines::open(&out.join("eval.jsonl"))?;
-    let mut last_checkpoint = String::from("(none yet)");
-    let mut losses = Vec::new();
-    let mut final_eval = Vec::new();
-    let run_eval = |student: &crate::Student, step: usize, epoch: usize, log: &mut JsonLines| {
-        let mut model = student.backbone.valid();
-        model.fold_batchnorm();
-        let scores: Vec<SetScore> = eval_sets
-            .iter()
-            .map(|set| qud_eval::evaluate(&model, set, config.eval.batch_size, &device))
-            .collect();
-        for s in &scores {
-            tracing::info!(
-                "eval step {step}: {} accuracy {:.2}% (+-{:.2}) xnorm {:.3}",
-                s.name,
-                100.0 * s.scores.accuracy,
-                100.0 * s.scores.accuracy_std,
-                s.xnorm
-            );
-            log.write(json!({"step": step, "epoch": epoch, "set": s.name, "accuracy": s.scores.accuracy,
-                "accuracy_std": s.scores.accuracy_std, "val": s.scores.val, "far": s.scores.far, "xnorm": s.xnorm}));
-        }
-        scores
+    let run = Run {
+        config,
+        options,
+        device: device.clone(),
+        eval_sets: eval_sets(config)?,
+        metrics: JsonLines::open(&out.join("metrics.jsonl"))?,
+        eval_log: JsonLines::open(&out.join("eval.jsonl"))?,
+        out,
+        loader,
+        steps_per_epoch,
+        last_checkpoint: String::from("(none yet)"),
+        reported_bad: Default::default(),
     };
+    Ok(Setup {
+        run,
+        devices,
+        teacher,
+        teacher_replicas,
+        cache,
+        state: TrainState {
+            student,
+            optim,
+            objective,
+            loss_scale,
+        },
+        position,
+    })
+}
 
-    let start_epoch = position.epoch;
-    let mut reported_bad = std::collections::HashSet::new();
-    let mut timer = Instant::now();
-    let mut since_log = 0usize;
-    let progress = Progress::new(
-        position.step,
-        config.optim.epochs * steps_per_epoch,
-        config.optim.batch_size,
-        "img",
-    );
-    let mut epoch_seconds = Vec::new();
-    'epochs: for epoch in start_epoch..config.optim.epochs {
-        let epoch_start = Instant::now();
-        let first_batch = if epoch == start_epoch {
-            position.batch
-        } else {
-            0
-        };
-        let mut skipped_samples = 0usize;
-        for (b, batch) in loader.epoch(epoch, first_batch).into_iter().enumerate() {
-            let batch = batch?;
-            for (index, why) in &batch.skipped {
-                if reported_bad.insert(*index) {
-                    tracing::warn!("skipping sample {index}: {why}");
-                }
+impl Run<'_> {
+    /// The batch, its undecodable samples warned about once per run and counted; an error when
+    /// nothing of it could be decoded.
+    fn usable(
+        &mut self,
+        batch: Batch,
+        epoch: usize,
+        index: usize,
+        skipped: &mut usize,
+    ) -> Result<Batch, TrainError> {
+        for (sample, why) in &batch.skipped {
+            if self.reported_bad.insert(*sample) {
+                tracing::warn!("skipping sample {sample}: {why}");
             }
-            skipped_samples += batch.skipped.len();
-            if batch.is_empty() {
-                return Err(TrainError::Config(format!(
-                    "epoch {epoch} batch {}: no sample of the batch could be decoded",
-                    first_batch + b
-                )));
-            }
-            let step = position.step;
-            let lr = learning_rate(&config.optim, epoch, step, steps_per_epoch);
-            let want_similarities = since_log + 1 >= config.run.log_every;
-            let batch_len = batch.len();
-            let pieces = batch.split(devices.len());
-            let negatives = queue.as_ref().map(FeatureQueue::negatives);
-            let shards = parallel::for_each_rank(&devices, |rank| {
-                let piece = &pieces[rank];
-                if piece.is_empty() {
-                    return Ok(None);
-                }
-                let replica;
-                let model = if rank == 0 {
-                    &student
-                } else {
-                    replica = parallel::replica(&student, &devices[rank]);
-                    &replica
-                };
-                shard_step(ShardInputs {
-                    config,
-                    model,
-                    teacher: teacher_replicas[rank].as_ref().or(teacher.as_ref()),
-                    cache: cache.as_ref(),
-                    device: &devices[rank],
-                    piece,
-                    negatives: negatives.clone(),
-                    weight: piece.len() as f64 / batch_len as f64,
-                    loss_scale: loss_scale.map_or(1.0, |l| l.scale),
-                    compute_dtype,
-                    want_similarities,
-                })
-                .map(Some)
-            });
-            let shards: Vec<ShardStep> = shards
-                .into_iter()
-                .collect::<Result<Vec<_>, TrainError>>()?
-                .into_iter()
-                .flatten()
-                .collect();
-            let loss_value: f32 = shards.iter().map(|s| s.loss).sum();
-            if !loss_value.is_finite() {
-                return Err(TrainError::NonFinite {
-                    step,
-                    value: loss_value,
-                    last_checkpoint: last_checkpoint.clone(),
-                });
-            }
-            let similarities = want_similarities
-                .then(|| {
-                    shards.iter().try_fold((0.0, 0.0), |(p, n), s| {
-                        let (sp, sn) = s.similarities?;
-                        Some((p + s.share * sp, n + s.share * sn))
-                    })
-                })
-                .flatten();
-            if let Some(queue) = queue.as_mut() {
-                let keys: Vec<Tensor<2>> = shards
-                    .iter()
-                    .filter_map(|s| s.keys.clone())
-                    .map(|k| k.to_device(&device))
-                    .collect();
-                queue.enqueue(Tensor::cat(keys, 0))?;
-            }
-            let grads = parallel::sum_gradients(
-                &student,
-                shards.into_iter().map(|s| s.grads).collect(),
-                &device,
-            );
-            let grads = match loss_scale {
-                Some(l) => scale_gradients(&student, grads, 1.0 / l.scale),
-                None => grads,
-            };
-            let (grads, grad_norm) = clip_global_norm(&student, grads, config.optim.grad_clip);
-            let apply = match loss_scale.as_mut() {
-                Some(l) => l.update(grad_norm.is_finite()),
-                None => true,
-            };
-            if apply {
-                student = optim.step(lr, student, grads);
-            } else {
-                tracing::warn!(
-                    "step {}: f16 gradients overflowed; step skipped, loss scale now {}",
-                    step + 1,
-                    loss_scale.map_or(1.0, |l| l.scale)
-                );
-            }
-            losses.push(loss_value);
+        }
+        *skipped += batch.skipped.len();
+        if batch.is_empty() {
+            return Err(TrainError::Config(format!(
+                "epoch {epoch} batch {index}: no sample of the batch could be decoded"
+            )));
+        }
+        Ok(batch)
+    }
 
-            position = Position::new(config, step + 1, epoch, first_batch + b + 1);
-            if progress.is_drawn() {
-                let detail = format!("epoch {epoch} loss {loss_value:.4}");
-                progress.draw(step + 1, "train", &detail);
-            }
-            since_log += 1;
-            if since_log >= config.run.log_every {
-                let rate = (since_log * batch_len) as f64 / timer.elapsed().as_secs_f64();
-                let (pos, neg) = similarities.unzip();
-                tracing::info!("epoch {epoch} step {} loss {loss_value:.4} lr {lr:.5} |g| {grad_norm:.3} {rate:.1} img/s", step + 1);
-                metrics.write(json!({"step": step + 1, "epoch": epoch, "lr": lr, "loss": loss_value,
-                    "grad_norm": grad_norm, "positive_similarity": pos, "negative_similarity": neg, "samples_per_s": rate}));
-                timer = Instant::now();
-                since_log = 0;
-            }
-            let epoch_done = first_batch + b + 1 == steps_per_epoch;
-            if epoch_done && skipped_samples > 0 {
-                tracing::warn!("epoch {epoch}: {skipped_samples} undecodable samples skipped");
-                metrics.write(json!({"epoch": epoch, "skipped_samples": skipped_samples}));
-            }
-            if epoch_done {
-                position = Position::new(config, step + 1, epoch + 1, 0);
-            }
-            let every = |n: usize| n > 0 && (step + 1) % n == 0;
-            let interrupted = options
-                .stop
-                .as_ref()
-                .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
-            let stop = interrupted || options.max_steps.is_some_and(|m| step + 1 >= m);
-            if epoch_done || stop || every(config.run.checkpoint_every) {
-                let keep = config.run.keep_checkpoints;
-                position.loss_scale = loss_scale;
-                let dir =
-                    checkpoint::save(&out, &position, &student, &optim, queue.as_ref(), keep)?;
-                last_checkpoint = dir.display().to_string();
-            }
-            let epoch_eval = epoch_done
-                && (epoch + 1 == config.optim.epochs
-                    || config.eval.every_epochs > 0 && (epoch + 1) % config.eval.every_epochs == 0);
-            if !eval_sets.is_empty() && (epoch_eval || every(config.eval.every_steps)) {
-                final_eval = run_eval(&student, step + 1, epoch, &mut eval_log);
-                record_best(&out, &final_eval, step + 1)?;
-            }
-            if epoch_done {
-                epoch_seconds.push(epoch_start.elapsed().as_secs_f64());
-            }
-            if stop {
-                tracing::info!(
-                    "stopping after step {}{}; checkpoint {last_checkpoint} (continue with --resume)",
-                    step + 1,
-                    if interrupted { " on a signal" } else { " as asked" }
-                );
-                break 'epochs;
-            }
+    /// A step's error, with the checkpoint to go back to where that helps.
+    fn name_last_checkpoint(&self, error: TrainError) -> TrainError {
+        match error {
+            TrainError::NonFinite { step, value, .. } => TrainError::NonFinite {
+                step,
+                value,
+                last_checkpoint: self.last_checkpoint.clone(),
+            },
+            other => other,
         }
     }
-    let student_weights = out.join("student.safetensors");
-    qud_models::save_safetensors(&student.backbone.valid(), &student_weights)?;
-    let title = format!(
-        "qud run {}: {} student, {:?}",
-        out.display(),
-        config.student.arch,
-        config.method.kind
-    );
-    let report = crate::report::render(&out, &title, &final_eval);
-    write_atomic(&out.join("report.html"), report.as_bytes())?;
-    Ok(TrainReport {
-        output_dir: out,
-        steps: position.step,
-        losses,
-        final_eval,
-        student_weights,
-        epoch_seconds,
-    })
-}
 
-/// What one device needs for its share of a step.
-struct ShardInputs<'a> {
-    config: &'a Config,
-    model: &'a crate::Student,
-    teacher: Option<&'a Teacher>,
-    cache: Option<&'a crate::TeacherCache>,
-    device: &'a Device,
-    piece: &'a Batch,
-    /// The queue before this batch (QUD), on the main device.
-    negatives: Option<Tensor<2>>,
-    /// This piece's share of the batch: its mean loss counts that much in the batch's mean.
-    weight: f64,
-    /// The f16 loss scale (1 otherwise): the backward runs on the loss times this.
-    loss_scale: f64,
-    /// The student's compute dtype under mixed precision.
-    compute_dtype: Option<FloatDType>,
-    want_similarities: bool,
-}
+    fn log_step(&mut self, step: usize, epoch: usize, lr: f64, done: &StepReport, rate: f64) {
+        let (loss, grad_norm) = (done.loss, done.grad_norm);
+        let (pos, neg) = done.similarities.unzip();
+        tracing::info!("epoch {epoch} step {step} loss {loss:.4} lr {lr:.5} |g| {grad_norm:.3} {rate:.1} img/s");
+        self.metrics.write(json!({"step": step, "epoch": epoch, "lr": lr, "loss": loss,
+            "grad_norm": grad_norm, "positive_similarity": pos, "negative_similarity": neg, "samples_per_s": rate}));
+    }
 
-/// What one device's share of a step produced.
-struct ShardStep {
-    /// The loss of the piece, weighted by its share.
-    loss: f32,
-    share: f32,
-    grads: (GradientsParams, Device),
-    /// The teacher's features of the piece (QUD), to enqueue.
-    keys: Option<Tensor<2>>,
-    /// Mean cosine similarity to the positive and to the queue (QUD, when logging).
-    similarities: Option<(f32, f32)>,
-}
+    /// Why the run stops after `steps` steps, if it does: a signal, or `max_steps`.
+    fn stop_requested(&self, steps: usize) -> Option<&'static str> {
+        let interrupted = self
+            .options
+            .stop
+            .as_ref()
+            .is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst));
+        if interrupted {
+            Some("on a signal")
+        } else if self.options.max_steps.is_some_and(|m| steps >= m) {
+            Some("as asked")
+        } else {
+            None
+        }
+    }
 
-/// One device's share of a step: the student's features of its piece, the method's loss
-/// (weighted by the piece's share of the batch) and its gradients.
-fn shard_step(s: ShardInputs<'_>) -> Result<ShardStep, TrainError> {
-    let method = &s.config.method;
-    let x = s.piece.tensor(s.device);
-    // The teacher's normalised features: from the cache, or computed.
-    let teacher_features = |x: Tensor<4>| -> Result<Tensor<2>, TrainError> {
-        let teacher = s.teacher.expect("distillation has a teacher");
-        Ok(match s.cache {
-            Some(cache) => Tensor::from_data(
-                TensorData::new(
-                    cache.rows(&s.piece.indices, &s.piece.flips)?,
-                    [s.piece.len(), teacher.output_dim()],
-                ),
-                s.device,
-            ),
-            None => l2_normalize(teacher.embed_faces(x)),
-        })
-    };
-    let features = match s.compute_dtype {
-        None => s.model.backbone.forward(x.clone().autodiff()),
-        Some(dtype) => cast_trainable(s.model.backbone.clone(), dtype)
-            .forward(x.clone().cast(dtype).autodiff())
-            .cast(FloatDType::F32),
-    };
-    let (loss, keys, similarities) = match method.kind {
-        MethodKind::Qud => {
-            let k = teacher_features(x)?;
-            let negatives = s.negatives.expect("QUD has a queue").to_device(s.device);
-            let out = info_nce(l2_normalize(features), k.clone(), negatives, method.tau);
-            let sims = s
-                .want_similarities
-                .then(|| (out.positive_similarity(), out.negative_similarity()));
-            (out.loss, Some(k), sims)
+    /// Write a checkpoint when `due` or every `run.checkpoint_every` steps.
+    fn checkpoint(
+        &mut self,
+        position: &mut Position,
+        state: &TrainState,
+        due: bool,
+    ) -> Result<(), TrainError> {
+        let every = self.config.run.checkpoint_every;
+        if !(due || every > 0 && position.step.is_multiple_of(every)) {
+            return Ok(());
         }
-        MethodKind::Mse => {
-            let k = teacher_features(x)?;
-            (feature_mse(l2_normalize(features), k), None, None)
+        position.loss_scale = state.loss_scale;
+        let queue = state.objective.queue();
+        let keep = self.config.run.keep_checkpoints;
+        let dir = checkpoint::save(
+            &self.out,
+            position,
+            &state.student,
+            &state.optim,
+            queue,
+            keep,
+        )?;
+        self.last_checkpoint = dir.display().to_string();
+        Ok(())
+    }
+
+    /// Evaluate at the end of every `eval.every_epochs`-th and of the last epoch, and every
+    /// `eval.every_steps` steps; log to eval.jsonl and keep best.json.
+    fn evaluate_if_due(
+        &mut self,
+        student: &crate::Student,
+        step: usize,
+        epoch: usize,
+        epoch_done: bool,
+    ) -> Result<Option<Vec<SetScore>>, TrainError> {
+        let eval = &self.config.eval;
+        let epoch_due = epoch_done
+            && (epoch + 1 == self.config.optim.epochs
+                || eval.every_epochs > 0 && (epoch + 1).is_multiple_of(eval.every_epochs));
+        let step_due = eval.every_steps > 0 && step.is_multiple_of(eval.every_steps);
+        if self.eval_sets.is_empty() || !(epoch_due || step_due) {
+            return Ok(None);
         }
-        MethodKind::Arcface => {
-            let labels = s
-                .piece
-                .labels()
-                .ok_or_else(|| TrainError::Config("arcface needs labelled samples".into()))?;
-            let head = s.model.head.as_ref().expect("arcface has a head");
-            let loss = head.loss(features, &labels, method.margin, method.scale);
-            (loss, None, None)
+        let mut model = student.backbone.valid();
+        model.fold_batchnorm();
+        let scores: Vec<SetScore> = self
+            .eval_sets
+            .iter()
+            .map(|set| qud_eval::evaluate(&model, set, eval.batch_size, &self.device))
+            .collect();
+        for s in &scores {
+            let (accuracy, std) = (100.0 * s.scores.accuracy, 100.0 * s.scores.accuracy_std);
+            tracing::info!(
+                "eval step {step}: {} accuracy {accuracy:.2}% (+-{std:.2}) xnorm {:.3}",
+                s.name,
+                s.xnorm
+            );
+            self.eval_log.write(json!({"step": step, "epoch": epoch, "set": s.name, "accuracy": s.scores.accuracy,
+                "accuracy_std": s.scores.accuracy_std, "val": s.scores.val, "far": s.scores.far, "xnorm": s.xnorm}));
         }
-    };
-    // One device: the loss as it is (bit for bit the single-device run).
-    let loss = if s.weight == 1.0 {
-        loss
-    } else {
-        loss.mul_scalar(s.weight)
-    };
-    let value = loss.clone().without_autodiff().into_scalar::<f32>();
-    let loss = if s.loss_scale == 1.0 {
-        loss
-    } else {
-        loss.mul_scalar(s.loss_scale)
-    };
-    let grads = GradientsParams::from_grads(loss.backward(), s.model);
-    Ok(ShardStep {
-        loss: value,
-        share: s.weight as f32,
-        grads: (grads, s.device.clone()),
-        keys,
-        similarities,
-    })
+        record_best(&self.out, &scores, step)?;
+        Ok(Some(scores))
+    }
+
+    /// The student's weights under PyTorch's names, and the report; returns the weights' path.
+    fn finish(
+        &self,
+        student: &crate::Student,
+        final_eval: &[SetScore],
+    ) -> Result<PathBuf, TrainError> {
+        let student_weights = self.out.join("student.safetensors");
+        qud_models::save_safetensors(&student.backbone.valid(), &student_weights)?;
+        let title = format!(
+            "qud run {}: {} student, {:?}",
+            self.out.display(),
+            self.config.student.arch,
+            self.config.method.kind
+        );
+        let report = crate::report::render(&self.out, &title, final_eval);
+        write_atomic(&self.out.join("report.html"), report.as_bytes())?;
+        Ok(student_weights)
+    }
 }
 
 /// Keep `<out>/best.json`: per verification set, the best accuracy so far and its step. Read back

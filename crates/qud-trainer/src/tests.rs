@@ -524,17 +524,32 @@ fn a_stop_request_checkpoints_and_resumes() {
     assert_eq!(all, straight.losses);
 }
 
-/// One QUD step on fixed weights and inputs against PyTorch: `fixtures/make_qud_step.py` (the
-/// QUD repository's formulation: train-mode student, InfoNCE over [positive, queue] / tau with
-/// target 0, clip_grad_norm_(5), SGD lr 0.05 momentum 0.9 weight decay 5e-4) on the MobileFaceNet
-/// of models/fixtures/mobilefacenet_d128.pth. Loss, pre-clip gradient norm, and every parameter
-/// and BatchNorm statistic after the step (whole, or 64 sampled entries of the large ones), each
-/// tensor's update within 1 % (relative L2) of the exact step's.
+/// Twenty steps of the QUD repository's loop against `train_step`: `fixtures/make_trajectory.py`
+/// (train_parameterized.py with utils/buffer.py's MoCo queue, float64) from
+/// models/fixtures/mobilefacenet_d128.pth as the student and, frozen in eval mode, the same
+/// weights with BatchNorm statistics measured on the faces as the teacher;
+/// 40 faces in order, 5 batches of 8 per epoch, 4 epochs, lr 0.001 (ArcFace 0.0001) with
+/// milestones [2, 4], tau
+/// 0.1, a queue of 32 from the fixture. Every step's loss and pre-clip gradient norm, every
+/// parameter and BatchNorm statistic after the last step (whole, or 64 sampled entries of the
+/// large ones), for QUD the final queue and its pointer, for ArcFace (arcface_torch's
+/// `PartialFC_V2` + `CombinedMarginLoss`, 4 classes) the class centres. Enqueueing before taking the
+/// negatives, dropping the clip, a wrong weight decay, momentum dampening or schedule each move
+/// the trajectory far past these bounds.
 #[test]
-fn one_qud_step_matches_pytorch() {
+fn trajectory_matches_pytorch() {
+    for method in ["qud", "mse", "arcface"] {
+        trajectory(method);
+    }
+}
+
+fn trajectory(method: &str) {
+    use crate::objective::Objective;
+    use crate::step::{train_step, StepContext, TrainState};
+    use burn::module::Module;
     use qud_backbone::Backbone;
     let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let bytes = std::fs::read(here.join("fixtures/qud_step.safetensors")).unwrap();
+    let bytes = std::fs::read(here.join("fixtures/trajectory.safetensors")).unwrap();
     let reference = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let get = |name: &str| -> Vec<f32> {
         reference
@@ -545,107 +560,227 @@ fn one_qud_step_matches_pytorch() {
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
             .collect()
     };
+    const FACES: usize = 40;
+    const BATCH: usize = 8;
+    const EPOCHS: usize = 4;
+    const QUEUE: usize = 32;
     let device = qud_backend_flex::device();
-    let train_device = device.clone().autodiff();
     let spec = qud_models::BackboneSpec {
         embedding_dim: 128,
         dropout: 0.0,
     };
-    let backbone = crate::seeded(&device, 0, || {
-        qud_models::load_weights(
-            qud_models::create("mobilefacenet", &spec, &train_device).unwrap(),
-            &here.join("../../models/fixtures/mobilefacenet_d128.pth"),
-        )
-        .unwrap()
+    let load = |device: &Device, weights: &str| {
+        let model = qud_models::create("mobilefacenet", &spec, device).unwrap();
+        qud_models::load_weights(model, &here.join(weights)).unwrap()
+    };
+    // The teacher as `build_teacher` makes it: eval mode, BatchNorm folded.
+    let mut teacher = load(&device, "fixtures/trajectory_teacher.safetensors").valid();
+    teacher.fold_batchnorm();
+    let teacher = crate::Teacher::Backbone(Box::new(teacher));
+    const CLASSES: usize = 4;
+    let train_device = device.clone().autodiff();
+    let head = (method == "arcface").then(|| ArcFaceHead {
+        weight: burn::module::Param::from_tensor(Tensor::from_data(
+            TensorData::new(get("arcface.head0"), [CLASSES, 128]),
+            &train_device,
+        )),
     });
     let student = crate::Student {
-        backbone,
-        head: None,
+        backbone: load(
+            &train_device,
+            "../../models/fixtures/mobilefacenet_d128.pth",
+        ),
+        head,
     };
-    const BATCH: usize = 8;
-    let x: Vec<f32> = (0..BATCH as u64 * 3 * 112 * 112)
-        .map(|i| ((i * 2_654_435_761) % (1 << 32)) as f64 / (1u64 << 32) as f64 * 2.0 - 1.0)
-        .map(|v| v as f32)
-        .collect();
-    let x = Tensor::<4>::from_data(TensorData::new(x, [BATCH, 3, 112, 112]), &train_device);
-    let k = Tensor::<2>::from_data(TensorData::new(get("k"), [BATCH, 128]), &device);
-    let queue = Tensor::<2>::from_data(TensorData::new(get("queue"), [8, 128]), &device);
-
+    let optim_config = qud_config::OptimConfig {
+        // The fixture's: ArcFace's unclipped class centres at s = 64 need a tenth of it to
+        // keep float32 near the exact trajectory.
+        lr: if method == "arcface" { 0.0001 } else { 0.001 },
+        lr_batch_size: BATCH,
+        batch_size: BATCH,
+        epochs: EPOCHS,
+        lr_milestones: vec![2, 4],
+        ..Default::default()
+    };
+    let objective = match method {
+        "arcface" => Objective::ArcFace {
+            margin: 0.5,
+            scale: 64.0,
+        },
+        "qud" => Objective::Qud {
+            queue: qud_queue::FeatureQueue::from_state(
+                qud_queue::QueueState {
+                    kind: qud_queue::QueueKind::Fifo,
+                    capacity: QUEUE,
+                    dim: 128,
+                    pointer: 0,
+                    filled: QUEUE,
+                    total: 0,
+                    rows: get("queue0"),
+                },
+                &device,
+            )
+            .unwrap(),
+            tau: 0.1,
+        },
+        _ => Objective::Mse,
+    };
     let dir = tempfile::tempdir().unwrap();
     let before_path = dir.path().join("before.safetensors");
     qud_models::save_safetensors(&student.backbone.clone().valid(), &before_path).unwrap();
     let before: std::collections::HashMap<String, Vec<f32>> =
         tensors(&before_path).into_iter().collect();
-    let features = student.backbone.forward(x);
-    let out = qud_loss::info_nce(qud_loss::l2_normalize(features), k, queue, 0.1);
-    let loss = out.loss.clone().without_autodiff().into_scalar::<f32>();
-    let want = get("loss")[0];
-    assert!(
-        (loss - want).abs() <= 1e-5 * want.abs().max(1.0),
-        "loss {loss} vs PyTorch {want}"
-    );
-    let grads = GradientsParams::from_grads(out.loss.backward(), &student);
-    let (grads, norm) = clip_global_norm(&student, grads, 5.0);
-    let want = get("grad_norm")[0] as f64;
-    assert!(
-        (norm - want).abs() <= 1e-4 * want,
-        "gradient norm {norm} vs PyTorch {want}"
-    );
-    let optim_config = qud_config::OptimConfig {
-        momentum: 0.9,
-        weight_decay: 5e-4,
-        ..Default::default()
+    let mut state = TrainState {
+        student,
+        optim: crate::optim::sgd(&optim_config),
+        objective,
+        loss_scale: None,
     };
-    let mut optim = crate::optim::sgd(&optim_config);
-    let student = optim.step(0.05, student, grads);
+    // The fixture's faces: a plane wave per face plus hash noise.
+    let faces: Vec<f32> = (0..(FACES * 3 * 112 * 112) as u64)
+        .map(|i| {
+            let noise = ((i * 2_654_435_761) % (1 << 32)) as f64 / (1u64 << 32) as f64 * 2.0 - 1.0;
+            let (n, c) = (i / (3 * 112 * 112), i / (112 * 112) % 3);
+            let (h, w) = ((i / 112 % 112) as f64, (i % 112) as f64);
+            let phase = h * (n % 5 + 1) as f64 + w * (n / 5 + 1) as f64;
+            let wave = (phase / 112.0 * 2.0 * std::f64::consts::PI + c as f64).sin();
+            (0.6 * wave + 0.4 * noise) as f32
+        })
+        .collect();
+    let per_face = 3 * 112 * 112;
+    let devices = [device.clone()];
+    let context = StepContext::single(&devices, Some(&teacher), 5.0);
+    let (want_loss, want_norm) = (
+        get(&format!("{method}.loss")),
+        get(&format!("{method}.grad_norm")),
+    );
+    let want_loss32 = get(&format!("{method}.float32_loss"));
+    let steps_per_epoch = FACES / BATCH;
+    let mut step = 0;
+    for epoch in 0..EPOCHS {
+        for b in 0..steps_per_epoch {
+            let batch = qud_data::Batch {
+                images: faces[b * BATCH * per_face..(b + 1) * BATCH * per_face].to_vec(),
+                indices: (b * BATCH..(b + 1) * BATCH).collect(),
+                flips: vec![false; BATCH],
+                labels: (b * BATCH..(b + 1) * BATCH)
+                    .map(|n| Some((n % CLASSES) as u32))
+                    .collect(),
+                skipped: Vec::new(),
+            };
+            let lr = learning_rate(&optim_config, epoch, step, steps_per_epoch);
+            let (next, done) = train_step(state, &context, &batch, lr, step, false).unwrap();
+            state = next;
+            let (loss, want) = (done.loss, want_loss[step]);
+            // QUD's losses to 1e-4, ArcFace's (s = 64: near 30) and MSE's (near 0.005) to 1e-4 of
+            // themselves; or to twice PyTorch's own float32 error where a step is worse
+            // conditioned than that (BatchNorm over 8 samples: QUD's step 4, clipped from a norm
+            // of 23, reads 7.5e-5 off in PyTorch's float32 run and 1.1e-4 here).
+            let pytorch_error = (want_loss32[step] - want).abs();
+            let tolerance = match method {
+                "qud" => 1e-4,
+                _ => 1e-4 * want.abs(),
+            }
+            .max(2.0 * pytorch_error);
+            assert!(
+                (loss - want).abs() <= tolerance,
+                "{method} step {step}: loss {loss} vs PyTorch {want}"
+            );
+            let (norm, want) = (done.grad_norm, want_norm[step] as f64);
+            assert!(
+                (norm - want).abs() <= 5e-3 * want,
+                "{method} step {step}: gradient norm {norm} vs PyTorch {want}"
+            );
+            step += 1;
+        }
+    }
+    if let Some(queue) = state.objective.queue() {
+        let queue = queue.state();
+        assert_eq!(queue.pointer as f32, get("qud.queue_pointer")[0]);
+        let worst = queue
+            .rows
+            .iter()
+            .zip(get("qud.queue"))
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(worst <= 1e-5, "queue off PyTorch's by {worst}");
+    }
 
+    if let Some(head) = &state.student.head {
+        let ours = head
+            .weight
+            .val()
+            .into_data()
+            .convert::<f32>()
+            .try_into_vec::<f32>()
+            .unwrap();
+        let (theirs, start) = (get("arcface.head"), get("arcface.head0"));
+        let worst = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        let moved = theirs
+            .iter()
+            .zip(&start)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            worst <= 0.05 * moved,
+            "class centres off PyTorch's by {worst:.2e}, moved {moved:.2e}"
+        );
+    }
     let path = dir.path().join("after.safetensors");
-    qud_models::save_safetensors(&student.backbone.valid(), &path).unwrap();
-    let mut compared = 0;
+    qud_models::save_safetensors(&state.student.backbone.valid(), &path).unwrap();
     let pick = |v: &[f32]| -> Vec<f32> {
         let n = v.len();
         (0..64).map(|i| v[i * n / 64]).collect()
     };
+    let mut compared = 0;
     for (name, ours) in tensors(&path) {
         let start = &before[&name];
         let (theirs, ours, start) = if ours.len() <= 4096 {
-            (get(&format!("after.{name}")), ours, start.clone())
+            (get(&format!("{method}.after.{name}")), ours, start.clone())
         } else {
-            (
-                get(&format!("after_sample.{name}")),
-                pick(&ours),
-                pick(start),
-            )
+            let theirs = get(&format!("{method}.after_sample.{name}"));
+            (theirs, pick(&ours), pick(start))
         };
         assert_eq!(theirs.len(), ours.len(), "{name}");
-        // The reference is the exact (float64) step. Float32 rounding alone puts the first layers'
-        // updates about 0.15 % (PyTorch's own float32 step) to 0.2 % (this one) off it; a wrong
-        // weight decay, momentum dampening, clipping or gradient term is off by far more than 1 %.
-        let sq = |v: f64| v * v;
-        let err: f64 = ours
-            .iter()
-            .zip(&theirs)
-            .map(|(a, b)| sq((a - b) as f64))
-            .sum::<f64>()
-            .sqrt();
-        let update: f64 = theirs
-            .iter()
-            .zip(&start)
-            .map(|(b, s)| sq((b - s) as f64))
-            .sum::<f64>()
-            .sqrt();
+        let norm = |v: &mut dyn Iterator<Item = f64>| v.map(|x| x * x).sum::<f64>().sqrt();
+        let err = norm(&mut ours.iter().zip(&theirs).map(|(a, b)| (a - b) as f64));
+        let size = norm(&mut theirs.iter().map(|b| *b as f64));
+        let update = norm(&mut theirs.iter().zip(&start).map(|(b, s)| (b - s) as f64));
+        // Parameters to 1e-4 of themselves; BatchNorm's running statistics, the mean of batch
+        // statistics over 8 samples of a moving network, as sensitive as the losses: 1e-3.
+        let bound = if name.contains("running_") {
+            1e-3
+        } else {
+            1e-4
+        };
         assert!(
-            err <= 1e-2 * update + 1e-7,
-            "{name}: update off the reference by {:.2e} of its size {update:.2e}",
+            err <= bound * size + 1e-7,
+            "{method} {name}: off the reference by {:.2e} of its size {size:.2e}",
+            err / size.max(1e-30)
+        );
+        // The finer check: the twenty steps' change of each tensor, to 5 % of itself or 1e-6 of
+        // the tensor where the change is smaller than rounding can hold (PyTorch's own float32
+        // QUD run ends within 2.3 % of the exact change of BatchNorm biases that move by 1e-5
+        // of themselves); a wrong weight decay (1e-5 of every tensor here), momentum, clip or
+        // schedule changes it by far more.
+        assert!(
+            err <= 5e-2 * update + 1e-6 * size,
+            "{method} {name}: change off the reference's by {:.2e} of its size {update:.2e}",
             err / update.max(1e-30)
         );
         compared += 1;
     }
-    assert_eq!(
-        compared,
-        reference.names().len() - 4,
-        "every tensor of the state_dict"
-    );
+    let prefix = format!("{method}.after");
+    let listed = reference
+        .names()
+        .iter()
+        .filter(|n| n.starts_with(&prefix))
+        .count();
+    assert_eq!(compared, listed, "every tensor of the state_dict");
 }
 
 /// Evaluation during training: every `eval.every_steps` and at the epoch end, logged to
