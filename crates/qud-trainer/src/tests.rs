@@ -201,6 +201,27 @@ fn resume_refuses_a_config_that_changes_the_run() {
     );
 }
 
+/// A QUD checkpoint without its queue cannot be resumed: continuing from fresh random negatives
+/// would silently change the run.
+#[test]
+fn resume_refuses_a_qud_checkpoint_without_its_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny(dir.path(), "qud", &[]);
+    let once = TrainOptions {
+        max_steps: Some(1),
+        ..TrainOptions::default()
+    };
+    train(&config, &once).unwrap();
+    let (_, latest) = crate::checkpoint::list(dir.path()).unwrap().pop().unwrap();
+    std::fs::remove_file(latest.join("queue.bin")).unwrap();
+    let resume = TrainOptions {
+        resume: true,
+        ..TrainOptions::default()
+    };
+    let err = train(&config, &resume).unwrap_err().to_string();
+    assert!(err.contains("queue.bin"), "{err}");
+}
+
 #[test]
 fn every_method_lowers_its_loss_on_a_fixed_batch() {
     // 4 faces, batch 4: every step sees the same images (in another order, flipped or not).
