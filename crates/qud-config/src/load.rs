@@ -276,6 +276,12 @@ impl Provider for Override {
     }
 }
 
+/// The largest queue `validate` accepts: 16 GiB of f32 rows (the paper's largest, 16,384 x 512,
+/// is 32 MiB).
+const MAX_QUEUE_BYTES: usize = 16 << 30;
+/// The most decoded-face memory the loader may hold ahead of the step.
+const MAX_PREFETCH_BYTES: usize = 64 << 30;
+
 impl Config {
     /// Every rule a value must satisfy; all broken rules are reported at once.
     pub fn validate(&self) -> Result<(), Vec<Invalid>> {
@@ -297,6 +303,18 @@ impl Config {
             "method.queue_size",
             m.queue_size.to_string(),
             "must be >= 1",
+        );
+        // The queue lives in memory as queue_size x student.embedding_dim f32 rows: a size no
+        // machine holds would otherwise abort in the allocator without naming the key.
+        let queue_bytes = m
+            .queue_size
+            .checked_mul(self.student.embedding_dim)
+            .and_then(|v| v.checked_mul(4));
+        check(
+            queue_bytes.is_some_and(|b| b <= MAX_QUEUE_BYTES),
+            "method.queue_size",
+            m.queue_size.to_string(),
+            "the queue (queue_size x student.embedding_dim f32 rows) must fit in 16 GiB",
         );
         check(
             m.margin.is_finite() && (0.0..std::f64::consts::PI).contains(&m.margin),
@@ -379,6 +397,17 @@ impl Config {
             "data.flip_prob",
             d.flip_prob.to_string(),
             "must be in [0, 1]",
+        );
+        // Each prefetched batch is batch_size decoded faces of 3 x 112 x 112 f32.
+        let prefetch_bytes = d
+            .prefetch
+            .checked_mul(self.optim.batch_size)
+            .and_then(|v| v.checked_mul(3 * 112 * 112 * 4));
+        check(
+            prefetch_bytes.is_some_and(|b| b <= MAX_PREFETCH_BYTES),
+            "data.prefetch",
+            d.prefetch.to_string(),
+            "the prefetched batches (prefetch x optim.batch_size decoded faces) must fit in 64 GiB",
         );
         check(
             d.synthetic_identities > 0,

@@ -132,6 +132,13 @@ fn each_invalid_value_gives_its_rule() {
         ("method.tau=0", "method.tau", "> 0"),
         ("method.tau=-0.1", "method.tau", "> 0"),
         ("method.queue_size=0", "method.queue_size", ">= 1"),
+        // Issue 31: sizes no machine holds abort in the allocator unless refused here.
+        (
+            "method.queue_size=100000000000",
+            "method.queue_size",
+            "16 GiB",
+        ),
+        ("data.prefetch=1000000000000", "data.prefetch", "64 GiB"),
         ("optim.batch_size=0", "optim.batch_size", ">= 1"),
         (
             "optim.lr_milestones=[8,20,14]",
