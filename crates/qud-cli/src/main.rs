@@ -10,6 +10,12 @@ use qud_backbone::{Backbone, FaceEmbedder};
 use qud_config::ConfigLoader;
 use std::path::PathBuf;
 
+/// A count option that must be at least `min`: clap refuses smaller values, naming the option,
+/// before anything runs (a 0 here used to panic deep inside).
+fn at_least(min: u64) -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(min..)
+}
+
 #[derive(Parser)]
 #[command(
     name = "qud",
@@ -133,9 +139,9 @@ enum Command {
     /// verification .bin of held-out synthetic identities.
     Synth {
         out: PathBuf,
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = at_least(1))]
         identities: usize,
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = 20, value_parser = at_least(1))]
         images: usize,
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -145,14 +151,15 @@ enum Command {
         /// Also write this verification .bin (4 pairs per held-out identity, half genuine).
         #[arg(long)]
         pairs: Option<PathBuf>,
-        #[arg(long, default_value_t = 50)]
+        /// Held-out identities of the .bin; impostor pairs need at least 3.
+        #[arg(long, default_value_t = 50, value_parser = at_least(3))]
         pair_identities: usize,
     },
     /// Parameters (as PyTorch counts them) and multiply-accumulates at 112x112 of an architecture.
     Inspect {
         #[arg(long)]
         arch: String,
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = at_least(1))]
         embedding_dim: usize,
     },
     /// The compiled backends and the registered architectures.
@@ -172,9 +179,9 @@ struct ModelArgs {
     /// No weights: the architecture as initialised from this seed (an untrained baseline row).
     #[arg(long, value_name = "SEED", conflicts_with = "onnx")]
     random_init: Option<u64>,
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least(1))]
     embedding_dim: usize,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = at_least(1))]
     batch_size: usize,
     #[arg(long, default_value = "flex")]
     backend: String,
@@ -559,5 +566,62 @@ fn main() -> Result<()> {
             println!("architectures: {}", qud_models::names().join(", "));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::Parser;
+
+    /// Counts that used to panic inside (issue 31) are refused by the parser, naming the option.
+    #[test]
+    fn counts_below_their_minimum_are_refused_by_name() {
+        for (args, option) in [
+            (
+                &["qud", "synth", "out", "--identities", "0"][..],
+                "--identities",
+            ),
+            (&["qud", "synth", "out", "--images", "0"][..], "--images"),
+            (
+                &["qud", "synth", "out", "--pair-identities", "2"][..],
+                "--pair-identities",
+            ),
+            (
+                &[
+                    "qud",
+                    "inspect",
+                    "--arch",
+                    "mobilefacenet",
+                    "--embedding-dim",
+                    "0",
+                ][..],
+                "--embedding-dim",
+            ),
+            (
+                &[
+                    "qud",
+                    "embed",
+                    "--arch",
+                    "mobilefacenet",
+                    "--random-init",
+                    "0",
+                    "--embedding-dim",
+                    "0",
+                    "--input",
+                    "in",
+                    "--out",
+                    "out.npy",
+                ][..],
+                "--embedding-dim",
+            ),
+        ] {
+            let err = Cli::try_parse_from(args)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(err.contains(option), "{args:?}: {err}");
+        }
+        assert!(Cli::try_parse_from(["qud", "synth", "out", "--pair-identities", "3"]).is_ok());
     }
 }
