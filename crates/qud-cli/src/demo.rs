@@ -2,7 +2,7 @@
 //! synthetic identities (cached), a QUD student distilled from it without labels, and both
 //! scored on held-out synthetic identities written as an insightface `.bin`.
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use burn::module::Module;
 use qud_config::{Config, ConfigLoader};
 use qud_eval::SetScore;
@@ -65,6 +65,36 @@ fn teacher_config(student: &Config, dir: &Path, user: &[String]) -> Result<Confi
         .load()?)
 }
 
+/// The file that marks a run directory as the demo's own, and so the demo's to replace.
+const DEMO_MARKER: &str = ".qud-demo";
+
+/// An empty run directory for a demo stage at `dir`: a directory the demo made before (it holds
+/// the marker) is emptied; one it did not make is used only when empty, never deleted.
+fn fresh_run_dir(dir: &Path) -> Result<()> {
+    if dir.join(DEMO_MARKER).is_file() {
+        std::fs::remove_dir_all(dir).with_context(|| dir.display().to_string())?;
+    } else if dir.exists() {
+        let empty = std::fs::read_dir(dir)
+            .with_context(|| dir.display().to_string())?
+            .next()
+            .is_none();
+        if !empty {
+            bail!(
+                "{}: exists, is not empty and was not made by `qud demo`; the demo deletes only \
+                 its own run directories: choose another run.output_dir or remove it yourself",
+                dir.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+    std::fs::write(
+        dir.join(DEMO_MARKER),
+        b"made by qud demo; replaced by its next run\n",
+    )
+    .with_context(|| dir.display().to_string())?;
+    Ok(())
+}
+
 pub fn run(user_sets: &[String]) -> Result<()> {
     let config = ConfigLoader::new()
         .embedded("configs/demo.toml", DEMO_TOML)
@@ -97,18 +127,14 @@ pub fn run(user_sets: &[String]) -> Result<()> {
         tracing::info!("reusing the cached teacher {}", teacher_weights.display());
     } else {
         tracing::info!("stage 1: training the teacher with ArcFace on labelled synthetic faces");
-        if teacher_dir.exists() {
-            std::fs::remove_dir_all(&teacher_dir)?;
-        }
+        fresh_run_dir(&teacher_dir)?;
         qud_trainer::train(&teacher_cfg, &Default::default())?;
     }
 
     tracing::info!("stage 2: distilling the student with QUD (no labels)");
     let mut student_cfg = config.clone();
     student_cfg.teacher.weights = Some(teacher_weights.clone());
-    if student_cfg.run.output_dir.exists() {
-        std::fs::remove_dir_all(&student_cfg.run.output_dir)?;
-    }
+    fresh_run_dir(&student_cfg.run.output_dir)?;
     let report = qud_trainer::train(&student_cfg, &Default::default())?;
 
     let device = qud_backends::device(&config.run.backend, &config.run.devices[0])?;
@@ -166,4 +192,43 @@ pub fn run(user_sets: &[String]) -> Result<()> {
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fresh_run_dir, DEMO_MARKER};
+
+    /// The demo replaces only directories it made; anything else that is not empty is refused
+    /// and left as it was (issue 31: `--set run.output_dir=X` deleted X).
+    #[test]
+    fn the_demo_deletes_only_its_own_run_directories() {
+        let root = tempfile::tempdir().unwrap();
+        let ours = root.path().join("student");
+        fresh_run_dir(&ours).unwrap();
+        std::fs::write(ours.join("metrics.jsonl"), "{}").unwrap();
+        fresh_run_dir(&ours).unwrap();
+        assert!(ours.join(DEMO_MARKER).is_file());
+        assert!(
+            !ours.join("metrics.jsonl").exists(),
+            "the demo's own run is replaced"
+        );
+
+        let theirs = root.path().join("important");
+        std::fs::create_dir_all(&theirs).unwrap();
+        std::fs::write(theirs.join("thesis.tex"), "years of work").unwrap();
+        let err = fresh_run_dir(&theirs).unwrap_err().to_string();
+        assert!(
+            err.contains("important") && err.contains("not made by"),
+            "{err}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(theirs.join("thesis.tex")).unwrap(),
+            "years of work"
+        );
+
+        let empty = root.path().join("empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        fresh_run_dir(&empty).unwrap();
+        assert!(empty.join(DEMO_MARKER).is_file());
+    }
 }
