@@ -226,6 +226,62 @@ fn strict_import_lists_every_problem() {
     assert!(err.to_string().contains("cannot tell the format"), "{err}");
 }
 
+/// `.pth` (a zip holding a pickle) and safetensors files with bytes changed in their headers,
+/// indexes and pickle, or cut short: the weights load (only tensor bytes changed) or the error
+/// names the file; no panic gets out, whatever the readers underneath do.
+#[test]
+fn damaged_weight_files_load_or_fail_cleanly() {
+    let device = qud_backend_flex::device();
+    let dir = tempfile::tempdir().unwrap();
+    let pth = std::fs::read(fixture("mobilefacenet_d128.pth")).unwrap();
+    let exported = dir.path().join("exported.safetensors");
+    let model = load_weights(
+        MobileFaceNet::new(128, &device),
+        &fixture("mobilefacenet_d128.pth"),
+    )
+    .unwrap();
+    save_safetensors(&model, &exported).unwrap();
+    let safetensors = std::fs::read(&exported).unwrap();
+    let mut state = 0x77_u64;
+    let mut next = move |below: usize| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((state >> 33) as usize) % below.max(1)
+    };
+    let (mut loaded, mut refused) = (0, 0);
+    for case in 0..48 {
+        let (name, original) = match case % 2 {
+            0 => ("damaged.pth", &pth),
+            _ => ("damaged.safetensors", &safetensors),
+        };
+        let mut bytes = original.clone();
+        // The structure lives at the ends: the zip's first entry (the pickle) and its central
+        // directory, the safetensors JSON header.
+        for _ in 0..1 + next(3) {
+            let span = 4096.min(bytes.len());
+            let at = match next(2) {
+                0 => next(span),
+                _ => bytes.len() - 1 - next(span),
+            };
+            bytes[at] ^= 1 + next(255) as u8;
+        }
+        if case % 5 == 4 {
+            bytes.truncate(next(bytes.len()));
+        }
+        let path = dir.path().join(name);
+        std::fs::write(&path, &bytes).unwrap();
+        match load_weights(MobileFaceNet::new(128, &device), &path) {
+            Ok(_) => loaded += 1,
+            Err(e) => {
+                assert!(e.to_string().contains(name), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "{loaded} loaded, {refused} refused");
+}
+
 /// Folding BatchNorms into the neighbouring weights computes the same function: on the real
 /// PyTorch MobileFaceNet file (random running statistics, see `make_fixtures.py`) and on
 /// iresnet18 with the formula weights (running variances 1..1.5, affine 1 +- 0.2).

@@ -32,7 +32,23 @@ fn ignorable(key: &str) -> bool {
 /// every file tensor (`num_batches_tracked` aside) must belong to the model. A `module.` prefix
 /// (DDP checkpoints) is stripped. `.pth`/`.pt`/`.bin` are read as `torch.save` files (a bare
 /// `state_dict`, or one under a `state_dict` key), `.safetensors` as safetensors.
-pub fn load_weights<M: Module>(mut model: M, path: &Path) -> Result<M, WeightError> {
+pub fn load_weights<M: Module>(model: M, path: &Path) -> Result<M, WeightError> {
+    // A malformed file must be an error naming it, whatever the readers underneath do with it.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_strict(model, path)))
+        .unwrap_or_else(|payload| {
+            let why = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(WeightError::Read {
+                path: path.to_path_buf(),
+                message: format!("malformed file (the reader panicked: {why})"),
+            })
+        })
+}
+
+fn load_strict<M: Module>(mut model: M, path: &Path) -> Result<M, WeightError> {
     if !path.is_file() {
         return Err(WeightError::Missing(path.to_path_buf()));
     }

@@ -80,7 +80,7 @@ fn stream_memory() {
     let batches = loader.batches_per_epoch();
     let start = Instant::now();
     let (mut images, mut checksum, mut samples) = (0usize, 0f64, Vec::new());
-    for (b, batch) in loader.epoch(0, 0).into_iter().enumerate() {
+    for (b, batch) in loader.epoch(0, 0).enumerate() {
         let batch = batch.expect("streaming batch");
         images += batch.len();
         checksum += f64::from(batch.images[b % batch.images.len()]);

@@ -147,7 +147,7 @@ pub fn run(user_sets: &[String]) -> Result<()> {
         &teacher_weights,
     )?
     .valid();
-    let set = qud_eval::PairSet::load(&eval_bin)?;
+    let set = qud_eval::PairSet::load_scorable(&eval_bin)?;
     let teacher_scores = vec![qud_eval::evaluate(
         &teacher,
         &set,

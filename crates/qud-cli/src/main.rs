@@ -213,6 +213,9 @@ impl ModelArgs {
     /// The ONNX input contract the flags describe.
     fn onnx_input(&self) -> Result<qud_config::OnnxInput> {
         let three = |v: &[f64], flag: &str| -> Result<[f64; 3]> {
+            if let Some(bad) = v.iter().find(|x| !x.is_finite()) {
+                bail!("--{flag} must be finite numbers, got {bad}");
+            }
             match *v {
                 [a] => Ok([a; 3]),
                 [a, b, c] => Ok([a, b, c]),
@@ -379,7 +382,7 @@ fn main() -> Result<()> {
                             tracing::warn!("{} not found, skipped", path.display());
                             continue;
                         }
-                        let set = qud_eval::PairSet::load(&path)?;
+                        let set = qud_eval::PairSet::load_scorable(&path)?;
                         scores.push(qud_eval::evaluate(&*model, &set, batch_size, &device));
                     }
                     if scores.is_empty() {
@@ -623,5 +626,25 @@ mod tests {
             assert!(err.contains(option), "{args:?}: {err}");
         }
         assert!(Cli::try_parse_from(["qud", "synth", "out", "--pair-identities", "3"]).is_ok());
+    }
+
+    /// A non-finite ONNX input contract (it once wrote NaN embeddings with exit 0) is refused.
+    #[test]
+    fn non_finite_onnx_contracts_are_refused() {
+        for (flag, value) in [
+            ("--onnx-mean", "nan"),
+            ("--onnx-std", "inf"),
+            ("--onnx-std", "0"),
+        ] {
+            let cli = Cli::try_parse_from([
+                "qud", "embed", "--onnx", "m.onnx", "--input", "in", "--out", "o.npy", flag, value,
+            ])
+            .unwrap();
+            let super::Command::Embed { model, .. } = cli.command else {
+                panic!("parsed as embed");
+            };
+            let err = model.onnx_input().unwrap_err().to_string();
+            assert!(err.contains(&flag[2..]), "{flag} {value}: {err}");
+        }
     }
 }

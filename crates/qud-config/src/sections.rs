@@ -120,6 +120,14 @@ pub enum CacheDtype {
     F16,
 }
 
+/// How the teacher cache recognises its training set (`teacher.cache_fingerprint`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheFingerprint {
+    Content,
+    Metadata,
+}
+
 /// `[teacher]`: the frozen, pretrained network.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -138,8 +146,10 @@ pub struct TeacherConfig {
     pub cache_dtype: CacheDtype,
     /// Where caches live; default `<run.output_dir>/../teacher-cache`, shared by sibling runs.
     pub cache_dir: Option<PathBuf>,
-    /// Key the cache on every sample's pixels instead of 64 evenly spaced ones.
-    pub cache_full_hash: bool,
+    /// What the cache key reads of the training files: `content` (every byte, at disk speed)
+    /// or `metadata` (sizes and modification times: for sets too large to read at each start;
+    /// an edit that keeps a file's size and time goes unseen).
+    pub cache_fingerprint: CacheFingerprint,
     /// What an ONNX teacher (`format = "onnx"`) expects as input.
     pub onnx: OnnxInput,
 }
@@ -200,7 +210,7 @@ impl Default for TeacherConfig {
             cache: CacheMode::Auto,
             cache_dtype: CacheDtype::F32,
             cache_dir: None,
-            cache_full_hash: false,
+            cache_fingerprint: CacheFingerprint::Content,
             onnx: OnnxInput::default(),
         }
     }

@@ -312,3 +312,55 @@ fn the_total_batch_gives_every_device_two_samples() {
         .unwrap();
     assert_eq!(ok.run.devices.len(), 3);
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+    /// The shipped configs with characters replaced or cut short (TOML syntax, key names, values
+    /// out of range: `1e400`, `-1`, `nan`): a config or an error naming the file, never a panic.
+    #[test]
+    fn damaged_configs_load_or_fail_cleanly(
+        pick in 0usize..64,
+        edits in proptest::collection::vec(
+            (0.0f64..1.0, proptest::sample::select(vec![
+                "=", "[", "]", "\"", "\n", "0", "-1", "1e400", "nan", "inf", "x", "",
+                "18446744073709551616", "true",
+            ])),
+            1..5),
+        cut in proptest::option::of(0.0f64..1.0),
+    ) {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut configs: Vec<std::path::PathBuf> = ["paper", "real", "."]
+            .iter()
+            .flat_map(|d| std::fs::read_dir(root.join(d)).unwrap().flatten().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+            .collect();
+        configs.sort();
+        let mut text = std::fs::read_to_string(&configs[pick % configs.len()]).unwrap();
+        for (at, with) in edits {
+            let mut i = ((text.len() as f64 * at) as usize).min(text.len());
+            while !text.is_char_boundary(i) {
+                i -= 1;
+            }
+            let end = text[i..].chars().next().map_or(i, |c| i + c.len_utf8());
+            text.replace_range(i..end, with);
+        }
+        if let Some(cut) = cut {
+            let mut n = (text.len() as f64 * cut) as usize;
+            while !text.is_char_boundary(n) {
+                n -= 1;
+            }
+            text.truncate(n);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("damaged.toml");
+        std::fs::write(&path, &text).unwrap();
+        if let Err(e) = ConfigLoader::new().without_env().file(&path).load() {
+            let message = e.to_string();
+            proptest::prop_assert!(
+                message.contains("damaged.toml") || matches!(e, ConfigError::Invalid(_)),
+                "{}", message
+            );
+        }
+    }
+}

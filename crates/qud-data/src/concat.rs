@@ -1,6 +1,6 @@
 //! Several training sources read as one set: samples of each part in turn, in the given order.
 
-use crate::{DataError, FaceDataset, Sample};
+use crate::{DataError, FaceDataset, FingerprintMode, Fnv, Sample};
 use std::sync::Arc;
 
 /// Parts appended one after another. Labelled only when every part is: identity labels of part
@@ -91,6 +91,14 @@ impl FaceDataset for ConcatDataset {
         self.label_starts
             .as_ref()
             .map(|_| self.parts.iter().filter_map(|p| p.num_identities()).sum())
+    }
+
+    fn fingerprint(&self, mode: FingerprintMode) -> Result<u64, DataError> {
+        let mut h = Fnv::default().bytes(b"concat").u64(self.parts.len() as u64);
+        for part in &self.parts {
+            h = h.u64(part.fingerprint(mode)?);
+        }
+        Ok(h.finish())
     }
 
     fn describe(&self) -> String {

@@ -1,7 +1,9 @@
 //! Image folders: `root/<identity>/*.jpg|png` (labelled, identities in sorted folder order) or a
 //! flat folder of unlabelled faces (synthetic sets often come that way).
 
-use crate::{decode_face, decode_face_into, DataError, FaceDataset, Sample};
+use crate::{
+    decode_face, decode_face_into, hash_file, DataError, FaceDataset, FingerprintMode, Fnv, Sample,
+};
 use std::path::{Path, PathBuf};
 
 /// Faces on disk, in a deterministic order (sorted by path).
@@ -130,6 +132,21 @@ impl FaceDataset for ImageFolder {
 
     fn num_identities(&self) -> Option<usize> {
         self.identities
+    }
+
+    /// Each file's path under the root (so a moved set keeps its key), label and content.
+    fn fingerprint(&self, mode: FingerprintMode) -> Result<u64, DataError> {
+        let mut h = Fnv::default()
+            .bytes(b"image folder")
+            .u64(self.files.len() as u64);
+        for (path, label) in &self.files {
+            let name = path.strip_prefix(&self.root).unwrap_or(path);
+            h = h
+                .bytes(name.to_string_lossy().as_bytes())
+                .u64(label.map_or(u64::MAX, u64::from));
+            h = hash_file(h, path, mode)?;
+        }
+        Ok(h.finish())
     }
 
     fn describe(&self) -> String {

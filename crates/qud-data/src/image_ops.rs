@@ -2,6 +2,7 @@
 
 use crate::DataError;
 use image::imageops::FilterType;
+use std::os::raw::c_int;
 
 /// Side of the aligned face crops every network here takes.
 pub const FACE_SIZE: usize = 112;
@@ -23,6 +24,38 @@ impl FaceImage {
     }
 }
 
+/// Largest image decoded, in pixels (8192 x 8192, 192 MiB as RGB): far above any face crop, and
+/// a header that claims more is refused before anything is allocated for it.
+pub const MAX_IMAGE_PIXELS: usize = 1 << 26;
+
+/// Most pixels a Huffman-coded JPEG can describe per byte: it spends at least one bit on every
+/// 8x8 block of a component, 512 pixels a byte for one component; twice that is allowed. A
+/// header declaring more than this (a 5 kB face "of 32000 x 32000") is refused unread.
+const MAX_JPEG_PIXELS_PER_BYTE: usize = 1024;
+
+/// `Err` naming the problem when an image of `width` x `height` in `encoded` bytes is beyond
+/// what is decoded: over [`MAX_IMAGE_PIXELS`], or (JPEG) more than its bytes can hold.
+pub(crate) fn check_declared_size(
+    width: usize,
+    height: usize,
+    encoded: usize,
+    jpeg: bool,
+) -> Result<(), String> {
+    let pixels = width.saturating_mul(height);
+    if pixels > MAX_IMAGE_PIXELS {
+        return Err(format!(
+            "header declares {width}x{height}, more than the {MAX_IMAGE_PIXELS} pixels decoded"
+        ));
+    }
+    if jpeg && pixels > encoded.saturating_mul(MAX_JPEG_PIXELS_PER_BYTE) {
+        return Err(format!(
+            "header declares {width}x{height}, more than {encoded} bytes of JPEG can hold \
+             (a corrupt or forged header)"
+        ));
+    }
+    Ok(())
+}
+
 /// Decode JPEG or PNG bytes of any size to RGB: `(width, height, row-major RGB bytes)`.
 ///
 /// JPEGs decode as libjpeg-turbo decodes them with default settings (accurate integer IDCT,
@@ -30,29 +63,91 @@ impl FaceImage {
 /// and pipelines decode with: the pixels are bit-identical to theirs (pure-Rust decoders differ
 /// by up to 37 levels on real LFW JPEGs, enough to move LFW accuracy by 0.08 points). The
 /// baseline JPEGs face sets are made of take [`crate::jpeg`]'s fast path, which gives the same
-/// bits; the rest go through mozjpeg's build of libjpeg-turbo. Other formats, and JPEGs libjpeg
-/// refuses (CMYK), go through the `image` crate.
+/// bits; the rest go through mozjpeg's build of libjpeg-turbo. libjpeg's corrupt-data warnings
+/// are errors here (it would fill what it could not decode with grey). Other formats, and the
+/// JPEG colour spaces libjpeg cannot convert to RGB (CMYK), go through the `image` crate. Sizes
+/// beyond [`MAX_IMAGE_PIXELS`] are refused from the header.
 pub fn decode_rgb(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
     if bytes.starts_with(&[0xFF, 0xD8]) {
         if let Some(fast) = crate::jpeg::decode(bytes) {
             return Ok((fast.width, fast.height, fast.pixels));
         }
-        if let Ok(decoded) = decode_jpeg_libjpeg(bytes) {
-            return Ok(decoded);
+        match decode_jpeg_libjpeg(bytes) {
+            Ok(decoded) => return Ok(decoded),
+            Err(e) if !e.contains("color conversion") => return Err(e),
+            Err(_) => {}
         }
     }
-    let rgb = image::load_from_memory(bytes)
-        .map_err(|e| e.to_string())?
-        .to_rgb8();
+    let reader = || -> Result<_, String> {
+        let mut reader = image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| e.to_string())?;
+        reader.limits(limits_for_decode());
+        Ok(reader)
+    };
+    let (width, height) = reader()?.into_dimensions().map_err(|e| e.to_string())?;
+    check_declared_size(width as usize, height as usize, bytes.len(), false)?;
+    let rgb = reader()?.decode().map_err(|e| e.to_string())?.to_rgb8();
     Ok((rgb.width() as usize, rgb.height() as usize, rgb.into_raw()))
 }
 
-/// libjpeg reports errors by unwinding out of its C frames (mozjpeg-sys's `unwinding`); they are
-/// caught here and become an `Err`.
+/// What the `image` crate may allocate for one picture: RGBA at [`MAX_IMAGE_PIXELS`].
+fn limits_for_decode() -> image::Limits {
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(4 * MAX_IMAGE_PIXELS as u64);
+    limits
+}
+
+/// libjpeg's message for the error or warning it is reporting.
+fn libjpeg_message(cinfo: &mut mozjpeg_sys::jpeg_common_struct) -> String {
+    let mut buffer = [0u8; 80];
+    // SAFETY: `err` is the error manager libjpeg is calling us from; `format_message` writes at
+    // most 80 bytes (JMSG_LENGTH_MAX) into the buffer, which mozjpeg-sys declares `&[u8; 80]`.
+    unsafe {
+        let Some(format) = cinfo.err.as_ref().and_then(|e| e.format_message) else {
+            return "libjpeg error".into();
+        };
+        let format: unsafe extern "C-unwind" fn(
+            &mut mozjpeg_sys::jpeg_common_struct,
+            &mut [u8; 80],
+        ) = std::mem::transmute(format);
+        format(cinfo, &mut buffer);
+    }
+    let text = buffer.split(|&c| c == 0).next().unwrap_or_default();
+    String::from_utf8_lossy(text).into_owned()
+}
+
+extern "C-unwind" fn libjpeg_error(cinfo: &mut mozjpeg_sys::jpeg_common_struct) {
+    std::panic::resume_unwind(Box::new(libjpeg_message(cinfo)));
+}
+
+/// Warnings (level -1: premature end, bad Huffman codes, corrupt data) unwind like errors;
+/// trace messages (level >= 0) are dropped, and so are stray bytes before a marker (every
+/// pixel was decoded when libjpeg meets them; PIL and OpenCV decode such files alike, and so
+/// does the fast path).
+extern "C-unwind" fn libjpeg_warning(cinfo: &mut mozjpeg_sys::jpeg_common_struct, level: c_int) {
+    if level < 0 {
+        let message = libjpeg_message(cinfo);
+        if !message.contains("extraneous bytes before marker") {
+            std::panic::resume_unwind(Box::new(format!("libjpeg warning: {message}")));
+        }
+    }
+}
+
+/// libjpeg reports errors (and here warnings) by unwinding out of its C frames
+/// (mozjpeg-sys's `unwinding`); they are caught here and become an `Err`.
 pub(crate) fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>), String> {
     let decode = || -> std::io::Result<(usize, usize, Vec<u8>)> {
-        let mut started = mozjpeg::Decompress::new_mem(bytes)?.rgb()?;
-        let (w, h) = (started.width(), started.height());
+        // SAFETY: a zeroed jpeg_error_mgr is what jpeg_std_error expects to fill in.
+        let mut errors: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+        unsafe { mozjpeg_sys::jpeg_std_error(&mut errors) };
+        errors.error_exit = Some(libjpeg_error);
+        errors.emit_message = Some(libjpeg_warning);
+        let header = mozjpeg::Decompress::with_err(errors).from_mem(bytes)?;
+        let (w, h) = (header.width(), header.height());
+        check_declared_size(w, h, bytes.len(), true)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+        let mut started = header.rgb()?;
         let mut rgb = vec![0u8; w * h * 3];
         started.read_scanlines_into(&mut rgb)?;
         started.finish()?;

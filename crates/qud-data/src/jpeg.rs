@@ -41,6 +41,8 @@ pub(crate) struct Rgb {
 /// libjpeg).
 pub(crate) fn decode(bytes: &[u8]) -> Option<Rgb> {
     let frame = Frame::parse(bytes)?;
+    // An implausible size goes to libjpeg, which refuses it from the header with the reason.
+    crate::image_ops::check_declared_size(frame.width, frame.height, bytes.len(), true).ok()?;
     let planes = dispatch_scan(&frame, bytes)?;
     let mut pixels = vec![0u8; frame.width * frame.height * 3];
     dispatch_interleave(&frame, &planes, &mut pixels);
@@ -138,6 +140,10 @@ impl Huffman {
             let count = counts[length - 1] as usize;
             if count > 0 {
                 valoffset[length] = index as i32 - code;
+                // More codes of this length than it has (T.81 C): libjpeg refuses the table.
+                if code + count as i32 > 1 << length {
+                    return None;
+                }
                 for _ in 0..count {
                     if length as u32 <= LOOKAHEAD {
                         let shift = LOOKAHEAD - length as u32;
@@ -1221,6 +1227,25 @@ mod tests {
         // Not a JPEG, or only its start.
         assert!(decode(b"\x89PNG\r\n").is_none());
         assert!(decode(&baseline[..20]).is_none());
+    }
+
+    /// A DHT entry with more codes of a length than the length has (three 1-bit codes) is a
+    /// table libjpeg refuses; it once indexed past the lookup table here.
+    #[test]
+    fn overfull_huffman_tables_are_declined() {
+        let mut counts = [0u8; 16];
+        counts[0] = 3;
+        assert!(super::Huffman::new(&counts, &[0, 1, 2], true).is_none());
+        counts = [0; 16];
+        counts[2] = 200;
+        assert!(super::Huffman::new(&counts, &[1; 200], false).is_none());
+        // In a whole file: the first AC table's 2-bit count raised past what fits.
+        let rgb = picture(32, 16, 20, 1);
+        let mut jpeg = baseline_jpeg(&rgb, (32, 16), 90.0, (2, 2), false);
+        let dht = jpeg.windows(2).position(|w| w == [0xFF, 0xC4]).unwrap();
+        jpeg[dht + 5 + 1] = 9;
+        assert!(decode(&jpeg).is_none());
+        assert!(crate::image_ops::decode_rgb(&jpeg).is_err());
     }
 
     proptest! {

@@ -11,7 +11,9 @@
 //! `get_into` too for encoded images, through [`decode_face_into`]) and construct it in
 //! `open_dataset` of qud-trainer.
 
+pub mod alloc_probe;
 mod concat;
+mod fingerprint;
 mod folder;
 mod image_ops;
 mod jpeg;
@@ -20,15 +22,16 @@ mod recordio;
 mod synthetic;
 
 pub use concat::ConcatDataset;
+pub use fingerprint::{decoded_fingerprint, hash_file, FingerprintMode, Fnv};
 pub use folder::ImageFolder;
 pub use image_ops::{
     decode_face, decode_face_into, encode_face, flip_horizontal, normalize_into, FaceImage,
-    ImageEncoding, FACE_SIZE,
+    ImageEncoding, FACE_SIZE, MAX_IMAGE_PIXELS,
 };
-pub use loader::{decode_batch, epoch_plan, flip_for, Batch, Loader, LoaderOptions};
+pub use loader::{decode_batch, epoch_plan, flip_for, Batch, EpochBatches, Loader, LoaderOptions};
 pub use recordio::{
-    pack_records, read_file, Record, RecordDataset, RecordScanner, RecordWriter, IR_HEADER_LEN,
-    RECORD_MAGIC,
+    pack_records, read_file, ReadAt, Record, RecordDataset, RecordScanner, RecordWriter,
+    IR_HEADER_LEN, RECORD_MAGIC,
 };
 pub use synthetic::{synthetic_pairs, SyntheticFaces};
 
@@ -63,6 +66,9 @@ pub enum DataError {
     Empty(PathBuf),
     #[error("sample {index} out of range: the dataset has {len}")]
     OutOfRange { index: usize, len: usize },
+    /// The loader itself failed (not one sample): the epoch cannot go on.
+    #[error("data loader: {reason}")]
+    Loader { reason: String },
 }
 
 /// One face and, for labelled sets, its identity.
@@ -109,6 +115,13 @@ pub trait FaceDataset: Send + Sync {
     fn num_identities(&self) -> Option<usize>;
     /// One line for logs: what, where, how many.
     fn describe(&self) -> String;
+    /// A hash of everything the samples are made from (the teacher cache's key): sets read
+    /// from files hash the files as `mode` says ([`hash_file`]); the default hashes every
+    /// decoded sample ([`decoded_fingerprint`]), right for generated sets.
+    fn fingerprint(&self, mode: FingerprintMode) -> Result<u64, DataError> {
+        let _ = mode;
+        Ok(decoded_fingerprint(self).finish())
+    }
 }
 
 #[cfg(test)]

@@ -163,6 +163,35 @@ impl Batch {
     }
 }
 
+/// The text of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// `dataset.get_into`, with a panic in a decoder (a bug a hostile file found) turned into that
+/// sample's decode error, so it is skipped or reported like any bad sample instead of taking
+/// the loader down.
+fn decode_guarded(
+    dataset: &dyn FaceDataset,
+    index: usize,
+    flip: bool,
+    out: &mut [f32],
+) -> Result<Option<u32>, DataError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        dataset.get_into(index, flip, out)
+    }))
+    .unwrap_or_else(|payload| {
+        Err(DataError::Decode {
+            origin: format!("{}, sample {index}", dataset.describe()),
+            reason: format!("the decoder panicked: {}", panic_message(payload.as_ref())),
+        })
+    })
+}
+
 /// Decode the samples `plan` into one batch, splitting the work over `workers` threads. A sample
 /// that cannot be decoded fails the batch, unless `skip_bad` and the fault is the sample's own
 /// ([`DataError::is_bad_sample`]): then it is left out and listed in [`Batch::skipped`].
@@ -192,7 +221,7 @@ pub fn decode_batch(
                         .zip(labels)
                         .zip(faults)
                     {
-                        match dataset.get_into(index, flip, out) {
+                        match decode_guarded(dataset, index, flip, out) {
                             Ok(sample_label) => *label = sample_label,
                             Err(e) if skip_bad && e.is_bad_sample() => {
                                 *fault = Some(e.to_string());
@@ -205,7 +234,9 @@ pub fn decode_batch(
             })
             .collect();
         for job in jobs {
-            job.join().expect("decoder thread panicked")?;
+            job.join().map_err(|payload| DataError::Loader {
+                reason: format!("a decoding thread panicked: {}", panic_message(&payload)),
+            })??;
         }
         Ok(())
     })?;
@@ -281,8 +312,9 @@ impl Loader {
     }
 
     /// The batches of `epoch` from batch `start` on, decoded by a background thread that stays
-    /// `prefetch` batches ahead. Dropping the iterator stops the thread.
-    pub fn epoch(&self, epoch: usize, start: usize) -> Receiver<Result<Batch, DataError>> {
+    /// `prefetch` batches ahead. Dropping the iterator stops the thread. Every batch arrives or
+    /// an error does: a thread that ends early (a panic) is an error, not the end of the epoch.
+    pub fn epoch(&self, epoch: usize, start: usize) -> EpochBatches {
         let plan = epoch_plan(self.dataset.len(), epoch, &self.options);
         let batches = self.batches_per_epoch();
         let (tx, rx) = sync_channel(self.options.prefetch.max(1));
@@ -296,18 +328,68 @@ impl Loader {
         std::thread::spawn(move || {
             for b in start..batches {
                 let end = ((b + 1) * batch_size).min(plan.len());
-                let batch = decode_batch(
-                    dataset.as_ref(),
-                    &plan[b * batch_size..end],
-                    workers,
-                    skip_bad,
-                );
+                let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    decode_batch(
+                        dataset.as_ref(),
+                        &plan[b * batch_size..end],
+                        workers,
+                        skip_bad,
+                    )
+                }))
+                .unwrap_or_else(|payload| {
+                    Err(DataError::Loader {
+                        reason: format!(
+                            "batch {b} of epoch {epoch}: {}",
+                            panic_message(payload.as_ref())
+                        ),
+                    })
+                });
                 let failed = batch.is_err();
                 if tx.send(batch).is_err() || failed {
                     return;
                 }
             }
         });
-        rx
+        EpochBatches {
+            batches: rx,
+            remaining: batches.saturating_sub(start),
+            epoch,
+        }
+    }
+}
+
+/// The batches of one epoch, as [`Loader::epoch`] delivers them.
+pub struct EpochBatches {
+    batches: Receiver<Result<Batch, DataError>>,
+    remaining: usize,
+    epoch: usize,
+}
+
+impl Iterator for EpochBatches {
+    type Item = Result<Batch, DataError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.remaining == 0 {
+            return None;
+        }
+        self.remaining -= 1;
+        match self.batches.recv() {
+            Ok(batch) => {
+                if batch.is_err() {
+                    self.remaining = 0;
+                }
+                Some(batch)
+            }
+            Err(_) => {
+                let missing = self.remaining + 1;
+                self.remaining = 0;
+                Some(Err(DataError::Loader {
+                    reason: format!(
+                        "the loader thread stopped with {missing} batches of epoch {} undelivered",
+                        self.epoch
+                    ),
+                }))
+            }
+        }
     }
 }

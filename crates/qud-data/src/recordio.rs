@@ -12,7 +12,9 @@
 //! without it have an image at every key. Scalar labels below 0 mean "unlabelled" (what
 //! [`RecordWriter`] writes for flat folders).
 
-use crate::{decode_face, decode_face_into, DataError, FaceDataset, Sample};
+use crate::{
+    decode_face, decode_face_into, hash_file, DataError, FaceDataset, FingerprintMode, Fnv, Sample,
+};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -131,8 +133,8 @@ impl Record {
     }
 }
 
-/// Something records can be read from at an offset.
-trait ReadAt {
+/// Reading at an offset without moving a cursor (`pread` on Unix), so threads share one file.
+pub trait ReadAt {
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()>;
 }
 
@@ -273,6 +275,7 @@ fn read_index(idx: &Path, rec_len: u64) -> Result<Vec<(u64, u64)>, DataError> {
         source,
     })?;
     let mut entries = Vec::new();
+    let mut first_line: HashMap<u64, usize> = HashMap::new();
     for (n, line) in BufReader::new(file).lines().enumerate() {
         let line = line.map_err(|source| DataError::Io {
             path: idx.to_path_buf(),
@@ -302,6 +305,10 @@ fn read_index(idx: &Path, rec_len: u64) -> Result<Vec<(u64, u64)>, DataError> {
             return Err(bad(format!(
                 "offset {offset} of key {key} is beyond the end of the .rec ({rec_len} bytes)"
             )));
+        }
+        // Two offsets for one key: which image the key means would depend on the reader.
+        if let Some(first) = first_line.insert(key, n + 1) {
+            return Err(bad(format!("key {key} is already on line {first}")));
         }
         entries.push((key, offset));
     }
@@ -468,6 +475,18 @@ impl FaceDataset for RecordDataset {
 
     fn num_identities(&self) -> Option<usize> {
         self.identities
+    }
+
+    /// The `.rec`'s content (which holds every image and label) and the sample order.
+    fn fingerprint(&self, mode: FingerprintMode) -> Result<u64, DataError> {
+        let mut h = Fnv::default()
+            .bytes(b"recordio")
+            .u64(self.images.len() as u64)
+            .u64(self.identities.map_or(u64::MAX, |k| k as u64));
+        for &(key, offset) in &self.images {
+            h = h.u64(key).u64(offset);
+        }
+        Ok(hash_file(h, &self.path, mode)?.finish())
     }
 
     fn describe(&self) -> String {

@@ -2,6 +2,9 @@ use crate::*;
 use proptest::prelude::*;
 use std::sync::Arc;
 
+#[global_allocator]
+static ALLOCATOR: alloc_probe::LargestAllocation = alloc_probe::LargestAllocation;
+
 fn write_png(path: &std::path::Path, w: u32, h: u32, gray: bool) {
     if gray {
         image::GrayImage::from_fn(w, h, |x, y| image::Luma([(x + y) as u8]))
@@ -151,8 +154,8 @@ fn resumed_epochs_see_the_same_batches() {
     };
     let loader = Loader::new(set, options);
     assert_eq!(loader.batches_per_epoch(), 3);
-    let all: Vec<Batch> = loader.epoch(2, 0).iter().map(Result::unwrap).collect();
-    let tail: Vec<Batch> = loader.epoch(2, 1).iter().map(Result::unwrap).collect();
+    let all: Vec<Batch> = loader.epoch(2, 0).map(Result::unwrap).collect();
+    let tail: Vec<Batch> = loader.epoch(2, 1).map(Result::unwrap).collect();
     assert_eq!(all.len(), 3);
     assert_eq!(tail.len(), 2);
     for (a, b) in all[1..].iter().zip(&tail) {
@@ -187,7 +190,6 @@ fn batches_are_identical_whatever_the_worker_count() {
         };
         Loader::new(set.clone(), options)
             .epoch(1, 0)
-            .iter()
             .map(Result::unwrap)
             .collect()
     };
@@ -306,6 +308,74 @@ fn bad_samples_are_skipped_and_reported_or_fail_the_batch() {
     );
     let err = decode_batch(&set, &plan, 2, false).unwrap_err().to_string();
     assert!(err.contains("sample 2: cannot decode image"), "{err}");
+}
+
+/// A dataset whose decoder panics on sample 2, as the JPEG fast path once did on a forged
+/// Huffman table.
+struct PanicsOnSample2(SyntheticFaces);
+
+impl FaceDataset for PanicsOnSample2 {
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn get(&self, index: usize) -> Result<Sample, DataError> {
+        if index == 2 {
+            panic!("decoder bug");
+        }
+        self.0.get(index)
+    }
+    fn num_identities(&self) -> Option<usize> {
+        None
+    }
+    fn describe(&self) -> String {
+        "a set with a decoder bug".into()
+    }
+}
+
+/// A panicking decoder is that sample's error: skipped and counted with `skip_bad`, else the
+/// epoch ends in an error. It once killed the loader thread, and the closed channel read as the
+/// end of the epoch: training stopped early with exit 0.
+#[test]
+fn a_panicking_decoder_is_a_bad_sample_not_an_early_end_of_epoch() {
+    let set = PanicsOnSample2(SyntheticFaces::new(1, 6, 0));
+    let plan: Vec<(usize, bool)> = (0..4).map(|i| (i, false)).collect();
+    let batch = decode_batch(&set, &plan, 2, true).unwrap();
+    assert_eq!(batch.indices, vec![0, 1, 3]);
+    assert!(
+        batch.skipped[0].1.contains("panicked: decoder bug"),
+        "{:?}",
+        batch.skipped
+    );
+
+    for skip_bad_samples in [false, true] {
+        let options = LoaderOptions {
+            batch_size: 2,
+            shuffle: false,
+            workers: 1,
+            skip_bad_samples,
+            ..LoaderOptions::default()
+        };
+        let loader = Loader::new(
+            Arc::new(PanicsOnSample2(SyntheticFaces::new(1, 6, 0))),
+            options,
+        );
+        let results: Vec<_> = loader.epoch(0, 0).collect();
+        if skip_bad_samples {
+            assert_eq!(results.len(), 3);
+            let skipped: usize = results
+                .iter()
+                .map(|b| b.as_ref().unwrap().skipped.len())
+                .sum();
+            assert_eq!(skipped, 1);
+        } else {
+            assert_eq!(results.len(), 2, "the failing batch is the last item");
+            let err = results[1].as_ref().unwrap_err().to_string();
+            assert!(
+                err.contains("sample 2") && err.contains("panicked"),
+                "{err}"
+            );
+        }
+    }
 }
 
 // ---- RecordIO ----------------------------------------------------------------------------------
@@ -512,6 +582,52 @@ fn decoding_into_the_batch_equals_decoding_then_normalising() {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Damaged `.rec` and `.idx` files (bytes replaced, lines cut or repeated): opening and
+    /// reading every sample gives samples or errors naming the file, never a panic, and never
+    /// an allocation beyond the image size limit.
+    #[test]
+    fn damaged_record_files_read_or_fail_cleanly(
+        edits in prop::collection::vec((0.0f64..1.0, any::<u8>()), 0..6),
+        idx_edit in 0usize..4,
+        seed in 0u8..8,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("set");
+        pack_records(&prefix, 3, None, |i| Ok((png_bytes(i as u8 ^ seed), None))).unwrap();
+        let mut rec = std::fs::read(prefix.with_extension("rec")).unwrap();
+        for (at, value) in edits {
+            let i = ((rec.len() as f64 * at) as usize).min(rec.len() - 1);
+            rec[i] = value;
+        }
+        let idx = std::fs::read_to_string(prefix.with_extension("idx")).unwrap();
+        let lines: Vec<&str> = idx.lines().collect();
+        let idx = match idx_edit {
+            0 => idx.clone(),
+            1 => lines[..2].join("\n"),
+            2 => format!("{idx}{}\n", lines[0]),
+            _ => idx.replace('\t', " "),
+        };
+        std::fs::write(prefix.with_extension("rec"), &rec).unwrap();
+        std::fs::write(prefix.with_extension("idx"), idx).unwrap();
+        let (_, largest) = alloc_probe::largest_allocation(|| {
+            match RecordDataset::open(&prefix, true) {
+                Ok(set) => {
+                    for i in 0..set.len() {
+                        if let Err(e) = set.get(i) {
+                            assert!(e.to_string().contains("set."), "{e}");
+                        }
+                    }
+                }
+                Err(e) => assert!(e.to_string().contains("set."), "{e}"),
+            }
+        });
+        prop_assert!(largest <= 4 * MAX_IMAGE_PIXELS, "allocated {largest} bytes");
+    }
+}
+
 /// Every broken-file case names the file, where, and what was wrong.
 #[test]
 fn broken_record_files_give_precise_errors() {
@@ -568,6 +684,13 @@ fn broken_record_files_give_precise_errors() {
 
     let m = message(&broken("garbled", &rec, "0\t0\nx\ty\n"), 0);
     assert!(m.contains("line 2") && m.contains("not a number"), "{m}");
+
+    // Key 1 listed twice (the second time with key 2's offset): once read as either image.
+    let m = message(&broken("twice", &rec, &format!("{idx}1\t{second}\n")), 0);
+    assert!(
+        m.contains("twice.idx") && m.contains("line 4") && m.contains("key 1 is already on line 2"),
+        "{m}"
+    );
 
     // A header record promising keys 1..4 with key 3 absent from the .idx.
     let header = dir.path().join("header");
@@ -675,22 +798,191 @@ fn jpeg_pixels_equal_libjpeg_turbo() {
 }
 
 /// A truncated or garbled JPEG is an error naming the sample, not a process abort (libjpeg's
-/// error exit unwinds and is caught).
+/// error exit unwinds and is caught), and not grey blocks either: the corrupt-data warnings
+/// libjpeg (and PIL) decode past are errors here.
 #[test]
-fn broken_jpeg_is_an_error_not_an_abort() {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/libjpeg");
-    let jpeg = std::fs::read(dir.join("face_420.jpg")).unwrap();
+fn broken_jpeg_is_an_error_not_an_abort_nor_grey() {
+    let jpeg = std::fs::read(fixture("libjpeg").join("face_420.jpg")).unwrap();
     let mut garbled = jpeg.clone();
     for b in &mut garbled[200..600] {
         *b = 0xFF;
     }
     for (name, bytes) in [("truncated", &jpeg[..300]), ("garbled", &garbled[..])] {
-        match decode_face(bytes, name, false) {
-            Err(e) => assert!(e.to_string().contains(name), "{e}"),
-            // libjpeg recovers from some damage with a warning and grey blocks, as in PIL.
-            Ok(face) => assert_eq!(face.rgb.len(), 112 * 112 * 3),
-        }
+        let err = decode_face(bytes, name, false).unwrap_err().to_string();
+        assert!(err.contains(name), "{err}");
     }
+    let err = decode_face(&jpeg[..jpeg.len() - 200], "cut", false).unwrap_err();
+    assert!(err.to_string().contains("libjpeg warning"), "{err}");
     let err = decode_face(&[0xFF, 0xD8, 0xFF, 0x00, 1, 2, 3], "header-only", false).unwrap_err();
     assert!(err.to_string().contains("header-only"), "{err}");
+}
+
+/// `jpeg` with its frame header (SOF0) claiming `width` x `height`.
+fn with_declared_size(jpeg: &[u8], width: u16, height: u16) -> Vec<u8> {
+    let sof = jpeg
+        .windows(2)
+        .position(|w| w == [0xFF, 0xC0])
+        .expect("a baseline JPEG");
+    let mut forged = jpeg.to_vec();
+    forged[sof + 5..sof + 7].copy_from_slice(&height.to_be_bytes());
+    forged[sof + 7..sof + 9].copy_from_slice(&width.to_be_bytes());
+    forged
+}
+
+/// A face whose header claims 32000 x 32000 (or 4000 x 4000: 16 M pixels in 5 kB) is refused
+/// from the header, with `resize` too, before a buffer of its claimed size exists; so is a PNG
+/// claiming 100000 x 100000.
+#[test]
+fn forged_image_sizes_are_refused_before_decoding() {
+    let jpeg = std::fs::read(fixture("libjpeg").join("face_420.jpg")).unwrap();
+    for (w, h) in [(32000, 32000), (4000, 4000)] {
+        let forged = with_declared_size(&jpeg, w, h);
+        for resize in [false, true] {
+            let (result, largest) =
+                alloc_probe::largest_allocation(|| decode_face(&forged, "forged.jpg", resize));
+            let err = result.unwrap_err().to_string();
+            assert!(
+                err.contains("forged.jpg") && err.contains(&format!("{w}x{h}")),
+                "{err}"
+            );
+            assert!(
+                largest < 16 << 20,
+                "{largest} bytes allocated for a refused image"
+            );
+        }
+    }
+    let mut png = png_bytes(3);
+    png[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+    png[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+    let (result, largest) =
+        alloc_probe::largest_allocation(|| decode_face(&png, "forged.png", true));
+    assert!(result.is_err());
+    assert!(
+        largest < 16 << 20,
+        "{largest} bytes allocated for a refused image"
+    );
+    // The largest honest sizes still decode (a 112x112 face scaled up 4x in each direction).
+    let big = image::RgbImage::from_fn(448, 448, |x, y| image::Rgb([x as u8, y as u8, 9]));
+    let mut encoded = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut encoded, 90)
+        .encode_image(&big)
+        .unwrap();
+    assert!(decode_face(&encoded, "big.jpg", true).is_ok());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    /// Arbitrary damage to a real JPEG and a PNG (bytes replaced anywhere, most of them in the
+    /// headers, and a cut): decoding gives an image or an error, never a panic, and never
+    /// allocates more than the largest image the size limits admit.
+    #[test]
+    fn damaged_images_decode_or_fail_cleanly(
+        png: bool,
+        edits in prop::collection::vec((0.0f64..1.0, any::<u8>(), any::<bool>()), 1..8),
+        cut in prop::option::of(0.0f64..1.0),
+    ) {
+        let mut bytes = if png {
+            png_bytes(5)
+        } else {
+            std::fs::read(fixture("libjpeg").join("face_420.jpg")).unwrap()
+        };
+        for (at, value, in_header) in edits {
+            let span = if in_header { bytes.len().min(700) } else { bytes.len() };
+            let i = ((span as f64 * at) as usize).min(bytes.len() - 1);
+            bytes[i] = value;
+        }
+        if let Some(cut) = cut {
+            bytes.truncate((bytes.len() as f64 * cut) as usize);
+        }
+        let (_, largest) = alloc_probe::largest_allocation(|| {
+            let mut out = vec![0f32; 3 * FACE_SIZE * FACE_SIZE];
+            let _ = decode_face_into(&bytes, "damaged", true, false, &mut out);
+            let _ = image_ops::decode_rgb(&bytes);
+        });
+        prop_assert!(largest <= 4 * MAX_IMAGE_PIXELS, "allocated {largest} bytes");
+    }
+}
+
+/// The real training faces in ../shared decode, every one (JPEGs from real encoders, through
+/// the fast path or libjpeg with its warnings as errors).
+#[test]
+#[ignore = "needs ../shared/data: cargo xtask real-check"]
+fn real_lfw_training_faces_decode() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    for set in ["lfw_train_disjoint", "facescrub_subset"] {
+        let folder = ImageFolder::open(&data.join(set), true).unwrap();
+        assert!(folder.len() > 100, "{}", folder.describe());
+        for i in 0..folder.len() {
+            folder.get(i).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+}
+
+/// The fingerprint the teacher cache is keyed on sees one replaced image anywhere in the set
+/// (it once sampled 64 images), ignores where the set lives, and in metadata mode reads sizes
+/// and times only.
+#[test]
+fn fingerprints_see_every_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("faces");
+    for id in 0..3 {
+        std::fs::create_dir_all(root.join(format!("id{id}"))).unwrap();
+        for k in 0..40 {
+            std::fs::write(
+                root.join(format!("id{id}/{k:02}.png")),
+                png_bytes((id * 40 + k) as u8),
+            )
+            .unwrap();
+        }
+    }
+    let key = |root: &std::path::Path, mode| {
+        ImageFolder::open(root, false)
+            .unwrap()
+            .fingerprint(mode)
+            .unwrap()
+    };
+    let before = key(&root, FingerprintMode::Content);
+    assert_eq!(before, key(&root, FingerprintMode::Content));
+    let meta_before = key(&root, FingerprintMode::Metadata);
+
+    // One image among 120 replaced by another of the same size.
+    let victim = root.join("id1/17.png");
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&victim, &bytes).unwrap();
+    assert_ne!(key(&root, FingerprintMode::Content), before);
+
+    let moved = dir.path().join("elsewhere");
+    std::fs::rename(&root, &moved).unwrap();
+    assert_eq!(
+        key(&moved, FingerprintMode::Content),
+        key(&moved, FingerprintMode::Content)
+    );
+    std::fs::write(moved.join("id1/17.png"), png_bytes(17 + 40)).unwrap();
+    assert_eq!(
+        key(&moved, FingerprintMode::Content),
+        before,
+        "moving keeps the key"
+    );
+    // Metadata mode: the rewrite changed the file's time, so its key moved too.
+    assert_ne!(key(&moved, FingerprintMode::Metadata), meta_before);
+
+    // RecordIO: the .rec's bytes.
+    let prefix = dir.path().join("set");
+    pack_records(&prefix, 3, None, |i| Ok((png_bytes(i as u8), None))).unwrap();
+    let rec_key = || {
+        RecordDataset::open(&prefix, false)
+            .unwrap()
+            .fingerprint(FingerprintMode::Content)
+            .unwrap()
+    };
+    let original = rec_key();
+    let rec = prefix.with_extension("rec");
+    let mut bytes = std::fs::read(&rec).unwrap();
+    let last = bytes.len() - 40;
+    bytes[last] ^= 1;
+    std::fs::write(&rec, &bytes).unwrap();
+    assert_ne!(rec_key(), original);
 }

@@ -143,10 +143,14 @@ impl IjbMeta {
             }
         };
         let number = |path: &Path, line: usize, field: &str| -> Result<f64, IjbError> {
-            field.parse::<f64>().map_err(|_| IjbError {
-                path: path.to_path_buf(),
-                reason: format!("line {line}: `{field}` is not a number"),
-            })
+            field
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite())
+                .ok_or_else(|| IjbError {
+                    path: path.to_path_buf(),
+                    reason: format!("line {line}: `{field}` is not a finite number"),
+                })
         };
         let int = |path: &Path, line: usize, field: &str| -> Result<i64, IjbError> {
             field.parse::<i64>().map_err(|_| IjbError {
@@ -227,6 +231,18 @@ impl IjbMeta {
             }
             out.pairs.push((t1, t2));
             out.labels.push(int(&path, i + 1, &f[2])? != 0);
+        }
+        // TAR at FAR needs both kinds of pair; without one, every number would be 0 or NaN.
+        let genuine = out.labels.iter().filter(|&&g| g).count();
+        if genuine == 0 || genuine == out.labels.len() {
+            return Err(IjbError {
+                path,
+                reason: format!(
+                    "{} template pairs, {genuine} of them genuine: a ROC needs genuine and \
+                     impostor pairs",
+                    out.labels.len()
+                ),
+            });
         }
         Ok(out)
     }

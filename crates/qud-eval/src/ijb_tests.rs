@@ -224,6 +224,23 @@ fn bad_metadata_is_named_by_file_and_line() {
         err.contains("ijbb_template_pair_label.txt") && err.contains("template 9"),
         "{err}"
     );
+    // Only impostor pairs: no TAR can be read, where it once reported 0.00 with exit 0.
+    std::fs::write(meta.join("ijbb_template_pair_label.txt"), "1 2 0\n2 1 0\n").unwrap();
+    let err = IjbMeta::load(dir.path(), "ijbb").unwrap_err().to_string();
+    assert!(
+        err.contains("ijbb_template_pair_label.txt") && err.contains("0 of them genuine"),
+        "{err}"
+    );
+    std::fs::write(meta.join("ijbb_template_pair_label.txt"), "1 2 0\n1 1 1\n").unwrap();
+    IjbMeta::load(dir.path(), "ijbb").unwrap();
+    // A NaN detector score would scale a face's feature to NaN.
+    let nan = lmk.replace("0.8", "nan");
+    std::fs::write(meta.join("ijbb_name_5pts_score.txt"), nan).unwrap();
+    let err = IjbMeta::load(dir.path(), "ijbb").unwrap_err().to_string();
+    assert!(
+        err.contains("line 2") && err.contains("`nan` is not a finite number"),
+        "{err}"
+    );
     std::fs::write(meta.join("ijbb_name_5pts_score.txt"), "a.jpg 1 2 x\n").unwrap();
     let err = IjbMeta::load(dir.path(), "ijbb").unwrap_err().to_string();
     assert!(err.contains("line 1") && err.contains("4 fields"), "{err}");
@@ -311,4 +328,43 @@ fn end_to_end_on_a_tiny_set() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("5.png"), "{err}");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+
+    /// IJB metadata with characters replaced, lines dropped or cut: read, or an error naming
+    /// the file, never a panic.
+    #[test]
+    fn damaged_ijb_metadata_reads_or_fails_cleanly(
+        file in 0usize..3,
+        edits in proptest::collection::vec(
+            (0.0f64..1.0, proptest::sample::select(b" \n-x9.e\t".to_vec())), 1..6),
+        cut in proptest::option::of(0.0f64..1.0),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = dir.path().join("meta");
+        std::fs::create_dir_all(&meta).unwrap();
+        let files = [
+            ("ijbb_name_5pts_score.txt", "a.jpg 1 2 3 4 5 6 7 8 9 10 0.9\nb.jpg 1 2 3 4 5 6 7 8 9 10 0.8\n"),
+            ("ijbb_face_tid_mid.txt", "a.jpg 1 1\nb.jpg 2 2\n"),
+            ("ijbb_template_pair_label.txt", "1 2 0\n1 1 1\n"),
+        ];
+        for (k, (name, text)) in files.iter().enumerate() {
+            let mut bytes = text.as_bytes().to_vec();
+            if k == file {
+                for &(at, c) in &edits {
+                    let i = ((bytes.len() as f64 * at) as usize).min(bytes.len() - 1);
+                    bytes[i] = c;
+                }
+                if let Some(cut) = cut {
+                    bytes.truncate((bytes.len() as f64 * cut) as usize);
+                }
+            }
+            std::fs::write(meta.join(name), bytes).unwrap();
+        }
+        if let Err(e) = IjbMeta::load(dir.path(), "ijbb") {
+            proptest::prop_assert!(e.to_string().contains("ijbb_"), "{}", e);
+        }
+    }
 }

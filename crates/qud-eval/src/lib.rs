@@ -61,6 +61,17 @@ fn as_bools(value: &pickle::Value) -> Option<Vec<bool>> {
 }
 
 impl PairSet {
+    /// [`PairSet::load`], refusing a set that 10-fold verification cannot score
+    /// ([`check_pair_labels`]): what `eval` and training runs read their sets with.
+    pub fn load_scorable(path: &Path) -> Result<Self, BinError> {
+        let set = Self::load(path)?;
+        check_pair_labels(&set.issame).map_err(|reason| BinError {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(set)
+    }
+
     /// Read an insightface `.bin`; faces whose short side is not 112 are resized.
     pub fn load(path: &Path) -> Result<Self, BinError> {
         let fail = |reason: String| BinError {
@@ -235,6 +246,29 @@ pub struct SetScore {
 /// FARs whose TAR every report lists.
 pub const REPORT_FARS: [f64; 4] = [1e-4, 1e-3, 1e-2, 1e-1];
 
+/// Pairs verification can score: at least one per fold of the 10-fold protocol, and both
+/// genuine and impostor pairs (a fold's threshold search and VAL/FAR need both); fewer would
+/// report NaN or a meaningless 0.00.
+pub fn check_pair_labels(issame: &[bool]) -> Result<(), String> {
+    let genuine = issame.iter().filter(|&&s| s).count();
+    if issame.len() < VERIFICATION_FOLDS {
+        return Err(format!(
+            "{} pairs: 10-fold verification needs at least {VERIFICATION_FOLDS}",
+            issame.len()
+        ));
+    }
+    if genuine == 0 || genuine == issame.len() {
+        return Err(format!(
+            "{} pairs, {genuine} of them genuine: verification needs genuine and impostor pairs",
+            issame.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Folds of the verification protocol (insightface's `verification.py`).
+pub const VERIFICATION_FOLDS: usize = 10;
+
 /// Score embeddings made anywhere: rows are L2-normalised (XNorm is the mean row norm before),
 /// pairs are consecutive rows.
 pub fn score_embeddings(
@@ -250,6 +284,7 @@ pub fn score_embeddings(
             2 * issame.len()
         ));
     }
+    check_pair_labels(issame)?;
     let norms: Vec<f64> = rows
         .iter()
         .map(|r| r.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt())
@@ -277,7 +312,7 @@ fn scores_of(name: &str, normalized: &[Vec<f32>], issame: &[bool], xnorm: f64) -
         name: name.to_string(),
         pairs: issame.len(),
         xnorm,
-        scores: verify(normalized, issame, 10),
+        scores: verify(normalized, issame, VERIFICATION_FOLDS),
         tar_at_far,
         roc,
     }

@@ -29,11 +29,79 @@ pub enum Value {
     Mark,
 }
 
-/// Decode a pickle; errors name the byte offset.
+/// Containers nest at most this deep: insightface's sets nest four deep (tuple, list, numpy
+/// array, dtype), and deeper values would overflow the stack when dropped.
+pub const MAX_DEPTH: usize = 64;
+
+/// Bytes (and containers, 16 bytes each) that memo lookups may copy beyond the file's own size:
+/// a pickle references a memoised value instead of repeating it, so a few bytes of GET + APPEND
+/// can double a value each time; a `.bin` only ever references small values (globals, dtypes).
+const MEMO_COPY_ALLOWANCE: usize = 1 << 20;
+
+/// Whether `value` nests containers at most `limit` deep.
+fn nests_within(value: &Value, limit: usize) -> bool {
+    let children: Box<dyn Iterator<Item = &Value>> = match value {
+        Value::List(items) | Value::Tuple(items) => Box::new(items.iter()),
+        Value::Dict(pairs) => Box::new(pairs.iter().flat_map(|(k, v)| [k, v])),
+        Value::Object {
+            callable,
+            args,
+            state,
+        } => Box::new(
+            [callable.as_ref(), args.as_ref()]
+                .into_iter()
+                .chain(state.as_deref()),
+        ),
+        _ => return true,
+    };
+    limit > 0 && children.into_iter().all(|c| nests_within(c, limit - 1))
+}
+
+/// The memory a copy of `value` takes, roughly (payload bytes, 16 per node), counted only up to
+/// `cap`.
+fn weight(value: &Value, cap: usize) -> usize {
+    let mut total = 0usize;
+    let mut pending = vec![value];
+    while let Some(v) = pending.pop() {
+        total += 16;
+        match v {
+            Value::Bytes(b) => total += b.len(),
+            Value::Str(s) => total += s.len(),
+            Value::Global(m, n) => total += m.len() + n.len(),
+            Value::List(items) | Value::Tuple(items) => pending.extend(items),
+            Value::Dict(pairs) => pending.extend(pairs.iter().flat_map(|(k, v)| [k, v])),
+            Value::Object {
+                callable,
+                args,
+                state,
+            } => {
+                pending.extend([callable.as_ref(), args.as_ref()]);
+                pending.extend(state.as_deref());
+            }
+            Value::None | Value::Bool(_) | Value::Int(_) | Value::Mark => {}
+        }
+        if total > cap {
+            break;
+        }
+    }
+    total
+}
+
+/// Decode a pickle; errors name the byte offset. Memory stays within a small multiple of the
+/// file's size and nesting within [`MAX_DEPTH`], whatever the bytes say.
 pub fn load(data: &[u8]) -> Result<Value, String> {
     let mut stack: Vec<Value> = Vec::new();
     let mut memo: HashMap<u32, Value> = HashMap::new();
     let mut pos = 0usize;
+    let mut copy_budget = data.len().saturating_add(MEMO_COPY_ALLOWANCE);
+    let too_deep = |items: &[Value], at: usize| -> Result<(), String> {
+        match items.iter().all(|item| nests_within(item, MAX_DEPTH - 1)) {
+            true => Ok(()),
+            false => Err(format!(
+                "values nested more than {MAX_DEPTH} deep at byte {at}"
+            )),
+        }
+    };
     let take = |pos: &mut usize, n: usize| -> Result<&[u8], String> {
         let end = pos
             .checked_add(n)
@@ -121,14 +189,17 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
             }
             b'h' | b'j' => {
                 let n = le(take(&mut pos, if op == b'h' { 1 } else { 4 })?) as u32;
-                stack.push(
-                    memo.get(&n)
-                        .cloned()
-                        .ok_or(format!("memo {n} unset at byte {at}"))?,
-                );
+                let value = memo.get(&n).ok_or(format!("memo {n} unset at byte {at}"))?;
+                let cost = weight(value, copy_budget.saturating_add(1));
+                copy_budget = copy_budget.checked_sub(cost).ok_or(format!(
+                    "memo {n} referenced at byte {at} would copy more than the file holds \
+                     (a pickle that grows without bound)"
+                ))?;
+                stack.push(value.clone());
             }
             b'a' => {
                 let item = stack.pop().ok_or_else(underflow)?;
+                too_deep(std::slice::from_ref(&item), at)?;
                 match stack.last_mut() {
                     Some(Value::List(list)) => list.push(item),
                     _ => return Err(format!("APPEND to a non-list at byte {at}")),
@@ -136,6 +207,7 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
             }
             b'e' => {
                 let items = pop_mark(&mut stack, at)?;
+                too_deep(&items, at)?;
                 match stack.last_mut() {
                     Some(Value::List(list)) => list.extend(items),
                     _ => return Err(format!("APPENDS to a non-list at byte {at}")),
@@ -143,10 +215,12 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
             }
             b't' => {
                 let items = pop_mark(&mut stack, at)?;
+                too_deep(&items, at)?;
                 stack.push(Value::Tuple(items));
             }
             b'l' => {
                 let items = pop_mark(&mut stack, at)?;
+                too_deep(&items, at)?;
                 stack.push(Value::List(items));
             }
             0x85..=0x87 => {
@@ -155,6 +229,7 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
                     return Err(underflow());
                 }
                 let items = stack.split_off(stack.len() - n);
+                too_deep(&items, at)?;
                 stack.push(Value::Tuple(items));
             }
             b's' | b'u' => {
@@ -165,6 +240,7 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
                 } else {
                     pop_mark(&mut stack, at)?
                 };
+                too_deep(&items, at)?;
                 match stack.last_mut() {
                     Some(Value::Dict(d)) => {
                         for pair in items.chunks(2) {
@@ -202,6 +278,8 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
                 // REDUCE, NEWOBJ
                 let args = stack.pop().ok_or_else(underflow)?;
                 let callable = stack.pop().ok_or_else(underflow)?;
+                too_deep(std::slice::from_ref(&args), at)?;
+                too_deep(std::slice::from_ref(&callable), at)?;
                 stack.push(Value::Object {
                     callable: Box::new(callable),
                     args: Box::new(args),
@@ -210,6 +288,7 @@ pub fn load(data: &[u8]) -> Result<Value, String> {
             }
             b'b' => {
                 let state_value = stack.pop().ok_or_else(underflow)?;
+                too_deep(std::slice::from_ref(&state_value), at)?;
                 match stack.last_mut() {
                     Some(Value::Object { state, .. }) => *state = Some(Box::new(state_value)),
                     _ => return Err(format!("BUILD on a non-object at byte {at}")),

@@ -15,6 +15,16 @@ fn bad(path: &Path, reason: impl Into<String>) -> BinError {
 /// A NumPy `.npy` array: its dtype descr, shape and raw little-endian data.
 fn read_npy_raw(path: &Path) -> Result<(String, Vec<usize>, Vec<u8>), BinError> {
     let bytes = std::fs::read(path).map_err(|e| bad(path, e.to_string()))?;
+    parse_npy(&bytes, path)
+}
+
+/// The data bytes an array of `shape` with `width`-byte elements needs; `None` past `usize`.
+fn data_len(shape: &[usize], width: usize) -> Option<usize> {
+    shape.iter().try_fold(width, |n, &d| n.checked_mul(d))
+}
+
+/// [`read_npy_raw`] on bytes already read (`path` names them in errors).
+fn parse_npy(bytes: &[u8], path: &Path) -> Result<(String, Vec<usize>, Vec<u8>), BinError> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err(bad(path, "not a .npy file (no \\x93NUMPY magic)"));
     }
@@ -32,7 +42,7 @@ fn read_npy_raw(path: &Path) -> Result<(String, Vec<usize>, Vec<u8>), BinError> 
         }
     };
     let header = bytes
-        .get(start..start + header_len)
+        .get(start..header_len.saturating_add(start))
         .ok_or_else(|| bad(path, "truncated .npy header"))?;
     let header = String::from_utf8_lossy(header);
     let field = |key: &str| -> Option<String> {
@@ -85,12 +95,19 @@ pub fn read_npy_rows(path: &Path) -> Result<Vec<Vec<f32>>, BinError> {
             ))
         }
     };
-    if data.len() != rows * dim * width {
+    if dim == 0 {
+        return Err(bad(
+            path,
+            format!("shape ({rows}, 0): embeddings of no dimensions"),
+        ));
+    }
+    let needed = data_len(&shape, width);
+    if needed != Some(data.len()) {
         return Err(bad(
             path,
             format!(
                 "shape ({rows}, {dim}) needs {} data bytes, the file has {}",
-                rows * dim * width,
+                needed.map_or("more than 2^64".into(), |n| n.to_string()),
                 data.len()
             ),
         ));
@@ -105,10 +122,10 @@ pub fn read_npy_rows(path: &Path) -> Result<Vec<Vec<f32>>, BinError> {
     if let Some(i) = values.iter().position(|v| !v.is_finite()) {
         return Err(bad(
             path,
-            format!("row {} holds a non-finite value", i / dim.max(1)),
+            format!("row {} holds a non-finite value", i / dim),
         ));
     }
-    Ok(values.chunks(dim.max(1)).map(<[f32]>::to_vec).collect())
+    Ok(values.chunks(dim).map(<[f32]>::to_vec).collect())
 }
 
 /// Pair labels from a `.npy` (bool or integer) or a text file (one `1/0/true/false` per line).
@@ -127,8 +144,14 @@ pub fn read_issame(path: &Path) -> Result<Vec<bool>, BinError> {
             "<i8" | "<u8" => 8,
             other => return Err(bad(path, format!("dtype {other} is not bool or integer"))),
         };
-        if data.len() != shape[0] * width {
-            return Err(bad(path, "data shorter than the shape says"));
+        if data_len(&shape, width) != Some(data.len()) {
+            return Err(bad(
+                path,
+                format!(
+                    "shape {shape:?} does not match its {} data bytes",
+                    data.len()
+                ),
+            ));
         }
         return Ok(data
             .chunks_exact(width)

@@ -1,6 +1,10 @@
 use crate::*;
 use std::path::Path;
 
+#[global_allocator]
+static ALLOCATOR: qud_data::alloc_probe::LargestAllocation =
+    qud_data::alloc_probe::LargestAllocation;
+
 fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
@@ -207,17 +211,12 @@ fn flip_tta_sums_both_views_and_reports_xnorm() {
     );
 }
 
-/// The real LFW set from ../shared (present in development and CI, absent for users).
+/// The real LFW set from ../shared (beside the repository in development; users lack it).
 #[test]
-fn reads_the_real_lfw_bin_when_present() {
+#[ignore = "needs ../shared/data/lfw.bin: cargo xtask real-check"]
+fn real_lfw_bin_reads() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/lfw.bin");
-    if !path.exists() {
-        eprintln!(
-            "{} not present: real-LFW read check skipped",
-            path.display()
-        );
-        return;
-    }
+    assert!(path.is_file(), "{} is missing", path.display());
     let set = PairSet::load(&path).unwrap();
     assert_eq!(set.issame.len(), 6000);
     assert_eq!(set.faces.len(), 12000);
@@ -323,4 +322,127 @@ fn embeddings_from_files_score_like_the_library() {
         err.contains("emb.npy") && err.contains("not a .npy"),
         "{err}"
     );
+}
+
+/// Sets 10-fold verification cannot score are refused, naming the file: fewer than 10 pairs,
+/// or pairs of one kind only. They once reported NaN or 0.00 with exit 0.
+#[test]
+fn degenerate_pair_sets_are_refused() {
+    assert!(check_pair_labels(&[true, false].repeat(5)).is_ok());
+    let err =
+        check_pair_labels(&[true, false, true, false, true, false, true, false, true]).unwrap_err();
+    assert!(
+        err.contains("9 pairs") && err.contains("at least 10"),
+        "{err}"
+    );
+    for one_kind in [true, false] {
+        let err = check_pair_labels(&[one_kind; 12]).unwrap_err();
+        assert!(err.contains("genuine and impostor"), "{err}");
+    }
+    let rows = vec![vec![1.0f32, 0.0]; 24];
+    assert!(score_embeddings("x", &rows, &[true; 12]).is_err());
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("few.bin");
+    let (images, issame) = qud_data::synthetic_pairs(3, 1, qud_data::ImageEncoding::Png);
+    std::fs::write(&path, pickle::dump_bin(&images[..8], &issame[..4])).unwrap();
+    assert_eq!(PairSet::load(&path).unwrap().issame.len(), 4, "readable");
+    let err = PairSet::load_scorable(&path).unwrap_err().to_string();
+    assert!(err.contains("few.bin") && err.contains("4 pairs"), "{err}");
+}
+
+/// A pickle that doubles a memoised value with every three bytes, and one that nests lists a
+/// million deep: both refused with the byte offset, within a bounded allocation and without
+/// overflowing the stack. A 167-byte file of the first kind once grew without bound.
+#[test]
+fn pickle_bombs_are_refused() {
+    let mut doubling = vec![0x80, 4, b']'];
+    for round in 0..60u32 {
+        doubling.push(0x94); // MEMOIZE the top
+        doubling.push(b'j'); // LONG_BINGET it
+        doubling.extend_from_slice(&round.to_le_bytes());
+        doubling.push(0x86); // TUPLE2: (x, x)
+    }
+    doubling.push(b'.');
+    let (result, largest) = qud_data::alloc_probe::largest_allocation(|| pickle::load(&doubling));
+    let err = result.unwrap_err();
+    assert!(err.contains("would copy more than the file holds"), "{err}");
+    assert!(largest < 64 << 20, "{largest} bytes in one allocation");
+
+    let depth = 1_000_000;
+    let mut nested = vec![0x80, 4];
+    nested.extend(std::iter::repeat_n(b']', depth));
+    nested.extend(std::iter::repeat_n(b'a', depth - 1));
+    nested.push(b'.');
+    let err = pickle::load(&nested).unwrap_err();
+    assert!(err.contains("nested more than 64 deep"), "{err}");
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+    /// A `.bin` with bytes replaced anywhere (most in the pickle's opcodes and lengths) or cut
+    /// short reads or fails with a message; never a panic, never a large allocation.
+    #[test]
+    fn damaged_bins_read_or_fail_cleanly(
+        edits in proptest::collection::vec((0.0f64..1.0, proptest::prelude::any::<u8>()), 1..6),
+        cut in proptest::option::of(0.0f64..1.0),
+    ) {
+        let (images, issame) = qud_data::synthetic_pairs(3, 2, qud_data::ImageEncoding::Jpeg(90));
+        let mut bytes = pickle::dump_bin(&images[..4], &issame[..2]);
+        for (at, value) in edits {
+            let i = ((bytes.len() as f64 * at) as usize).min(bytes.len() - 1);
+            bytes[i] = value;
+        }
+        if let Some(cut) = cut {
+            bytes.truncate((bytes.len() as f64 * cut) as usize);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("damaged.bin");
+        std::fs::write(&path, &bytes).unwrap();
+        let (result, largest) =
+            qud_data::alloc_probe::largest_allocation(|| PairSet::load(&path).map(|_| ()));
+        if let Err(e) = result {
+            proptest::prop_assert!(e.to_string().contains("damaged.bin"), "{}", e);
+        }
+        proptest::prop_assert!(largest <= 4 * qud_data::MAX_IMAGE_PIXELS, "allocated {}", largest);
+    }
+
+    /// `.npy` files with damaged headers and shapes (a shape whose product overflows once
+    /// panicked) read or fail with a message.
+    #[test]
+    fn damaged_npy_files_read_or_fail_cleanly(
+        edits in proptest::collection::vec((0usize..128, proptest::prelude::any::<u8>()), 0..4),
+        shape in proptest::prop_oneof![
+            proptest::prelude::Just("(2, 3)".to_string()),
+            proptest::prelude::Just("(4294967296, 4294967296)".to_string()),
+            proptest::prelude::Just("(18446744073709551615, 2)".to_string()),
+            proptest::prelude::Just("(6, 0)".to_string()),
+            proptest::prelude::Just("(3,)".to_string()),
+        ],
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.npy");
+        write_npy(&path, &[vec![1.0, -2.0, 0.5], vec![3.0, 4.0, 5.0]]).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let at = text.find("(2, 3)").unwrap();
+        bytes.splice(at..at + 6, shape.bytes());
+        let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize + shape.len() - 6;
+        bytes[8..10].copy_from_slice(&(header_len as u16).to_le_bytes());
+        for (i, value) in edits {
+            let i = i.min(bytes.len() - 1);
+            bytes[i] = value;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let (rows, largest) = qud_data::alloc_probe::largest_allocation(|| read_npy_rows(&path));
+        if let Err(e) = &rows {
+            proptest::prop_assert!(e.to_string().contains("e.npy"), "{}", e);
+        }
+        let issame = read_issame(&path);
+        if let Err(e) = &issame {
+            proptest::prop_assert!(e.to_string().contains("e.npy"), "{}", e);
+        }
+        proptest::prop_assert!(largest < 1 << 20, "allocated {}", largest);
+    }
 }

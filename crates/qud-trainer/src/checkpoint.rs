@@ -1,6 +1,7 @@
 //! Checkpoints: `<out>/checkpoints/step-N/` holding the student (burnpack, with its parameter ids
 //! so the optimizer state re-attaches), the optimizer state, the queue and the loop position.
-//! Written to `step-N.tmp/` and renamed, so a checkpoint directory is always complete.
+//! Written to `step-N.tmp/` and renamed, so a checkpoint directory is always complete; its
+//! `checksums.json` holds every file's size and CRC-32, verified before a resume reads it.
 
 use crate::{io_error, Student, TrainError};
 use burn::module::Module;
@@ -113,6 +114,9 @@ pub fn save(
     }
     let state = serde_json::to_string_pretty(position).expect("position serializes");
     std::fs::write(tmp.join("position.json"), state).map_err(io_error(&tmp))?;
+    let sums = checksums(&tmp)?;
+    let sums = serde_json::to_string_pretty(&sums).expect("checksums serialize");
+    std::fs::write(tmp.join(CHECKSUMS), sums).map_err(io_error(&tmp))?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).map_err(io_error(&final_dir))?;
     }
@@ -123,6 +127,68 @@ pub fn save(
         std::fs::remove_dir_all(&oldest).map_err(io_error(&oldest))?;
     }
     Ok(final_dir)
+}
+
+/// The file in a checkpoint listing every other file's size and CRC-32.
+const CHECKSUMS: &str = "checksums.json";
+
+/// Size and CRC-32 of one checkpoint file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct FileSum {
+    bytes: u64,
+    crc32: u32,
+}
+
+fn file_sum(path: &Path) -> Result<FileSum, TrainError> {
+    let data = std::fs::read(path).map_err(io_error(path))?;
+    Ok(FileSum {
+        bytes: data.len() as u64,
+        crc32: crc32fast::hash(&data),
+    })
+}
+
+/// Sums of every file in checkpoint directory `dir` but the list itself, by file name.
+fn checksums(dir: &Path) -> Result<std::collections::BTreeMap<String, FileSum>, TrainError> {
+    let mut sums = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(io_error(dir))? {
+        let path = entry.map_err(io_error(dir))?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name != CHECKSUMS && path.is_file() {
+            sums.insert(name.to_string(), file_sum(&path)?);
+        }
+    }
+    Ok(sums)
+}
+
+/// Check every file of checkpoint `dir` against its recorded size and CRC-32.
+pub(crate) fn verify(dir: &Path) -> Result<(), TrainError> {
+    let fail = |reason: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        reason: format!(
+            "{reason}; the checkpoint is damaged (delete it to resume from the one before)"
+        ),
+    };
+    let list = dir.join(CHECKSUMS);
+    let text = std::fs::read_to_string(&list).map_err(|e| fail(format!("{CHECKSUMS}: {e}")))?;
+    let recorded: std::collections::BTreeMap<String, FileSum> =
+        serde_json::from_str(&text).map_err(|e| fail(format!("{CHECKSUMS}: {e}")))?;
+    for (name, want) in &recorded {
+        let path = dir.join(name);
+        if !path.is_file() {
+            return Err(fail(format!("{name} is missing")));
+        }
+        let got = file_sum(&path)?;
+        if got != *want {
+            return Err(fail(format!(
+                "{name} is {} bytes with CRC-32 {:08x}, written as {} bytes with {:08x}",
+                got.bytes, got.crc32, want.bytes, want.crc32
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Complete checkpoints, oldest first.
@@ -172,6 +238,7 @@ pub fn load_latest(
         path: dir.clone(),
         reason,
     };
+    verify(&dir)?;
     let text = std::fs::read_to_string(dir.join("position.json")).map_err(io_error(&dir))?;
     let position: Position =
         serde_json::from_str(&text).map_err(|e| fail(format!("position.json: {e}")))?;

@@ -134,8 +134,19 @@ impl Objective {
                 let head = head.ok_or_else(|| {
                     TrainError::Config("arcface needs the student's class-centre head".into())
                 })?;
+                let labels = labels()?;
+                let classes = head.weight.dims()[0];
+                // A label past the head would match no class centre: a zero one-hot row, a
+                // loss that ignores the sample, and no error anywhere else.
+                if let Some(&label) = labels.iter().find(|&&l| l as usize >= classes) {
+                    return Err(TrainError::Config(format!(
+                        "identity label {label} in the batch, but the ArcFace head has {classes} \
+                         classes (labels 0..{}): the dataset's identity count is wrong",
+                        classes - 1
+                    )));
+                }
                 ShardLoss {
-                    loss: head.loss(features, &labels()?, *margin, *scale),
+                    loss: head.loss(features, &labels, *margin, *scale),
                     keys: None,
                     similarities: None,
                 }

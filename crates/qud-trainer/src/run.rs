@@ -95,7 +95,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             0
         };
         let mut skipped_samples = 0usize;
-        for (b, batch) in run.loader.epoch(epoch, first_batch).into_iter().enumerate() {
+        for (b, batch) in run.loader.epoch(epoch, first_batch).enumerate() {
             let batch = run.usable(batch?, epoch, first_batch + b, &mut skipped_samples)?;
             let step = position.step;
             let lr = learning_rate(&config.optim, epoch, step, run.steps_per_epoch);

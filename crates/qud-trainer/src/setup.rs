@@ -1,13 +1,17 @@
 //! Everything a run is built from: the dataset, the student, the frozen teacher, the eval sets.
 
 use crate::objective::ArcFaceHead;
-use crate::teacher_cache::{dataset_key, teacher_key, CacheError, CacheKey, Fnv, TeacherCache};
+use crate::teacher_cache::{dataset_key, teacher_key, CacheError, CacheKey, TeacherCache};
 use crate::TrainError;
 use burn::module::Module;
 use burn::prelude::*;
 use qud_backbone::{Backbone, FaceEmbedder};
-use qud_config::{CacheDtype, CacheMode, Config, DataFormat, MethodKind, WeightFormat};
-use qud_data::{ConcatDataset, FaceDataset, ImageFolder, RecordDataset, SyntheticFaces};
+use qud_config::{
+    CacheDtype, CacheFingerprint, CacheMode, Config, DataFormat, MethodKind, WeightFormat,
+};
+use qud_data::{
+    ConcatDataset, FaceDataset, FingerprintMode, Fnv, ImageFolder, RecordDataset, SyntheticFaces,
+};
 use qud_eval::PairSet;
 use qud_models::{AnyBackbone, BackboneSpec};
 use std::path::{Path, PathBuf};
@@ -280,7 +284,13 @@ pub(crate) fn teacher_cache(
     // augmentation would have to turn the cache off here.
     let key = CacheKey {
         teacher: teacher_identity(config)?,
-        dataset: dataset_key(dataset, t.cache_full_hash),
+        dataset: dataset_key(
+            dataset,
+            match t.cache_fingerprint {
+                CacheFingerprint::Content => FingerprintMode::Content,
+                CacheFingerprint::Metadata => FingerprintMode::Metadata,
+            },
+        )?,
         preprocessing: Fnv::default()
             .bytes(b"rgb u8 -> (x/255 - 0.5)/0.5, NCHW, flip = mirror width; l2-normalised")
             .u64(u64::from(config.data.resize))
@@ -399,7 +409,7 @@ pub(crate) fn eval_sets(config: &Config) -> Result<Vec<PairSet>, TrainError> {
     for target in &config.eval.targets {
         let path = dir.join(format!("{target}.bin"));
         if path.is_file() {
-            sets.push(PairSet::load(&path)?);
+            sets.push(PairSet::load_scorable(&path)?);
         } else {
             missing.push(target.as_str());
         }

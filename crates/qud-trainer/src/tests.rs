@@ -39,6 +39,14 @@ fn tiny(dir: &std::path::Path, method: &str, extra: &[&str]) -> Config {
         .unwrap()
 }
 
+/// The tensors of a safetensors file ([`tensors`]) as bits, for bit-for-bit comparisons.
+fn tensor_bits(path: &std::path::Path) -> Vec<(String, Vec<u32>)> {
+    tensors(path)
+        .into_iter()
+        .map(|(name, values)| (name, values.iter().map(|v| v.to_bits()).collect()))
+        .collect()
+}
+
 #[test]
 fn qud_resume_is_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
@@ -82,20 +90,9 @@ fn qud_resume_is_bit_exact() {
         "{resumed:?} vs {:?}",
         full.losses
     );
-    let weights = |p: &std::path::Path| {
-        let bytes = std::fs::read(p).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut all: Vec<(String, Vec<u8>)> = st
-            .tensors()
-            .into_iter()
-            .map(|(k, v)| (k, v.data().to_vec()))
-            .collect();
-        all.sort();
-        all
-    };
     let (a, b) = (
-        weights(&rest.student_weights),
-        weights(&full.student_weights),
+        tensor_bits(&rest.student_weights),
+        tensor_bits(&full.student_weights),
     );
     let differing: Vec<&String> = a
         .iter()
@@ -220,6 +217,226 @@ fn resume_refuses_a_qud_checkpoint_without_its_queue() {
     };
     let err = train(&config, &resume).unwrap_err().to_string();
     assert!(err.contains("queue.bin"), "{err}");
+}
+
+/// A checkpoint whose files changed after they were written (one flipped bit in the student)
+/// is refused on resume, naming the file, instead of resuming from damaged weights.
+#[test]
+fn resume_refuses_a_damaged_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny(dir.path(), "qud", &[]);
+    let once = TrainOptions {
+        max_steps: Some(1),
+        ..TrainOptions::default()
+    };
+    train(&config, &once).unwrap();
+    let (_, latest) = crate::checkpoint::list(dir.path()).unwrap().pop().unwrap();
+    let student = latest.join("student.bpk");
+    let mut bytes = std::fs::read(&student).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x10;
+    std::fs::write(&student, &bytes).unwrap();
+    let resume = TrainOptions {
+        resume: true,
+        ..TrainOptions::default()
+    };
+    let err = train(&config, &resume).unwrap_err().to_string();
+    assert!(
+        err.contains("student.bpk") && err.contains("damaged"),
+        "{err}"
+    );
+    bytes[middle] ^= 0x10;
+    std::fs::write(&student, &bytes).unwrap();
+    train(&config, &resume).unwrap();
+}
+
+/// Uniform numbers in [0, 1) from SplitMix64 seeded with `seed`: reproducible test choices.
+fn uniform_from(seed: u64) -> impl FnMut() -> f64 {
+    let mut state = seed;
+    move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Any byte of any checkpoint file changed (300 random single-byte changes), or any file cut
+/// short: resume refuses the checkpoint. Only `checksums.json` may take a change that leaves
+/// its values as they were (JSON whitespace).
+#[test]
+fn every_damaged_checkpoint_byte_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny(dir.path(), "qud", &[]);
+    let once = TrainOptions {
+        max_steps: Some(1),
+        ..TrainOptions::default()
+    };
+    train(&config, &once).unwrap();
+    let (_, checkpoint) = crate::checkpoint::list(dir.path()).unwrap().pop().unwrap();
+    crate::checkpoint::verify(&checkpoint).unwrap();
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&checkpoint)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert_eq!(files.len(), 5, "{files:?}");
+    let mut uniform = uniform_from(31);
+    let (mut caught, mut harmless) = (0, 0);
+    for _ in 0..300 {
+        let file = &files[(uniform() * files.len() as f64) as usize];
+        let mut bytes = std::fs::read(file).unwrap();
+        let at = (uniform() * bytes.len() as f64) as usize;
+        let original = bytes[at];
+        bytes[at] ^= 1 + (uniform() * 255.0) as u8;
+        std::fs::write(file, &bytes).unwrap();
+        match crate::checkpoint::verify(&checkpoint) {
+            Err(e) => {
+                let name = file.file_name().unwrap().to_string_lossy();
+                assert!(e.to_string().contains("damaged"), "{e}");
+                assert!(
+                    e.to_string().contains(name.as_ref()) || name == "checksums.json",
+                    "{e}"
+                );
+                caught += 1;
+            }
+            Ok(()) => {
+                assert!(
+                    file.ends_with("checksums.json"),
+                    "{} changed unseen",
+                    file.display()
+                );
+                harmless += 1;
+            }
+        }
+        bytes[at] = original;
+        std::fs::write(file, &bytes).unwrap();
+    }
+    for file in &files {
+        let bytes = std::fs::read(file).unwrap();
+        std::fs::write(file, &bytes[..bytes.len() - 1]).unwrap();
+        assert!(
+            crate::checkpoint::verify(&checkpoint).is_err(),
+            "{}",
+            file.display()
+        );
+        std::fs::write(file, &bytes).unwrap();
+    }
+    assert!(caught > 250, "{caught} caught, {harmless} harmless");
+    crate::checkpoint::verify(&checkpoint).unwrap();
+}
+
+/// Set in the child processes of [`killed_runs_resume_to_the_same_weights`]: the run directory.
+const KILLED_RUN: &str = "QUD_TEST_KILLED_RUN";
+
+/// The run [`killed_runs_resume_to_the_same_weights`] kills: 3 epochs of 2 steps, a checkpoint
+/// after every step.
+fn killable(out: &std::path::Path) -> Config {
+    tiny(out, "qud", &["optim.epochs=3", "run.checkpoint_every=1"])
+}
+
+/// Crash safety: a run killed with SIGKILL at random moments (in a step, in a checkpoint write,
+/// while writing its outputs) and resumed each time ends with the final weights of a run never
+/// interrupted, bit for bit. The test binary re-runs itself as the child that is killed.
+#[test]
+fn killed_runs_resume_to_the_same_weights() {
+    if let Some(out) = std::env::var_os(KILLED_RUN) {
+        let out = std::path::PathBuf::from(out);
+        let resume = !crate::checkpoint::list(&out).unwrap().is_empty();
+        let options = TrainOptions {
+            resume,
+            ..TrainOptions::default()
+        };
+        train(&killable(&out), &options).unwrap();
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // Whether run `out` has written into a checkpoint's `step-N.tmp` since `since` (one left
+    // by an earlier kill does not count).
+    let writing_checkpoint = |out: &std::path::Path, since: std::time::SystemTime| {
+        std::fs::read_dir(crate::checkpoint::directory(out)).is_ok_and(|entries| {
+            entries.flatten().any(|e| {
+                e.file_name().to_string_lossy().ends_with(".tmp")
+                    && e.metadata()
+                        .and_then(|m| m.modified())
+                        .is_ok_and(|t| t >= since)
+            })
+        })
+    };
+    // Runs this test's body as a child process in `out`, killed (SIGKILL) `kill_at` seconds in,
+    // or with `in_write` as soon as it is seen writing a checkpoint, if it is still running:
+    // its run time, or when killed whether that was in a checkpoint write.
+    let child_run = |out: &std::path::Path, kill_at: Option<f64>, in_write: bool| {
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "tests::killed_runs_resume_to_the_same_weights",
+                "--test-threads=1",
+            ])
+            .env(KILLED_RUN, out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let (spawned, since) = (std::time::Instant::now(), std::time::SystemTime::now());
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(status.success(), "a child run failed: {status}");
+                return Ok(spawned.elapsed().as_secs_f64());
+            }
+            if kill_at.is_some_and(|t| spawned.elapsed().as_secs_f64() >= t)
+                || (in_write && writing_checkpoint(out, since))
+            {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                return Err(writing_checkpoint(out, since));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    // The uninterrupted run, in a child too, so both pay the same start-up; it also builds the
+    // teacher cache the killed run then shares.
+    let straight = dir.path().join("straight");
+    child_run(&straight, None, false).unwrap();
+    let run_time = child_run(&dir.path().join("timed"), None, false).unwrap();
+
+    let out = dir.path().join("killed");
+    let (mut kills, mut in_checkpoint_writes) = (0, 0);
+    // Kill moments spread over the run, reproducibly.
+    let mut uniform = uniform_from(0x5EED);
+    for attempt in 0.. {
+        // Every third child is killed in a checkpoint write, the others at a random moment
+        // (start-up, a step, a write, the final outputs). After 40 attempts the child runs to
+        // the end, so the test ends whatever the timing.
+        let in_write = attempt < 40 && attempt % 3 == 2;
+        let kill_at = (attempt < 40 && !in_write).then(|| run_time * uniform());
+        match child_run(&out, kill_at, in_write) {
+            Ok(_) => break,
+            Err(in_write) => {
+                kills += 1;
+                in_checkpoint_writes += usize::from(in_write);
+            }
+        }
+    }
+    eprintln!(
+        "a run of {run_time:.2} s killed {kills} times, {in_checkpoint_writes} of them in a \
+         checkpoint write"
+    );
+    assert!(
+        kills >= 3,
+        "only {kills} kills: the run outpaced the kill moments"
+    );
+    assert!(
+        in_checkpoint_writes >= 1,
+        "no kill landed in a checkpoint write"
+    );
+    // Tensors, not file bytes: burn writes the safetensors metadata in hash-map order.
+    assert!(
+        tensor_bits(&out.join("student.safetensors"))
+            == tensor_bits(&straight.join("student.safetensors")),
+        "the killed and resumed run's final weights differ from the uninterrupted run's"
+    );
 }
 
 #[test]
@@ -383,6 +600,25 @@ fn arcface_loss_matches_the_formula() {
     }
     let want = total / 2.0;
     assert!((got - want).abs() < 1e-3 * want, "{got} vs {want}");
+
+    // A label beyond the head's classes is an error, not a sample the loss silently ignores.
+    let arcface = crate::objective::Objective::ArcFace {
+        margin: 0.5,
+        scale: 64.0,
+    };
+    let f = Tensor::<2>::from_floats([[0.6, 0.8], [1.0, -0.1]], &device);
+    let err = arcface
+        .shard_loss(f.clone(), None, None, || Ok(vec![1, 7]), Some(&head), false)
+        .err()
+        .expect("label 7 of 3 classes")
+        .to_string();
+    assert!(
+        err.contains("label 7") && err.contains("3 classes"),
+        "{err}"
+    );
+    assert!(arcface
+        .shard_loss(f, None, None, || Ok(vec![1, 2]), Some(&head), false)
+        .is_ok());
 }
 
 /// A RecordIO training set (labelled, with one corrupt JPEG) trains with `on_bad_sample = skip`,
