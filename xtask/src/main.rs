@@ -140,6 +140,7 @@ fn test(args: &[String]) -> Result<()> {
             "--features",
             "qud-backends/wgpu",
             "--",
+            "--ignored",
             "smoke",
             "wgpu_matches_flex",
         ]);
@@ -210,8 +211,27 @@ fn gpu_check(args: &[String]) -> Result<()> {
         }
     };
     let mut check = bench(&backend);
-    check.env("QUD_GPU_BACKEND", &backend).envs(settings);
-    run(&format!("gpu check on {backend}"), check)
+    check
+        .env("QUD_GPU_BACKEND", &backend)
+        .envs(settings.clone());
+    run(&format!("gpu check on {backend}"), check)?;
+    // The backend plugin's own smoke test, which `cargo test` leaves out (it needs the GPU).
+    let mut smoke = cargo();
+    smoke.args([
+        "test",
+        "-p",
+        &format!("qud-backend-{backend}"),
+        "--",
+        "--ignored",
+        "smoke",
+    ]);
+    if let Some((_, device)) = settings.iter().find(|(k, _)| k == "QUD_GPU_DEVICE") {
+        smoke.env(
+            format!("QUD_{}_DEVICE", backend.to_ascii_uppercase()),
+            device,
+        );
+    }
+    run(&format!("{backend} smoke test"), smoke)
 }
 
 fn train(args: &[String]) -> Result<()> {

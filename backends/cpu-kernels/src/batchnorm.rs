@@ -428,11 +428,14 @@ pub fn batch_norm_backward_in_place_host(
         .par_iter_mut()
         .enumerate()
         .for_each(|(c, parameter_grads)| {
-            // SAFETY (both `get`s): only this task, channel `c`'s, takes the planes of channel
-            // `c`, and each plane is held once at a time.
-            let dy = |n: usize| -> &[f32] { unsafe { planes.get(backward.index(n, c)) } };
+            let dy = |n: usize| -> &[f32] {
+                // SAFETY: (both `get`s) only this task, channel `c`'s, takes the planes of
+                // channel `c`, and each plane is held once at a time.
+                unsafe { planes.get(backward.index(n, c)) }
+            };
             let (coefficients, grads) = backward.channel(c, dy);
             for n in 0..backward.samples {
+                // SAFETY: as above.
                 let dy = unsafe { planes.get(backward.index(n, c)) };
                 x_grad_plane_in_place(dy, backward.input(n, c), coefficients);
             }
@@ -484,7 +487,7 @@ pub fn batch_norm_prelu_backward_in_place_host(
                     let next: &[f32] = unsafe { planes.get(backward.index(n + 1, c)) };
                     upcoming.reads = [backward.input(n + 1, c), next];
                 }
-                // SAFETY (both `get`s): only this task, channel `c`'s, takes the planes of
+                // SAFETY: (both `get`s) only this task, channel `c`'s, takes the planes of
                 // channel `c`, and each plane is held once at a time.
                 let dz = unsafe { planes.get(backward.index(n, c)) };
                 sums.add((backward.input(n, c), dz, &upcoming), affine, scratch);
@@ -828,7 +831,7 @@ pub fn batch_norm_prelu_depthwise_backward_host(
                         }
                         let input = backward.input(n, c);
                         let g = output_grad(n);
-                        // SAFETY (both `get`s): only this task, channel `c`'s, takes the planes
+                        // SAFETY: (both `get`s) only this task, channel `c`'s, takes the planes
                         // of channel `c`, and each plane is held once at a time.
                         let dz = unsafe { planes.get(backward.index(n, c)) };
                         if fused {

@@ -192,57 +192,62 @@ unsafe fn product_avx512(
     (first_row, rows, out): (usize, usize, &mut [MaybeUninit<f32>]),
     next: Option<(&[f32], *const f32)>,
 ) {
-    let depth = lhs.depth;
-    let c_base = out.as_mut_ptr().cast::<f32>();
-    let b_base = image.as_ptr();
-    // Positions per pass over the tiles: the image's columns and output of a pass, and those
-    // of the next pass (requested during this one), stay in the second-level cache while every
-    // tile of rows reads them.
-    let chunk = ((CHUNK_VALUES / (depth + rows).max(1)) / BLOCK).max(1) * BLOCK;
-    let mut start = 0;
-    while start < positions {
-        let end = positions.min(start + chunk);
-        let mut requests = if end < positions {
-            Requests::columns(
-                b_base,
-                c_base,
-                (depth, rows),
-                positions,
-                (end, positions.min(end + chunk)),
-            )
-        } else if let Some((image, out)) = next {
-            Requests::columns(
-                image.as_ptr(),
-                out,
-                (depth, rows),
-                positions,
-                (0, positions.min(chunk)),
-            )
-        } else {
-            Requests::none()
-        };
-        let mut blocks = Blocks::new(end - start);
-        while let Some((offset, vectors, last_mask)) = blocks.next() {
-            let first = start + offset;
-            let b = (b_base.add(first), positions);
-            // Every tile of rows reads this block of columns, from the first-level cache
-            // after the first; the packed rows stream through in order.
-            for t in 0..rows.div_ceil(ROWS) {
-                let a = lhs
-                    .values
-                    .as_ptr()
-                    .add((first_row / ROWS + t) * depth * ROWS);
-                let valid = ROWS.min(rows - t * ROWS);
-                let c = (c_base.add(t * ROWS * positions + first), positions, valid);
-                let r = &mut requests;
-                match vectors {
-                    3 => tile::<3>(a, depth, b, last_mask, c, r),
-                    2 => tile::<2>(a, depth, b, last_mask, c, r),
-                    _ => tile::<1>(a, depth, b, last_mask, c, r),
+    // SAFETY: the caller ([`product`]) has checked AVX-512F and sized `image` (`depth` rows of
+    // `positions`), `lhs` (whole packed tiles) and `out` (`rows` rows of `positions`); every
+    // offset below stays inside them.
+    unsafe {
+        let depth = lhs.depth;
+        let c_base = out.as_mut_ptr().cast::<f32>();
+        let b_base = image.as_ptr();
+        // Positions per pass over the tiles: the image's columns and output of a pass, and those
+        // of the next pass (requested during this one), stay in the second-level cache while every
+        // tile of rows reads them.
+        let chunk = ((CHUNK_VALUES / (depth + rows).max(1)) / BLOCK).max(1) * BLOCK;
+        let mut start = 0;
+        while start < positions {
+            let end = positions.min(start + chunk);
+            let mut requests = if end < positions {
+                Requests::columns(
+                    b_base,
+                    c_base,
+                    (depth, rows),
+                    positions,
+                    (end, positions.min(end + chunk)),
+                )
+            } else if let Some((image, out)) = next {
+                Requests::columns(
+                    image.as_ptr(),
+                    out,
+                    (depth, rows),
+                    positions,
+                    (0, positions.min(chunk)),
+                )
+            } else {
+                Requests::none()
+            };
+            let mut blocks = Blocks::new(end - start);
+            while let Some((offset, vectors, last_mask)) = blocks.next() {
+                let first = start + offset;
+                let b = (b_base.add(first), positions);
+                // Every tile of rows reads this block of columns, from the first-level cache
+                // after the first; the packed rows stream through in order.
+                for t in 0..rows.div_ceil(ROWS) {
+                    let a = lhs
+                        .values
+                        .as_ptr()
+                        .add((first_row / ROWS + t) * depth * ROWS);
+                    let valid = ROWS.min(rows - t * ROWS);
+                    let c = (c_base.add(t * ROWS * positions + first), positions, valid);
+                    let r = &mut requests;
+                    match vectors {
+                        3 => tile::<3>(a, depth, b, last_mask, c, r),
+                        2 => tile::<2>(a, depth, b, last_mask, c, r),
+                        _ => tile::<1>(a, depth, b, last_mask, c, r),
+                    }
                 }
             }
+            start = end;
         }
-        start = end;
     }
 }
 
@@ -260,27 +265,32 @@ unsafe fn tile<const V: usize>(
     (c, c_stride, valid): (*mut f32, usize, usize),
     requests: &mut Requests,
 ) {
-    let mut acc = [[_mm512_setzero_ps(); V]; ROWS];
-    let mut masks = [0xffffu16; V];
-    masks[V - 1] = last_mask;
-    for j in 0..depth {
-        let row = b.add(j * b_stride);
-        requests.next();
-        let mut bv = [_mm512_setzero_ps(); V];
-        for v in 0..V {
-            bv[v] = _mm512_maskz_loadu_ps(masks[v], row.add(16 * v));
-        }
-        let step = a.add(j * ROWS);
-        for (r, acc) in acc.iter_mut().enumerate() {
-            let av = _mm512_set1_ps(*step.add(r));
-            for (acc, &b) in acc.iter_mut().zip(&bv) {
-                *acc = _mm512_fmadd_ps(av, b, *acc);
+    // SAFETY: AVX-512F (the caller's target feature); `a` holds `depth` packed rows of
+    // `ROWS`, `b` `depth` rows of `b_stride` with `V` vectors (the last masked) from it, and `c`
+    // `valid` rows of `c_stride`: what [`product_avx512`] passes.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); V]; ROWS];
+        let mut masks = [0xffffu16; V];
+        masks[V - 1] = last_mask;
+        for j in 0..depth {
+            let row = b.add(j * b_stride);
+            requests.next();
+            let mut bv = [_mm512_setzero_ps(); V];
+            for v in 0..V {
+                bv[v] = _mm512_maskz_loadu_ps(masks[v], row.add(16 * v));
+            }
+            let step = a.add(j * ROWS);
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let av = _mm512_set1_ps(*step.add(r));
+                for (acc, &b) in acc.iter_mut().zip(&bv) {
+                    *acc = _mm512_fmadd_ps(av, b, *acc);
+                }
             }
         }
-    }
-    for (r, acc) in acc.iter().take(valid).enumerate() {
-        for (v, (&acc, &m)) in acc.iter().zip(&masks).enumerate() {
-            _mm512_mask_storeu_ps(c.add(r * c_stride + 16 * v), m, acc);
+        for (r, acc) in acc.iter().take(valid).enumerate() {
+            for (v, (&acc, &m)) in acc.iter().zip(&masks).enumerate() {
+                _mm512_mask_storeu_ps(c.add(r * c_stride + 16 * v), m, acc);
+            }
         }
     }
 }

@@ -40,13 +40,11 @@ pub fn plugin() -> BackendPlugin {
 
 #[cfg(test)]
 mod tests {
-    /// Needs an adapter: run by `cargo xtask test --wgpu`, which sets QUD_WGPU_DEVICE.
+    /// On `QUD_WGPU_DEVICE` (default `wgpu`, the first adapter).
     #[test]
+    #[ignore = "needs a Vulkan adapter (a GPU or Mesa's lavapipe): cargo xtask test --wgpu"]
     fn smoke() {
-        let Ok(text) = std::env::var("QUD_WGPU_DEVICE") else {
-            eprintln!("QUD_WGPU_DEVICE unset: wgpu smoke test not run (cargo xtask test --wgpu)");
-            return;
-        };
+        let text = std::env::var("QUD_WGPU_DEVICE").unwrap_or_else(|_| "wgpu".into());
         let device = super::plugin().device(&text).unwrap();
         qud_backend_core::smoke_test(&device).unwrap();
     }

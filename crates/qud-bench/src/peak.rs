@@ -89,7 +89,8 @@ mod x86 {
         let mut lanes = [0.0f32; 8];
         for &x in &acc {
             let mut v = [0.0f32; 8];
-            _mm256_storeu_ps(v.as_mut_ptr(), x);
+            // SAFETY: `v` holds the 8 floats the store writes.
+            unsafe { _mm256_storeu_ps(v.as_mut_ptr(), x) };
             for (l, e) in lanes.iter_mut().zip(v) {
                 *l += e;
             }

@@ -140,6 +140,7 @@ pub(crate) fn decode_jpeg_libjpeg(bytes: &[u8]) -> Result<(usize, usize, Vec<u8>
     let decode = || -> std::io::Result<(usize, usize, Vec<u8>)> {
         // SAFETY: a zeroed jpeg_error_mgr is what jpeg_std_error expects to fill in.
         let mut errors: mozjpeg_sys::jpeg_error_mgr = unsafe { std::mem::zeroed() };
+        // SAFETY: `errors` is a live, writable error manager for libjpeg to fill in.
         unsafe { mozjpeg_sys::jpeg_std_error(&mut errors) };
         errors.error_exit = Some(libjpeg_error);
         errors.emit_message = Some(libjpeg_warning);

@@ -922,7 +922,8 @@ mod avx2_idct {
         let words23 = _mm256_packs_epi32(wrap(rows[2]), wrap(rows[3]));
         let bytes = _mm256_packus_epi16(words01, words23);
         let ordered = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        let quads: [u64; 4] = std::mem::transmute(ordered);
+        // SAFETY: a 256-bit vector is 32 plain bytes, as are four u64.
+        let quads: [u64; 4] = unsafe { std::mem::transmute::<__m256i, [u64; 4]>(ordered) };
         for (r, quad) in quads.iter().enumerate() {
             // SAFETY: the caller guarantees 4 rows of 8 bytes at `out`, `stride` apart.
             unsafe { std::ptr::write_unaligned(out.add(r * stride) as *mut u64, *quad) };
