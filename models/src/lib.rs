@@ -63,6 +63,9 @@ macro_rules! backbones {
             fn fold_batchnorm(&mut self) {
                 match self { $(Self::$variant(m) => m.fold_batchnorm(),)+ }
             }
+            fn onnx_graph(&self, graph: &mut qud_backbone::OnnxGraph) -> String {
+                match self { $(Self::$variant(m) => m.onnx_graph(graph),)+ }
+            }
         }
 
         /// Load a PyTorch `state_dict` (`.pth`/`.pt`/`.bin`) or safetensors file into `model`,

@@ -6,8 +6,10 @@
 //! `features.running_var`, ...) and an export loads back with PyTorch's `load_state_dict`.
 
 pub mod layers;
+pub mod onnx_graph;
 mod weights;
 
+pub use onnx_graph::OnnxGraph;
 pub use weights::{load_weights, save_safetensors, WeightError};
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -31,6 +33,11 @@ pub trait Backbone: Module {
     /// network computes the same function with fewer passes over its activations; it is no longer
     /// fit for training or for export with PyTorch's key names.
     fn fold_batchnorm(&mut self) {}
+    /// Write the network as it runs in eval mode into `graph`, from [`OnnxGraph::INPUT`]
+    /// (`[N, 3, 112, 112]`), naming nodes and weights as the PyTorch module does; returns the
+    /// value holding the `[N, D]` embedding. BatchNorms folded by [`Backbone::fold_batchnorm`]
+    /// write nothing.
+    fn onnx_graph(&self, graph: &mut OnnxGraph) -> String;
 }
 
 /// Anything that maps aligned faces to embeddings: every [`Backbone`], and models that are not

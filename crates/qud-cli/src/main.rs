@@ -155,6 +155,36 @@ enum Command {
         #[arg(long, default_value_t = 50, value_parser = at_least(3))]
         pair_identities: usize,
     },
+    /// Export a registered backbone and its weights (or a training checkpoint's student) to
+    /// ONNX (opset 13+: BatchNorms folded, a dynamic batch, input `input` [N, 3, 112, 112] RGB in
+    /// [-1, 1], output `embedding` [N, D] unnormalised, the contract and the source weights in
+    /// the metadata) and/or to safetensors with PyTorch's key names.
+    Export {
+        /// Registered architecture (`qud list`).
+        #[arg(long, required_unless_present = "checkpoint")]
+        arch: Option<String>,
+        /// PyTorch state_dict (.pth/.pt) or safetensors with the architecture's key names
+        /// (a run's `student.safetensors`).
+        #[arg(long, conflicts_with_all = ["random_init", "checkpoint"])]
+        weights: Option<PathBuf>,
+        /// No weights: the architecture as initialised from this seed.
+        #[arg(long, value_name = "SEED", conflicts_with = "checkpoint")]
+        random_init: Option<u64>,
+        /// A checkpoint directory of a run (`<run>/checkpoints/step-N`), verified and read
+        /// with the run's `config.toml`, instead of --arch/--weights.
+        #[arg(long, conflicts_with = "arch")]
+        checkpoint: Option<PathBuf>,
+        #[arg(long, default_value_t = 512, value_parser = at_least(1))]
+        embedding_dim: usize,
+        /// The ONNX file to write.
+        #[arg(long, required_unless_present = "safetensors")]
+        onnx: Option<PathBuf>,
+        /// The safetensors file to write (PyTorch key names, loadable by the PyTorch module).
+        #[arg(long)]
+        safetensors: Option<PathBuf>,
+        #[arg(long, default_value_t = qud_onnx::DEFAULT_OPSET)]
+        opset: i64,
+    },
     /// Parameters (as PyTorch counts them) and multiply-accumulates at 112x112 of an architecture.
     Inspect {
         #[arg(long)]
@@ -252,30 +282,48 @@ impl ModelArgs {
                 .map_or("onnx".into(), |s| s.to_string_lossy().to_string());
             return Ok((Box::new(model), device, name));
         }
-        let spec = qud_models::BackboneSpec {
-            embedding_dim: self.embedding_dim,
-            dropout: 0.0,
-        };
         let Some(arch) = &self.arch else {
             bail!("--arch with --weights or --random-init (or --onnx) is required");
         };
-        let model = match (&self.weights, self.random_init) {
-            (Some(weights), _) => {
-                qud_models::load_weights(qud_models::create(arch, &spec, &device)?, weights)?
-            }
-            (None, Some(seed)) => qud_trainer::seeded(&device, seed, || {
-                qud_models::create(arch, &spec, &device).map(qud_trainer::initialize_now)
-            })?,
-            (None, None) => bail!("--weights or --random-init SEED is required with --arch"),
-        };
-        let name = match self.random_init {
-            Some(seed) if self.weights.is_none() => format!("{arch} (random init, seed {seed})"),
-            _ => arch.clone(),
-        };
-        let mut model = model.valid();
+        let (mut model, name) = backbone(
+            arch,
+            self.weights.as_deref(),
+            self.random_init,
+            self.embedding_dim,
+            &device,
+        )?;
         model.fold_batchnorm();
         Ok((Box::new(model), device, name))
     }
+}
+
+/// Registered backbone `arch` in eval mode with `weights` (or initialised from `random_init`),
+/// and a name for tables.
+fn backbone(
+    arch: &str,
+    weights: Option<&std::path::Path>,
+    random_init: Option<u64>,
+    embedding_dim: usize,
+    device: &burn::tensor::Device,
+) -> Result<(qud_models::AnyBackbone, String)> {
+    let spec = qud_models::BackboneSpec {
+        embedding_dim,
+        dropout: 0.0,
+    };
+    let model = match (weights, random_init) {
+        (Some(weights), _) => {
+            qud_models::load_weights(qud_models::create(arch, &spec, device)?, weights)?
+        }
+        (None, Some(seed)) => qud_trainer::seeded(device, seed, || {
+            qud_models::create(arch, &spec, device).map(qud_trainer::initialize_now)
+        })?,
+        (None, None) => bail!("--weights or --random-init SEED is required with --arch"),
+    };
+    let name = match random_init {
+        Some(seed) if weights.is_none() => format!("{arch} (random init, seed {seed})"),
+        _ => arch.to_string(),
+    };
+    Ok((model.valid(), name))
 }
 
 fn init_logging(log_file: Option<&std::path::Path>) {
@@ -541,6 +589,62 @@ fn main() -> Result<()> {
                 quality,
                 pairs.as_deref().map(|p| (p, pair_identities)),
             )
+        }
+        Command::Export {
+            arch,
+            weights,
+            random_init,
+            checkpoint,
+            embedding_dim,
+            onnx,
+            safetensors,
+            opset,
+        } => {
+            let device = qud_backends::device("flex", "cpu")?;
+            let (model, name, source) = match (&checkpoint, &arch) {
+                (Some(dir), _) => {
+                    let (model, config) = qud_trainer::checkpoint_student(dir)?;
+                    let source = qud_onnx::ExportSource::file(&dir.join("student.bpk"))
+                        .with_context(|| format!("reading {}", dir.display()))?;
+                    (model, config.student.arch, source)
+                }
+                (None, Some(arch)) => {
+                    let (model, name) = backbone(
+                        arch,
+                        weights.as_deref(),
+                        random_init,
+                        embedding_dim,
+                        &device,
+                    )?;
+                    let source = match &weights {
+                        Some(path) => qud_onnx::ExportSource::file(path)
+                            .with_context(|| format!("reading {}", path.display()))?,
+                        None => qud_onnx::ExportSource {
+                            weights: name.clone(),
+                            checksum: None,
+                        },
+                    };
+                    (model, name, source)
+                }
+                (None, None) => bail!("--arch or --checkpoint is required"),
+            };
+            if let Some(path) = &safetensors {
+                qud_models::save_safetensors(&model, path)?;
+                println!("{}: {name}, PyTorch key names", path.display());
+            }
+            if let Some(path) = &onnx {
+                let started = std::time::Instant::now();
+                let report = qud_onnx::export_onnx(&model, &source, path, opset)?;
+                println!(
+                    "{}: {name}, {} nodes, {} parameters, {:.1} MB, opset {opset}, in {:.2} s",
+                    path.display(),
+                    report.nodes,
+                    report.parameters,
+                    report.bytes as f64 / 1e6,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
         }
         Command::Inspect {
             arch,

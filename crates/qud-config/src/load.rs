@@ -197,6 +197,14 @@ fn describe(error: figment::Error, layers: &[Layer]) -> ConfigError {
         path.remove(0);
     }
     let source_of = |key: &str| {
+        // An element of an array (`optim.lr_milestones.0`) comes from where the array does.
+        let mut key = key;
+        while let Some((array, index)) = key.rsplit_once('.') {
+            if !index.chars().all(|c| c.is_ascii_digit()) {
+                break;
+            }
+            key = array;
+        }
         layers
             .iter()
             .rev()

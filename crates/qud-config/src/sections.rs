@@ -150,6 +150,11 @@ pub struct TeacherConfig {
     /// or `metadata` (sizes and modification times: for sets too large to read at each start;
     /// an edit that keeps a file's size and time goes unseen).
     pub cache_fingerprint: CacheFingerprint,
+    /// Superseded by `cache_fingerprint` (it chose between 64 sampled images and all of them;
+    /// every fingerprint now covers every file): still read, so the `config.toml` of earlier
+    /// runs loads, and never written.
+    #[serde(skip_serializing)]
+    pub cache_full_hash: Option<bool>,
     /// What an ONNX teacher (`format = "onnx"`) expects as input.
     pub onnx: OnnxInput,
 }
@@ -211,6 +216,7 @@ impl Default for TeacherConfig {
             cache_dtype: CacheDtype::F32,
             cache_dir: None,
             cache_fingerprint: CacheFingerprint::Content,
+            cache_full_hash: None,
             onnx: OnnxInput::default(),
         }
     }
@@ -398,6 +404,8 @@ pub struct RunConfig {
     pub keep_checkpoints: usize,
     /// Append to `metrics.jsonl` every this many steps.
     pub log_every: usize,
+    /// Also write the final student as `student.onnx` (`qud export`'s format).
+    pub export_onnx: bool,
 }
 
 impl Default for RunConfig {
@@ -411,6 +419,7 @@ impl Default for RunConfig {
             checkpoint_every: 2000,
             keep_checkpoints: 3,
             log_every: 50,
+            export_onnx: false,
         }
     }
 }

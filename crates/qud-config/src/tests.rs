@@ -204,6 +204,18 @@ fn missing_file_and_malformed_inputs_are_errors() {
         assert!(matches!(err, ConfigError::MissingFile(_)));
         assert!(err.to_string().contains("nope.toml"));
 
+        // A wrong element of an array names the file the array is in.
+        jail.create_file("milestones.toml", "[optim]\nlr_milestones = [8, -1]\n")?;
+        let err = loader()
+            .file("milestones.toml")
+            .load()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("optim.lr_milestones.1") && err.contains("milestones.toml"),
+            "{err}"
+        );
+
         jail.create_file("broken.toml", "[optim\nlr = 1\n")?;
         let err = loader().file("broken.toml").load().unwrap_err().to_string();
         assert!(err.contains("config file broken.toml"), "{err}");

@@ -12,6 +12,10 @@
 //! back as `[batch, D]`, the model runs one image at a time instead. Either way, a call's images
 //! are split over `threads` threads, each with its own plan state.
 
+pub mod export;
+
+pub use export::{export_onnx, ExportReport, ExportSource, DEFAULT_OPSET};
+
 use burn::prelude::*;
 use qud_backbone::FaceEmbedder;
 use qud_config::{ChannelOrder, InputLayout, OnnxInput};
@@ -38,6 +42,8 @@ pub enum OnnxError {
     Contract { path: PathBuf, reason: String },
     #[error("{}: running the model failed: {reason}", path.display())]
     Run { path: PathBuf, reason: String },
+    #[error("{}: cannot export the model: {reason}", path.display())]
+    Export { path: PathBuf, reason: String },
 }
 
 /// A loaded ONNX face model with its input contract.

@@ -76,11 +76,8 @@ fn onnx_export_of_mobilefacenet_matches_the_burn_backbone() {
     let x = faces(11, &device);
     let want = rows(burn_model.forward(x.clone()));
     let got = rows(onnx.embed_faces(x));
-    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let worst = want
-        .iter()
-        .zip(&got)
-        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    let scale = nan_max(want.iter().map(|v| v.abs()));
+    let worst = nan_max(want.iter().zip(&got).map(|(a, b)| (a - b).abs()));
     assert!(
         worst <= 1e-4 * scale.max(1.0),
         "tract vs Burn: max difference {worst} (scale {scale})"
@@ -225,4 +222,240 @@ fn resizing_keeps_a_constant_face_constant_and_scales_a_ramp() {
     for (a, b) in out[128 * 5..128 * 6].iter().zip(row) {
         assert!((a - b).abs() < 1e-3, "rows differ: {a} vs {b}");
     }
+}
+
+// ---- Export (`export.rs`) ----------------------------------------------------------------------
+
+/// The real PyTorch MobileFaceNet of `models/fixtures` (128-d, random running statistics).
+fn mobilefacenet_d128(device: &Device) -> qud_models::AnyBackbone {
+    let spec = qud_models::BackboneSpec {
+        embedding_dim: 128,
+        dropout: 0.0,
+    };
+    let pth =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/fixtures/mobilefacenet_d128.pth");
+    qud_models::load_weights(
+        qud_models::create("mobilefacenet", &spec, device).unwrap(),
+        &pth,
+    )
+    .unwrap()
+    .valid()
+}
+
+/// iresnet18 (32-d) whose BatchNorms are not the identity: every running mean, running variance,
+/// BatchNorm weight and bias rewritten from a formula, through a safetensors round trip.
+fn iresnet18_with_statistics(device: &Device, dir: &Path) -> qud_models::AnyBackbone {
+    let spec = qud_models::BackboneSpec {
+        embedding_dim: 32,
+        dropout: 0.0,
+    };
+    let model = qud_models::create("iresnet18", &spec, device).unwrap();
+    let plain = dir.join("plain.safetensors");
+    qud_models::save_safetensors(&model, &plain).unwrap();
+    let bytes = std::fs::read(&plain).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let is_bn = |name: &str| {
+        name.contains("bn") || name.starts_with("features") || name.contains("downsample.1")
+    };
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, view) in file.tensors() {
+        let mut values: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        if is_bn(&name) && view.shape().len() == 1 {
+            for (k, v) in values.iter_mut().enumerate() {
+                let k = k as f32;
+                *v = match name.rsplit('.').next().unwrap() {
+                    "running_mean" => 0.1 * (1.3 * k).sin(),
+                    "running_var" => 1.0 + 0.5 * (1.7 * k).sin().abs(),
+                    "weight" => 1.0 + 0.2 * (0.3 * k).sin(),
+                    "bias" => 0.1 * k.cos(),
+                    _ => *v,
+                };
+            }
+        }
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        tensors.push((name, view.shape().to_vec(), data));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                    .unwrap();
+            (name.clone(), view)
+        })
+        .collect();
+    let rewritten = dir.join("statistics.safetensors");
+    safetensors::tensor::serialize_to_file(views, None, &rewritten).unwrap();
+    qud_models::load_weights(model, &rewritten).unwrap().valid()
+}
+
+/// The largest of `values`, NaN when any is NaN (`f32::max` would skip it).
+fn nan_max(values: impl Iterator<Item = f32>) -> f32 {
+    values.fold(0f32, |m, v| if v.is_nan() || v > m { v } else { m })
+}
+
+/// Largest difference between `want` and `got`, relative to `want`'s largest magnitude; NaN
+/// when either holds a NaN.
+fn relative_difference(want: &[f32], got: &[f32]) -> f32 {
+    assert_eq!(want.len(), got.len());
+    let scale = nan_max(want.iter().map(|v| v.abs()));
+    let worst = nan_max(want.iter().zip(got).map(|(a, b)| (a - b).abs()));
+    worst / scale.max(f32::MIN_POSITIVE)
+}
+
+/// qud's export of a student, run by tract with the default contract (RGB, NCHW, [-1, 1]):
+/// the free batch dimension is detected, and the embeddings are qud's own (BatchNorms unfolded
+/// there, folded in the file) within 1e-5 of their scale, for MobileFaceNet and for iResNet,
+/// whose pre-activation BatchNorms stay `BatchNormalization` nodes.
+#[test]
+fn exported_students_run_in_tract_as_in_qud() {
+    let device = qud_backend_flex::device();
+    let dir = tempfile::tempdir().unwrap();
+    let models = [
+        mobilefacenet_d128(&device),
+        iresnet18_with_statistics(&device, dir.path()),
+    ];
+    for model in models {
+        let path = dir.path().join(format!("{}.onnx", model.arch()));
+        let report = export_onnx(&model, &ExportSource::default(), &path, DEFAULT_OPSET).unwrap();
+        assert_eq!(report.bytes as u64, std::fs::metadata(&path).unwrap().len());
+        let onnx = OnnxFaceModel::load(&path, &OnnxInput::default()).unwrap();
+        assert_eq!(
+            onnx.batch(),
+            PROBE_BATCH,
+            "{}: a free batch dimension",
+            model.arch()
+        );
+        assert_eq!(onnx.output_dim(), model.embedding_dim());
+        let x = faces(11, &device);
+        let want = rows(model.forward(x.clone()));
+        let got = rows(onnx.embed_faces(x));
+        let difference = relative_difference(&want, &got);
+        assert!(
+            difference <= 1e-5,
+            "{}: tract vs qud {difference}",
+            model.arch()
+        );
+    }
+}
+
+/// onnxruntime runs qud's export of the PyTorch MobileFaceNet (the fixture script also has
+/// `onnx.checker` accept it) to qud's embeddings within 1e-5, at batch 4 and batch 1; tract
+/// agrees with onnxruntime too.
+#[test]
+fn exports_run_in_onnxruntime_as_in_qud() {
+    let device = qud_backend_flex::device();
+    let bytes = std::fs::read(fixture("export_mfn_d128_ort.safetensors")).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let expected = |name: &str| -> Vec<f32> {
+        file.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    let model = mobilefacenet_d128(&device);
+    let x = faces(4, &device);
+    let ours = rows(model.forward(x.clone()));
+    for name in ["embedding", "embedding_batch1"] {
+        let difference = relative_difference(&expected(name), &ours);
+        assert!(
+            difference <= 1e-5,
+            "{name}: onnxruntime vs qud {difference}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mfn.onnx");
+    export_onnx(&model, &ExportSource::default(), &path, DEFAULT_OPSET).unwrap();
+    let tract = rows(
+        OnnxFaceModel::load(&path, &OnnxInput::default())
+            .unwrap()
+            .embed_faces(x),
+    );
+    let difference = relative_difference(&expected("embedding"), &tract);
+    assert!(difference <= 1e-5, "onnxruntime vs tract {difference}");
+}
+
+/// `qud eval --onnx` on an export gives the table `qud eval --arch --weights` gives; the file
+/// states its contract and source, with a named dynamic batch; an opset qud does not write is
+/// refused naming the file.
+#[test]
+fn exports_score_as_qud_does_and_state_their_contract() {
+    use prost::Message;
+    let device = qud_backend_flex::device();
+    let model = mobilefacenet_d128(&device);
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("weights.bin");
+    std::fs::write(&weights, b"stand-in weight file").unwrap();
+    let source = ExportSource::file(&weights).unwrap();
+    let path = dir.path().join("student.onnx");
+    export_onnx(&model, &source, &path, 17).unwrap();
+
+    let (images, issame) = qud_data::synthetic_pairs(4, 5, qud_data::ImageEncoding::Png);
+    let bin = dir.path().join("pairs.bin");
+    std::fs::write(&bin, qud_eval::pickle::dump_bin(&images, &issame)).unwrap();
+    let set = qud_eval::PairSet::load_scorable(&bin).unwrap();
+    let onnx = OnnxFaceModel::load(&path, &OnnxInput::default()).unwrap();
+    let (a, b) = (
+        qud_eval::evaluate(&model, &set, 8, &device),
+        qud_eval::evaluate(&onnx, &set, 8, &device),
+    );
+    assert_eq!(a.scores.fold_accuracies, b.scores.fold_accuracies);
+    // VAL is NaN on folds that reach no FAR of 1e-3 (as in NumPy); NaN or not, the same.
+    assert_eq!(
+        format!("{:?}", (a.scores.val, a.scores.far, &a.tar_at_far)),
+        format!("{:?}", (b.scores.val, b.scores.far, &b.tar_at_far))
+    );
+    assert!(
+        (a.xnorm - b.xnorm).abs() <= 1e-5 * a.xnorm,
+        "{} vs {}",
+        a.xnorm,
+        b.xnorm
+    );
+
+    let proto =
+        tract_onnx::pb::ModelProto::decode(std::fs::read(&path).unwrap().as_slice()).unwrap();
+    assert_eq!(proto.opset_import[0].version, 17);
+    let meta: std::collections::HashMap<_, _> = proto
+        .metadata_props
+        .iter()
+        .map(|p| (p.key.as_str(), p.value.as_str()))
+        .collect();
+    assert_eq!(meta["mean"], "127.5,127.5,127.5");
+    assert_eq!(meta["channel_order"], "RGB");
+    assert_eq!(meta["embedding_size"], "128");
+    let crc = crc32fast::hash(b"stand-in weight file");
+    assert_eq!(
+        meta["source_weights_checksum"],
+        format!("20 bytes, crc32 {crc:08x}")
+    );
+    let graph = proto.graph.unwrap();
+    assert_eq!(graph.output[0].name, "embedding");
+    let Some(tract_onnx::pb::type_proto::Value::TensorType(input)) =
+        graph.input[0].r#type.as_ref().and_then(|t| t.value.clone())
+    else {
+        panic!("a tensor input");
+    };
+    let batch = &input.shape.unwrap().dim[0];
+    assert_eq!(
+        batch.value,
+        Some(tract_onnx::pb::tensor_shape_proto::dimension::Value::DimParam("batch".into()))
+    );
+    assert!(
+        graph.node.iter().all(|n| n.op_type != "BatchNormalization"),
+        "all folded"
+    );
+
+    let err = export_onnx(&model, &source, &dir.path().join("old.onnx"), 12)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("old.onnx") && err.contains("opset 12"),
+        "{err}"
+    );
 }

@@ -172,6 +172,15 @@ pub(crate) fn verify(dir: &Path) -> Result<(), TrainError> {
         ),
     };
     let list = dir.join(CHECKSUMS);
+    // A checkpoint directory is renamed into place whole, so one without the list was written
+    // by a qud from before checksums: readable, but nothing to check it against.
+    if !list.exists() && dir.join("position.json").is_file() {
+        tracing::warn!(
+            "{}: written before checkpoints had checksums; its files are not verified",
+            dir.display()
+        );
+        return Ok(());
+    }
     let text = std::fs::read_to_string(&list).map_err(|e| fail(format!("{CHECKSUMS}: {e}")))?;
     let recorded: std::collections::BTreeMap<String, FileSum> =
         serde_json::from_str(&text).map_err(|e| fail(format!("{CHECKSUMS}: {e}")))?;
@@ -212,6 +221,44 @@ pub fn list(out: &Path) -> Result<Vec<(usize, PathBuf)>, TrainError> {
         .collect();
     found.sort();
     Ok(found)
+}
+
+/// The student backbone (eval mode) of checkpoint directory `dir` (`<run>/checkpoints/step-N`),
+/// its files verified, built from the run's `config.toml`; for an ArcFace run the training set
+/// is opened to size the head the checkpoint also holds. Returns the run's config too. What
+/// `qud export --checkpoint` writes out, so any checkpoint can leave qud.
+pub fn checkpoint_student(dir: &Path) -> Result<(qud_models::AnyBackbone, Config), TrainError> {
+    let fail = |reason: String| TrainError::Checkpoint {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    if !dir.join("position.json").is_file() {
+        return Err(fail(
+            "not a checkpoint directory (no position.json; expected <run>/checkpoints/step-N)"
+                .into(),
+        ));
+    }
+    verify(dir)?;
+    let run = dir
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| fail("no run directory above it".into()))?;
+    let config = qud_config::ConfigLoader::new()
+        .without_env()
+        .file(run.join("config.toml"))
+        .load()
+        .map_err(|e| fail(format!("the run's config.toml: {e}")))?;
+    let classes = match config.method.kind {
+        qud_config::MethodKind::Arcface => crate::open_dataset(&config)?.num_identities(),
+        _ => None,
+    };
+    let mut build = config.clone();
+    build.student.init_weights = None;
+    let device = Device::flex();
+    let student = crate::setup::build_student(&build, classes, &device)?
+        .try_load_file(dir.join("student.bpk"))
+        .map_err(|e| fail(format!("student: {e}")))?;
+    Ok((student.backbone.valid(), config))
 }
 
 /// Restored state of a checkpoint.

@@ -20,6 +20,7 @@ mod setup;
 pub mod step;
 pub mod teacher_cache;
 
+pub use checkpoint::checkpoint_student;
 pub use objective::Objective;
 pub use run::{train, TrainOptions, TrainReport};
 pub use setup::{initialize_now, open_dataset, prepare_teacher_cache, seeded, Student, Teacher};
@@ -45,6 +46,8 @@ pub enum TrainError {
     Queue(#[from] qud_queue::QueueError),
     #[error(transparent)]
     Cache(#[from] teacher_cache::CacheError),
+    #[error(transparent)]
+    Onnx(#[from] qud_onnx::OnnxError),
     #[error("{}: {source}", path.display())]
     Io {
         path: PathBuf,

@@ -427,7 +427,14 @@ impl Run<'_> {
         final_eval: &[SetScore],
     ) -> Result<PathBuf, TrainError> {
         let student_weights = self.out.join("student.safetensors");
-        qud_models::save_safetensors(&student.backbone.valid(), &student_weights)?;
+        let backbone = student.backbone.valid();
+        qud_models::save_safetensors(&backbone, &student_weights)?;
+        if self.config.run.export_onnx {
+            let onnx = self.out.join("student.onnx");
+            let source = qud_onnx::ExportSource::file(&student_weights).map_err(io_error(&onnx))?;
+            qud_onnx::export_onnx(&backbone, &source, &onnx, qud_onnx::DEFAULT_OPSET)?;
+            tracing::info!("student exported to {}", onnx.display());
+        }
         let title = format!(
             "qud run {}: {} student, {:?}",
             self.out.display(),

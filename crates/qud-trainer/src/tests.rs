@@ -50,7 +50,11 @@ fn tensor_bits(path: &std::path::Path) -> Vec<(String, Vec<u32>)> {
 #[test]
 fn qud_resume_is_bit_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let straight = tiny(&dir.path().join("straight"), "qud", &[]);
+    let straight = tiny(
+        &dir.path().join("straight"),
+        "qud",
+        &["run.export_onnx=true"],
+    );
     let full = train(&straight, &TrainOptions::default()).unwrap();
     assert_eq!(full.steps, 4);
     assert_eq!(full.losses.len(), 4);
@@ -114,10 +118,37 @@ fn qud_resume_is_bit_exact() {
         "metrics.jsonl",
         "eval.jsonl",
         "student.safetensors",
+        "student.onnx",
         "report.html",
     ] {
         assert!(out.join(file).is_file(), "{file} missing");
     }
+    // run.export_onnx: the ONNX student embeds as the safetensors student does.
+    let device = Device::flex();
+    let spec = qud_models::BackboneSpec {
+        embedding_dim: 32,
+        dropout: 0.0,
+    };
+    let student = qud_models::create("mobilefacenet", &spec, &device).unwrap();
+    let student = qud_models::load_weights(student, &out.join("student.safetensors"))
+        .unwrap()
+        .valid();
+    let onnx =
+        qud_onnx::OnnxFaceModel::load(&out.join("student.onnx"), &Default::default()).unwrap();
+    let faces = Tensor::<4>::random(
+        [2, 3, 112, 112],
+        burn::tensor::Distribution::Uniform(-1.0, 1.0),
+        &device,
+    );
+    use qud_backbone::{Backbone, FaceEmbedder};
+    let want = student.forward(faces.clone());
+    let got = onnx.embed_faces(faces);
+    let difference = (want.clone() - got).abs().max().into_scalar::<f32>();
+    let scale = want.abs().max().into_scalar::<f32>();
+    assert!(
+        difference <= 1e-5 * scale,
+        "ONNX student differs by {difference} (scale {scale})"
+    );
     let report = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(
         report.contains(">loss</text>") && report.contains("<polyline"),
@@ -229,8 +260,14 @@ fn resume_refuses_a_damaged_checkpoint() {
         max_steps: Some(1),
         ..TrainOptions::default()
     };
-    train(&config, &once).unwrap();
+    let report = train(&config, &once).unwrap();
     let (_, latest) = crate::checkpoint::list(dir.path()).unwrap().pop().unwrap();
+    // `qud export --checkpoint`: the checkpoint's student, read with the run's config.toml, is
+    // the student the run ended with.
+    let (exported, _) = crate::checkpoint_student(&latest).unwrap();
+    let path = dir.path().join("from-checkpoint.safetensors");
+    qud_models::save_safetensors(&exported, &path).unwrap();
+    assert!(tensor_bits(&path) == tensor_bits(&report.student_weights));
     let student = latest.join("student.bpk");
     let mut bytes = std::fs::read(&student).unwrap();
     let middle = bytes.len() / 2;
@@ -245,8 +282,16 @@ fn resume_refuses_a_damaged_checkpoint() {
         err.contains("student.bpk") && err.contains("damaged"),
         "{err}"
     );
+    let err = crate::checkpoint_student(&latest).unwrap_err().to_string();
+    assert!(
+        err.contains("student.bpk") && err.contains("damaged"),
+        "{err}"
+    );
     bytes[middle] ^= 0x10;
     std::fs::write(&student, &bytes).unwrap();
+    // A checkpoint from a qud before checksums (no checksums.json) is still read.
+    std::fs::remove_file(latest.join("checksums.json")).unwrap();
+    crate::checkpoint::verify(&latest).unwrap();
     train(&config, &resume).unwrap();
 }
 

@@ -13,7 +13,7 @@ use qud_backbone::layers::{
     conv2d, fold_batchnorm_linear, fold_conv_batchnorm, fold_linear_batchnorm, TorchBatchNorm,
     TorchLinear, TorchPRelu,
 };
-use qud_backbone::{Backbone, MacCounter};
+use qud_backbone::{Backbone, MacCounter, OnnxGraph};
 use qud_cpu_kernels::conv2d as conv2d_fast;
 
 /// Blocks per stage of each depth, as insightface defines them.
@@ -73,6 +73,23 @@ impl IBasicBlock {
 
     /// `bn2` and `bn3` and the downsampling BatchNorm follow convolutions; `bn1` precedes a
     /// padded one and stays.
+    fn onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> String {
+        let out = g.batch_norm(x, &self.bn1, &format!("{name}.bn1"));
+        let out = g.conv(&out, &self.conv1, &format!("{name}.conv1"));
+        let out = g.batch_norm(&out, &self.bn2, &format!("{name}.bn2"));
+        let out = g.prelu(&out, &self.prelu, &format!("{name}.prelu"));
+        let out = g.conv(&out, &self.conv2, &format!("{name}.conv2"));
+        let out = g.batch_norm(&out, &self.bn3, &format!("{name}.bn3"));
+        let identity = match &self.downsample {
+            Some((conv, bn)) => {
+                let y = g.conv(x, conv, &format!("{name}.downsample.0"));
+                g.batch_norm(&y, bn, &format!("{name}.downsample.1"))
+            }
+            None => x.to_string(),
+        };
+        g.add(&out, &identity, &format!("{name}.add"))
+    }
+
     fn fold(&mut self) {
         fold_conv_batchnorm(&mut self.conv1, &mut self.bn2);
         fold_conv_batchnorm(&mut self.conv2, &mut self.bn3);
@@ -176,6 +193,25 @@ impl Backbone for IResNet {
 
     fn arch(&self) -> &str {
         &self.arch
+    }
+
+    fn onnx_graph(&self, g: &mut OnnxGraph) -> String {
+        let x = g.conv(OnnxGraph::INPUT, &self.conv1, "conv1");
+        let x = g.batch_norm(&x, &self.bn1, "bn1");
+        let mut x = g.prelu(&x, &self.prelu, "prelu");
+        for (stage, blocks) in [&self.layer1, &self.layer2, &self.layer3, &self.layer4]
+            .into_iter()
+            .enumerate()
+        {
+            for (i, block) in blocks.iter().enumerate() {
+                x = block.onnx(g, &x, &format!("layer{}.{i}", stage + 1));
+            }
+        }
+        let x = g.batch_norm(&x, &self.bn2, "bn2");
+        // Dropout is the identity in eval mode.
+        let x = g.flatten(&x, "flatten");
+        let x = g.linear(&x, &self.fc, "fc");
+        g.batch_norm(&x, &self.features, "features")
     }
 
     fn fold_batchnorm(&mut self) {

@@ -12,7 +12,7 @@ use qud_backbone::layers::{
     conv2d, fold_conv_batchnorm, fold_linear_batchnorm, kaiming_fan_out_std, TorchBatchNorm,
     TorchLinear, TorchPRelu,
 };
-use qud_backbone::{Backbone, MacCounter};
+use qud_backbone::{Backbone, MacCounter, OnnxGraph};
 use qud_cpu_kernels::conv2d as conv2d_fast;
 
 /// Hyper-parameters of one convolution: channels, square kernel, stride, padding, groups.
@@ -88,6 +88,12 @@ impl ConvBlock {
     fn fold(&mut self) {
         fold_conv_batchnorm(&mut self.conv, &mut self.bn);
     }
+
+    fn onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> String {
+        let x = g.conv(x, &self.conv, &format!("{name}.conv"));
+        let x = g.batch_norm(&x, &self.bn, &format!("{name}.bn"));
+        g.prelu(&x, &self.prelu, &format!("{name}.prelu"))
+    }
 }
 
 /// `Linear_block`: conv (no bias) -> BatchNorm2d, no activation.
@@ -116,6 +122,11 @@ impl LinearBlock {
 
     fn fold(&mut self) {
         fold_conv_batchnorm(&mut self.conv, &mut self.bn);
+    }
+
+    fn onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> String {
+        let x = g.conv(x, &self.conv, &format!("{name}.conv"));
+        g.batch_norm(&x, &self.bn, &format!("{name}.bn"))
     }
 }
 
@@ -168,6 +179,16 @@ impl DepthWise {
             .conv(&self.project.conv);
     }
 
+    fn onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> String {
+        let y = self.conv.onnx(g, x, &format!("{name}.conv"));
+        let y = self.conv_dw.onnx(g, &y, &format!("{name}.conv_dw"));
+        let y = self.project.onnx(g, &y, &format!("{name}.project"));
+        match self.residual {
+            true => g.add(x, &y, &format!("{name}.add")),
+            false => y,
+        }
+    }
+
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let expanded = self.conv.forward_into(&self.conv_dw, x.clone());
         if self.residual {
@@ -205,6 +226,14 @@ impl Residual {
         for block in &self.model {
             block.count(macs);
         }
+    }
+
+    fn onnx(&self, g: &mut OnnxGraph, x: &str, name: &str) -> String {
+        let mut x = x.to_string();
+        for (i, block) in self.model.iter().enumerate() {
+            x = block.onnx(g, &x, &format!("{name}.model.{i}"));
+        }
+        x
     }
 }
 
@@ -316,6 +345,23 @@ impl Backbone for MobileFaceNet {
 
     fn arch(&self) -> &str {
         "mobilefacenet"
+    }
+
+    fn onnx_graph(&self, g: &mut OnnxGraph) -> String {
+        let x = self.conv1.onnx(g, OnnxGraph::INPUT, "conv1");
+        let x = self.conv2_dw.onnx(g, &x, "conv2_dw");
+        let x = self.conv_23.onnx(g, &x, "conv_23");
+        let x = self.conv_3.onnx(g, &x, "conv_3");
+        let x = self.conv_34.onnx(g, &x, "conv_34");
+        let x = self.conv_4.onnx(g, &x, "conv_4");
+        let x = self.conv_45.onnx(g, &x, "conv_45");
+        let x = self.conv_5.onnx(g, &x, "conv_5");
+        let x = self.conv_6_sep.onnx(g, &x, "conv_6_sep");
+        let head = &self.output_layer;
+        let x = head.conv_6_dw.onnx(g, &x, "output_layer.conv_6_dw");
+        let x = g.flatten(&x, "output_layer.flatten");
+        let x = g.linear(&x, &head.linear, "output_layer.linear");
+        g.batch_norm(&x, &head.bn, "output_layer.bn")
     }
 
     fn fold_batchnorm(&mut self) {
