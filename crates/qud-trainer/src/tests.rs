@@ -229,18 +229,24 @@ fn resume_refuses_a_config_that_changes_the_run() {
     );
 }
 
+/// A tiny QUD run in `dir` stopped after one step: its config, report and checkpoint.
+fn one_step_run(dir: &std::path::Path) -> (Config, crate::TrainReport, std::path::PathBuf) {
+    let config = tiny(dir, "qud", &[]);
+    let once = TrainOptions {
+        max_steps: Some(1),
+        ..TrainOptions::default()
+    };
+    let report = train(&config, &once).unwrap();
+    let (_, checkpoint) = crate::checkpoint::list(dir).unwrap().pop().unwrap();
+    (config, report, checkpoint)
+}
+
 /// A QUD checkpoint without its queue cannot be resumed: continuing from fresh random negatives
 /// would silently change the run.
 #[test]
 fn resume_refuses_a_qud_checkpoint_without_its_queue() {
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny(dir.path(), "qud", &[]);
-    let once = TrainOptions {
-        max_steps: Some(1),
-        ..TrainOptions::default()
-    };
-    train(&config, &once).unwrap();
-    let (_, latest) = crate::checkpoint::list(dir.path()).unwrap().pop().unwrap();
+    let (config, _, latest) = one_step_run(dir.path());
     std::fs::remove_file(latest.join("queue.bin")).unwrap();
     let resume = TrainOptions {
         resume: true,
@@ -255,13 +261,7 @@ fn resume_refuses_a_qud_checkpoint_without_its_queue() {
 #[test]
 fn resume_refuses_a_damaged_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny(dir.path(), "qud", &[]);
-    let once = TrainOptions {
-        max_steps: Some(1),
-        ..TrainOptions::default()
-    };
-    let report = train(&config, &once).unwrap();
-    let (_, latest) = crate::checkpoint::list(dir.path()).unwrap().pop().unwrap();
+    let (config, report, latest) = one_step_run(dir.path());
     // `qud export --checkpoint`: the checkpoint's student, read with the run's config.toml, is
     // the student the run ended with.
     let (exported, _) = crate::checkpoint_student(&latest).unwrap();
@@ -313,13 +313,7 @@ fn uniform_from(seed: u64) -> impl FnMut() -> f64 {
 #[test]
 fn every_damaged_checkpoint_byte_is_caught() {
     let dir = tempfile::tempdir().unwrap();
-    let config = tiny(dir.path(), "qud", &[]);
-    let once = TrainOptions {
-        max_steps: Some(1),
-        ..TrainOptions::default()
-    };
-    train(&config, &once).unwrap();
-    let (_, checkpoint) = crate::checkpoint::list(dir.path()).unwrap().pop().unwrap();
+    let (_, _, checkpoint) = one_step_run(dir.path());
     crate::checkpoint::verify(&checkpoint).unwrap();
     let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&checkpoint)
         .unwrap()
