@@ -255,9 +255,13 @@ pub fn checkpoint_student(dir: &Path) -> Result<(qud_models::AnyBackbone, Config
     let mut build = config.clone();
     build.student.init_weights = None;
     let device = Device::flex();
-    let student = crate::setup::build_student(&build, classes, &device)?
-        .try_load_file(dir.join("student.bpk"))
-        .map_err(|e| fail(format!("student: {e}")))?;
+    // Under the seeding lock, as every model construction in a process that may be training:
+    // a lazily initialised parameter drawn outside it shifts another thread's seeded stream.
+    let student = crate::seeded(&device, 0, || {
+        crate::setup::build_student(&build, classes, &device)?
+            .try_load_file(dir.join("student.bpk"))
+            .map_err(|e| fail(format!("student: {e}")))
+    })?;
     Ok((student.backbone.valid(), config))
 }
 

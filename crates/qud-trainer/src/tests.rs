@@ -129,17 +129,21 @@ fn qud_resume_is_bit_exact() {
         embedding_dim: 32,
         dropout: 0.0,
     };
-    let student = qud_models::create("mobilefacenet", &spec, &device).unwrap();
-    let student = qud_models::load_weights(student, &out.join("student.safetensors"))
-        .unwrap()
-        .valid();
+    // Under the seeding lock: unlocked draws would shift another test's seeded section.
+    let (student, faces) = crate::seeded(&device, 5, || {
+        let student = qud_models::create("mobilefacenet", &spec, &device).unwrap();
+        let student = qud_models::load_weights(student, &out.join("student.safetensors"))
+            .unwrap()
+            .valid();
+        let faces = Tensor::<4>::random(
+            [2, 3, 112, 112],
+            burn::tensor::Distribution::Uniform(-1.0, 1.0),
+            &device,
+        );
+        (student, faces)
+    });
     let onnx =
         qud_onnx::OnnxFaceModel::load(&out.join("student.onnx"), &Default::default()).unwrap();
-    let faces = Tensor::<4>::random(
-        [2, 3, 112, 112],
-        burn::tensor::Distribution::Uniform(-1.0, 1.0),
-        &device,
-    );
     use qud_backbone::{Backbone, FaceEmbedder};
     let want = student.forward(faces.clone());
     let got = onnx.embed_faces(faces);
@@ -865,9 +869,13 @@ fn trajectory(method: &str) {
         embedding_dim: 128,
         dropout: 0.0,
     };
+    // Under the seeding lock: a lazily initialised parameter drawn while loading would shift
+    // the generator's stream under another test's seeded section (two_devices_... failed so).
     let load = |device: &Device, weights: &str| {
-        let model = qud_models::create("mobilefacenet", &spec, device).unwrap();
-        qud_models::load_weights(model, &here.join(weights)).unwrap()
+        crate::seeded(device, 0, || {
+            let model = qud_models::create("mobilefacenet", &spec, device).unwrap();
+            qud_models::load_weights(model, &here.join(weights)).unwrap()
+        })
     };
     // The teacher as `build_teacher` makes it: eval mode, BatchNorm folded.
     let mut teacher = load(&device, "fixtures/trajectory_teacher.safetensors").valid();
