@@ -60,47 +60,6 @@ fn forward(c: &mut Criterion) {
     }
 }
 
-/// ONNX models through tract, one thread, 16 faces a call: the exported MobileFaceNet fixture
-/// (free batch dimension) run 8 images at a time and one at a time, which is how graphs with a
-/// batch fixed at 1 run; and `../shared/models/fr_feature.onnx` (batch fixed at 1) when present.
-fn onnx_tract(c: &mut Criterion) {
-    const FACES: usize = 16;
-    let faces = qud_bench::random_faces(FACES);
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut group = c.benchmark_group("onnx_tract_1thread");
-    group.throughput(Throughput::Elements(FACES as u64));
-    group.sample_size(10);
-    group.measurement_time(Duration::from_secs(15));
-    let mfn = root.join("../qud-onnx/fixtures/mobilefacenet_d128_bgr_nhwc.onnx");
-    let contract = qud_config::OnnxInput {
-        channels: qud_config::ChannelOrder::Bgr,
-        layout: qud_config::InputLayout::Nhwc,
-        threads: 1,
-        ..Default::default()
-    };
-    for batch in [8, 1] {
-        let model =
-            qud_onnx::OnnxFaceModel::load_with_batch(&mfn, &contract, batch).expect("fixture");
-        group.bench_function(format!("mobilefacenet_export/batch{batch}"), |b| {
-            b.iter(|| model.embed_normalized(&faces, FACES).expect("runs"))
-        });
-    }
-    let real = root.join("../../../shared/models/fr_feature.onnx");
-    if real.is_file() {
-        let contract = qud_config::OnnxInput {
-            mean: [127.0; 3],
-            std: [128.0; 3],
-            threads: 1,
-            ..Default::default()
-        };
-        let model = qud_onnx::OnnxFaceModel::load(&real, &contract).expect("fr_feature.onnx");
-        group.bench_function("fr_feature/batch1", |b| {
-            b.iter(|| model.embed_normalized(&faces, FACES).expect("runs"))
-        });
-    }
-    group.finish();
-}
-
 /// Where an eval-mode forward spends its time, by kind of layer: each layer run on its own, the
 /// device synchronised after it. Printed before the criterion groups (`QUD_BENCH_PROFILE=0`
 /// skips it); the sums are a little above a plain forward's time, which overlaps nothing anyway
@@ -254,7 +213,7 @@ fn layer_breakdown() {
     }
 }
 
-criterion_group!(benches, forward, onnx_tract);
+criterion_group!(benches, forward);
 
 fn main() {
     if std::env::var("QUD_BENCH_PROFILE").map_or(true, |v| v != "0") {

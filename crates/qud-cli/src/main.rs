@@ -224,10 +224,10 @@ struct ModelArgs {
     /// Side of the model's square input; faces are resized from 112 when it differs.
     #[arg(long, default_value_t = 112)]
     onnx_size: usize,
-    #[arg(long, default_value = "rgb", value_parser = ["rgb", "bgr"])]
-    onnx_channels: String,
-    #[arg(long, default_value = "nchw", value_parser = ["nchw", "nhwc"])]
-    onnx_layout: String,
+    #[arg(long, value_enum, default_value_t = Channels::Rgb)]
+    onnx_channels: Channels,
+    #[arg(long, value_enum, default_value_t = Layout::Nchw)]
+    onnx_layout: Layout,
     /// Per-channel mean over 0..=255 pixels, in the model's channel order: one value or three.
     #[arg(long, value_delimiter = ',', default_value = "127.5")]
     onnx_mean: Vec<f64>,
@@ -237,6 +237,29 @@ struct ModelArgs {
     /// Threads running the ONNX model; 0 = one per core.
     #[arg(long, default_value_t = 0)]
     onnx_threads: usize,
+    /// Engine for the ONNX model: auto (qud's own runner when it maps every op and agrees with
+    /// tract at load, else tract), native or tract.
+    #[arg(long, value_enum, default_value_t = Runtime::Auto)]
+    onnx_runtime: Runtime,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Channels {
+    Rgb,
+    Bgr,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Layout {
+    Nchw,
+    Nhwc,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Runtime {
+    Auto,
+    Native,
+    Tract,
 }
 
 impl ModelArgs {
@@ -258,17 +281,22 @@ impl ModelArgs {
         }
         Ok(qud_config::OnnxInput {
             size: self.onnx_size,
-            channels: match self.onnx_channels.as_str() {
-                "bgr" => qud_config::ChannelOrder::Bgr,
-                _ => qud_config::ChannelOrder::Rgb,
+            channels: match self.onnx_channels {
+                Channels::Bgr => qud_config::ChannelOrder::Bgr,
+                Channels::Rgb => qud_config::ChannelOrder::Rgb,
             },
-            layout: match self.onnx_layout.as_str() {
-                "nhwc" => qud_config::InputLayout::Nhwc,
-                _ => qud_config::InputLayout::Nchw,
+            layout: match self.onnx_layout {
+                Layout::Nhwc => qud_config::InputLayout::Nhwc,
+                Layout::Nchw => qud_config::InputLayout::Nchw,
             },
             mean: three(&self.onnx_mean, "onnx-mean")?,
             std,
             threads: self.onnx_threads,
+            runtime: match self.onnx_runtime {
+                Runtime::Native => qud_config::OnnxRuntime::Native,
+                Runtime::Tract => qud_config::OnnxRuntime::Tract,
+                Runtime::Auto => qud_config::OnnxRuntime::Auto,
+            },
         })
     }
 

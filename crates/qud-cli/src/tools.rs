@@ -4,7 +4,7 @@
 use anyhow::{bail, Context, Result};
 use qud_data::{
     decode_face, encode_face, pack_records, read_file, synthetic_pairs, FaceDataset, FaceImage,
-    ImageEncoding, ImageFolder, RecordDataset, SyntheticFaces,
+    ImageEncoding, ImageFolder, SyntheticFaces,
 };
 use std::path::Path;
 
@@ -122,18 +122,10 @@ pub fn synth(
 
 /// The faces of an image folder, a RecordIO `.rec` or a verification `.bin`, in input order.
 pub fn faces_of(input: &Path, resize: bool) -> Result<Vec<FaceImage>> {
-    let dataset: Box<dyn FaceDataset> = if input.is_dir() {
-        Box::new(ImageFolder::open(input, resize)?)
-    } else {
-        match input.extension().and_then(|e| e.to_str()) {
-            Some("bin") => return Ok(qud_eval::PairSet::load(input)?.faces),
-            Some("rec" | "idx") => Box::new(RecordDataset::open(input, resize)?),
-            _ => bail!(
-                "{}: expected an image folder, a RecordIO .rec or a verification .bin",
-                input.display()
-            ),
-        }
-    };
+    if input.extension().is_some_and(|e| e == "bin") && !input.is_dir() {
+        return Ok(qud_eval::PairSet::load(input)?.faces);
+    }
+    let dataset = qud_data::open(input, qud_data::SourceFormat::Auto, resize)?;
     tracing::info!("{}", dataset.describe());
     Ok((0..dataset.len())
         .map(|i| dataset.get(i).map(|s| s.image))

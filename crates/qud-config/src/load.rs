@@ -1,6 +1,6 @@
 //! Layered loading (defaults < file < environment < `--set`), validation and TOML write-back.
 
-use crate::Config;
+use crate::{CacheMode, Config};
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::value::{Dict, Map};
 use figment::{Figment, Metadata, Profile, Provider};
@@ -299,6 +299,39 @@ impl Config {
                 bad.push(Invalid { field, value, rule });
             }
         };
+        let a = &self.data.augment;
+        check(
+            a.zoom_min.is_finite() && a.zoom_min > 0.0 && a.zoom_min <= 1.0,
+            "data.augment.zoom_min",
+            a.zoom_min.to_string(),
+            "must be in (0, 1]",
+        );
+        check(
+            a.max_shift.is_finite() && (0.0..=56.0).contains(&a.max_shift),
+            "data.augment.max_shift",
+            a.max_shift.to_string(),
+            "must be in [0, 56] pixels",
+        );
+        for (field, v) in [
+            ("data.augment.brightness", a.brightness),
+            ("data.augment.contrast", a.contrast),
+            ("data.augment.saturation", a.saturation),
+            ("data.augment.grayscale_prob", a.grayscale_prob),
+        ] {
+            check(
+                v.is_finite() && (0.0..=1.0).contains(&v),
+                field,
+                v.to_string(),
+                "must be in [0, 1]",
+            );
+        }
+        check(
+            !(a.is_active() && self.teacher.cache == CacheMode::Require),
+            "teacher.cache",
+            "require".into(),
+            "cannot be `require` with data.augment on: the teacher sees each augmented face \
+             once, so it runs every step",
+        );
         let m = &self.method;
         check(
             m.tau.is_finite() && m.tau > 0.0,

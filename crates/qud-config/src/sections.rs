@@ -70,6 +70,49 @@ pub struct DataConfig {
     pub synthetic_identities: usize,
     /// Images per identity of the synthetic set.
     pub synthetic_images_per_identity: usize,
+    /// Augmentations beyond the flip; any of them makes the teacher run every step.
+    pub augment: AugmentConfig,
+}
+
+/// `[data.augment]`: augmentations beyond the flip (`qud_data::Augment`), off by default (the
+/// paper flips only). The teacher sees the same augmented face as the student, so with any of
+/// them on the teacher runs every step: `teacher.cache = "require"` is refused, `"auto"` builds
+/// no cache.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AugmentConfig {
+    /// Smallest side of a random crop, as a fraction of the face, scaled back to 112 (1 = off).
+    pub zoom_min: f64,
+    /// Largest shift of the crop's centre, in pixels, each axis.
+    pub max_shift: f64,
+    /// Brightness factor in [1 - b, 1 + b].
+    pub brightness: f64,
+    /// Contrast factor in [1 - c, 1 + c].
+    pub contrast: f64,
+    /// Saturation factor in [1 - s, 1 + s].
+    pub saturation: f64,
+    /// Probability of a grayscale face.
+    pub grayscale_prob: f64,
+}
+
+impl Default for AugmentConfig {
+    fn default() -> Self {
+        Self {
+            zoom_min: 1.0,
+            max_shift: 0.0,
+            brightness: 0.0,
+            contrast: 0.0,
+            saturation: 0.0,
+            grayscale_prob: 0.0,
+        }
+    }
+}
+
+impl AugmentConfig {
+    /// Whether any augmentation is on.
+    pub fn is_active(&self) -> bool {
+        *self != Self::default()
+    }
 }
 
 impl Default for DataConfig {
@@ -85,6 +128,7 @@ impl Default for DataConfig {
             on_bad_sample: OnBadSample::Skip,
             synthetic_identities: 64,
             synthetic_images_per_identity: 16,
+            augment: AugmentConfig::default(),
         }
     }
 }
@@ -175,6 +219,22 @@ pub enum InputLayout {
     Nhwc,
 }
 
+/// Which engine runs an ONNX face model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnnxRuntime {
+    /// qud's own runner when every op of the graph is one it maps (the common face-model ops:
+    /// Conv, BatchNormalization, PRelu, Add, Gemm, ...) and it agrees with tract on a probe
+    /// batch at load; tract otherwise.
+    #[default]
+    Auto,
+    /// qud's own runner (Burn on the flex CPU device with qud's CPU kernels); an error for a
+    /// graph it cannot run.
+    Native,
+    /// tract, the general ONNX runtime.
+    Tract,
+}
+
 /// The input contract of an ONNX face model: a `size` x `size` face in `channels` order and
 /// `layout`, each channel given as `(pixel - mean) / std` with pixels in 0..=255. The defaults
 /// are insightface's ArcFace exports (RGB, NCHW, (x - 127.5) / 127.5).
@@ -189,6 +249,8 @@ pub struct OnnxInput {
     pub std: [f64; 3],
     /// Threads running the model; 0 = one per core.
     pub threads: usize,
+    /// Which engine runs the graph.
+    pub runtime: OnnxRuntime,
 }
 
 impl Default for OnnxInput {
@@ -200,6 +262,7 @@ impl Default for OnnxInput {
             mean: [127.5; 3],
             std: [127.5; 3],
             threads: 0,
+            runtime: OnnxRuntime::Auto,
         }
     }
 }

@@ -12,15 +12,18 @@
 //! `open_dataset` of qud-trainer.
 
 pub mod alloc_probe;
+mod augment;
 mod concat;
 mod fingerprint;
 mod folder;
 mod image_ops;
 mod jpeg;
 mod loader;
+mod open;
 mod recordio;
 mod synthetic;
 
+pub use augment::Augment;
 pub use concat::ConcatDataset;
 pub use fingerprint::{decoded_fingerprint, hash_file, FingerprintMode, Fnv};
 pub use folder::ImageFolder;
@@ -29,6 +32,7 @@ pub use image_ops::{
     ImageEncoding, FACE_SIZE, MAX_IMAGE_PIXELS,
 };
 pub use loader::{decode_batch, epoch_plan, flip_for, Batch, EpochBatches, Loader, LoaderOptions};
+pub use open::{open, SourceFormat};
 pub use recordio::{
     pack_records, read_file, ReadAt, Record, RecordDataset, RecordScanner, RecordWriter,
     IR_HEADER_LEN, RECORD_MAGIC,

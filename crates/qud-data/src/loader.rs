@@ -5,7 +5,7 @@
 //! epoch `e` sees exactly the batches an uninterrupted run would have seen, whatever the number of
 //! decoding threads. With `world > 1` every rank gets a disjoint shard of the epoch.
 
-use crate::{DataError, FaceDataset, FACE_SIZE};
+use crate::{Augment, DataError, FaceDataset, FACE_SIZE};
 use burn::prelude::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -31,6 +31,8 @@ pub struct LoaderOptions {
     pub world: usize,
     /// Leave out samples that fail to decode (counted in [`Batch::skipped`]) instead of failing.
     pub skip_bad_samples: bool,
+    /// Applied to each decoded, flipped face, drawn from `(seed, epoch, sample index)`.
+    pub augment: Augment,
 }
 
 impl Default for LoaderOptions {
@@ -46,6 +48,7 @@ impl Default for LoaderOptions {
             rank: 0,
             world: 1,
             skip_bad_samples: true,
+            augment: Augment::default(),
         }
     }
 }
@@ -321,6 +324,7 @@ impl Loader {
         let dataset = self.dataset.clone();
         let batch_size = self.options.batch_size;
         let skip_bad = self.options.skip_bad_samples;
+        let (augment, seed) = (self.options.augment, self.options.seed);
         let workers = match self.options.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
@@ -329,12 +333,20 @@ impl Loader {
             for b in start..batches {
                 let end = ((b + 1) * batch_size).min(plan.len());
                 let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    decode_batch(
+                    let mut batch = decode_batch(
                         dataset.as_ref(),
                         &plan[b * batch_size..end],
                         workers,
                         skip_bad,
-                    )
+                    )?;
+                    if !augment.is_identity() {
+                        let per_image = 3 * FACE_SIZE * FACE_SIZE;
+                        let images = batch.images.chunks_mut(per_image);
+                        for (image, &index) in images.zip(&batch.indices) {
+                            augment.apply(seed, epoch, index, image);
+                        }
+                    }
+                    Ok(batch)
                 }))
                 .unwrap_or_else(|payload| {
                     Err(DataError::Loader {

@@ -986,3 +986,184 @@ fn fingerprints_see_every_file() {
     std::fs::write(&rec, &bytes).unwrap();
     assert_ne!(rec_key(), original);
 }
+
+mod augmentation {
+    use crate::{Augment, FACE_SIZE};
+    use proptest::prelude::*;
+
+    const PLANE: usize = FACE_SIZE * FACE_SIZE;
+
+    /// A face whose red channel ramps left to right from -1 to 1, green top to bottom, blue
+    /// constant.
+    fn ramps() -> Vec<f32> {
+        let mut out = vec![0f32; 3 * PLANE];
+        for y in 0..FACE_SIZE {
+            for x in 0..FACE_SIZE {
+                out[y * FACE_SIZE + x] = x as f32 / 111.0 * 2.0 - 1.0;
+                out[PLANE + y * FACE_SIZE + x] = y as f32 / 111.0 * 2.0 - 1.0;
+                out[2 * PLANE + y * FACE_SIZE + x] = 0.2;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_default_changes_nothing_and_strengths_are_checked() {
+        let mut face = ramps();
+        Augment::default().apply(1, 2, 3, &mut face);
+        assert_eq!(face, ramps());
+        assert!(Augment::default().check().is_ok());
+        for bad in [
+            Augment {
+                zoom_min: 0.0,
+                ..Augment::default()
+            },
+            Augment {
+                zoom_min: 1.5,
+                ..Augment::default()
+            },
+            Augment {
+                max_shift: 80.0,
+                ..Augment::default()
+            },
+            Augment {
+                brightness: f64::NAN,
+                ..Augment::default()
+            },
+            Augment {
+                grayscale_prob: 2.0,
+                ..Augment::default()
+            },
+        ] {
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+    }
+
+    /// A zoom into half the face halves the red ramp's step per pixel (each output pixel spans
+    /// half a source pixel); a grayscale face has
+    /// equal channels; brightness alone scales a mid-gray face.
+    #[test]
+    fn each_augmentation_does_what_it_says() {
+        let zoom = Augment {
+            zoom_min: 0.5,
+            ..Augment::default()
+        };
+        // Find a draw whose crop side is near half the face (the draw is uniform in [0.5, 1]).
+        let mut found = false;
+        for index in 0..200 {
+            let mut face = ramps();
+            zoom.apply(0, 0, index, &mut face);
+            let slope = face[56 * FACE_SIZE + 57] - face[56 * FACE_SIZE + 56];
+            let plain = 2.0 / 111.0;
+            if slope < 0.52 * plain {
+                assert!(slope > 0.49 * plain, "slope {slope} at most halves");
+                found = true;
+                break;
+            }
+        }
+        assert!(found, "some draw zooms in to near half the face");
+
+        let gray = Augment {
+            grayscale_prob: 1.0,
+            ..Augment::default()
+        };
+        let mut face = ramps();
+        gray.apply(0, 0, 0, &mut face);
+        for p in (0..PLANE).step_by(97) {
+            assert!(
+                (face[p] - face[PLANE + p]).abs() < 1e-5
+                    && (face[p] - face[2 * PLANE + p]).abs() < 1e-5
+            );
+        }
+
+        let bright = Augment {
+            brightness: 0.5,
+            ..Augment::default()
+        };
+        let mut face = vec![0f32; 3 * PLANE]; // 0.5 in [0, 1]
+        bright.apply(4, 1, 7, &mut face);
+        let v = face[0];
+        assert!(
+            face.iter().all(|x| (x - v).abs() < 1e-6),
+            "a constant face stays constant"
+        );
+        assert!(
+            v != 0.0 && (-0.5..=0.5).contains(&v),
+            "0.5 * [0.5, 1.5] back in [-1, 1]: {v}"
+        );
+    }
+
+    proptest! {
+        /// Any valid strengths give a finite face in [-1, 1], the same for the same
+        /// `(seed, epoch, index)` and, with a geometric part, another one in another epoch.
+        #[test]
+        fn draws_are_pure_and_stay_in_range(
+            zoom_min in 0.5f64..=1.0, max_shift in 0.0f64..8.0, brightness in 0.0f64..=1.0,
+            contrast in 0.0f64..=1.0, saturation in 0.0f64..=1.0, grayscale_prob in 0.0f64..=1.0,
+            seed in any::<u64>(), epoch in 0usize..1000, index in 0usize..100_000,
+        ) {
+            let a = Augment { zoom_min, max_shift, brightness, contrast, saturation, grayscale_prob };
+            prop_assert!(a.check().is_ok());
+            let (mut x, mut y, mut z) = (ramps(), ramps(), ramps());
+            a.apply(seed, epoch, index, &mut x);
+            a.apply(seed, epoch, index, &mut y);
+            a.apply(seed, epoch + 1, index, &mut z);
+            prop_assert!(x.iter().all(|v| v.is_finite() && (-1.0..=1.0).contains(v)));
+            prop_assert_eq!(&x, &y);
+            if zoom_min < 0.9 && max_shift > 1.0 {
+                prop_assert_ne!(&x, &z);
+            }
+        }
+    }
+}
+
+/// `open` recognises a folder and a RecordIO pair (by `.rec`, `.idx` or prefix), reads a named
+/// format as named, and refuses anything else naming the path.
+#[test]
+fn open_recognises_every_format_from_the_path() {
+    use crate::{open, SourceFormat};
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("faces");
+    std::fs::create_dir_all(folder.join("a")).unwrap();
+    std::fs::write(folder.join("a/0.png"), png_bytes(0)).unwrap();
+    std::fs::write(folder.join("a/1.png"), png_bytes(1)).unwrap();
+    let prefix = dir.path().join("train");
+    let mut writer = RecordWriter::create(&prefix).unwrap();
+    for key in 0..3u64 {
+        writer
+            .write(key, &Record::image(key as f32, key, png_bytes(key as u8)))
+            .unwrap();
+    }
+    writer.finish().unwrap();
+
+    assert_eq!(open(&folder, SourceFormat::Auto, false).unwrap().len(), 2);
+    for path in [
+        prefix.with_extension("rec"),
+        prefix.with_extension("idx"),
+        prefix.clone(),
+    ] {
+        let set = open(&path, SourceFormat::Auto, false).unwrap();
+        assert_eq!(set.len(), 3, "{}", path.display());
+    }
+    assert_eq!(
+        open(&prefix.with_extension("rec"), SourceFormat::Recordio, false)
+            .unwrap()
+            .len(),
+        3
+    );
+    let stray = dir.path().join("notes.txt");
+    std::fs::write(&stray, b"hello").unwrap();
+    for (path, why) in [
+        (stray, "neither an image folder nor a RecordIO"),
+        (dir.path().join("missing"), "no such file"),
+    ] {
+        let err = open(&path, SourceFormat::Auto, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains(&path.display().to_string()) && err.contains(why),
+            "{err}"
+        );
+    }
+}

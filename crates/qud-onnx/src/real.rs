@@ -56,26 +56,41 @@ fn real_lfw_check_fr_feature_onnx() {
         std: [128.0; 3],
         ..OnnxInput::default()
     };
-    let model = OnnxFaceModel::load(&model_path, &contract).unwrap();
-    assert_eq!(model.batch(), 1, "fr_feature.onnx fixes its batch at 1");
     let set = qud_eval::PairSet::load(&lfw).unwrap();
     let device = qud_backend_flex::device();
-    let start = Instant::now();
-    let score = qud_eval::evaluate(&model, &set, 64, &device);
-    let seconds = start.elapsed().as_secs_f64();
-    let got = score.scores.accuracy * 100.0;
-    eprintln!(
-        "real-check: fr_feature.onnx on {} ({} pairs): LFW accuracy {got:.2} +- {:.2} with flip \
-         (reference {want:.2}), XNorm {:.4}, {:.0} faces/s ({} threads)",
-        lfw.display(),
-        score.pairs,
-        score.scores.accuracy_std * 100.0,
-        score.xnorm,
-        2.0 * set.faces.len() as f64 / seconds,
-        model.threads,
-    );
-    assert!(
-        (got - want).abs() <= 0.05,
-        "LFW accuracy {got:.3} differs from the reference {want:.2} by more than 0.05 points"
-    );
+    for runtime in [OnnxRuntime::Tract, OnnxRuntime::Native] {
+        let model = OnnxFaceModel::load(
+            &model_path,
+            &OnnxInput {
+                runtime,
+                ..contract.clone()
+            },
+        )
+        .unwrap();
+        // tract runs the graph as exported, batch fixed at 1; the native runtime any batch.
+        let batch = if runtime == OnnxRuntime::Tract {
+            1
+        } else {
+            NATIVE_BATCH
+        };
+        assert_eq!(model.batch(), batch, "{runtime:?}");
+        let start = Instant::now();
+        let score = qud_eval::evaluate(&model, &set, 64, &device);
+        let seconds = start.elapsed().as_secs_f64();
+        let got = score.scores.accuracy * 100.0;
+        eprintln!(
+            "real-check: fr_feature.onnx on {runtime:?}, {} ({} pairs): LFW accuracy {got:.2} +- \
+             {:.2} with flip (reference {want:.2}), XNorm {:.4}, {:.0} faces/s",
+            lfw.display(),
+            score.pairs,
+            score.scores.accuracy_std * 100.0,
+            score.xnorm,
+            2.0 * set.faces.len() as f64 / seconds,
+        );
+        assert!(
+            (got - want).abs() <= 0.05,
+            "{runtime:?}: LFW accuracy {got:.3} differs from the reference {want:.2} by more \
+             than 0.05 points"
+        );
+    }
 }

@@ -32,8 +32,37 @@ use std::path::PathBuf;
 /// Why a run could not start or had to stop.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("{0}")]
-    Config(String),
+    /// A config key whose value cannot work with the rest of the run (beyond what
+    /// `Config::validate` checks on its own).
+    #[error("{key}: {reason}")]
+    Config { key: &'static str, reason: String },
+    #[error(transparent)]
+    InvalidConfig(#[from] qud_config::ConfigError),
+    #[error("{} already holds checkpoints: resume it (--resume) or choose another run.output_dir", .0.display())]
+    OutputInUse(PathBuf),
+    #[error("optim.batch_size = {batch_size} exceeds the {samples} training samples")]
+    BatchLargerThanData { batch_size: usize, samples: usize },
+    #[error("epoch {epoch} batch {batch}: no sample of the batch could be decoded")]
+    UndecodableBatch { epoch: usize, batch: usize },
+    #[error(
+        "identity label {label} in the batch, but the ArcFace head has {classes} classes (labels \
+         0..{}): the dataset's identity count is wrong", classes.saturating_sub(1)
+    )]
+    LabelOutOfRange { label: u32, classes: usize },
+    #[error("method.kind = \"arcface\" needs identity labels; {0}")]
+    NoLabels(&'static str),
+    #[error("distillation needs a teacher")]
+    NoTeacher,
+    #[error("the teacher's embedding size {teacher} differs from the student's {student} (student.embedding_dim)")]
+    EmbeddingMismatch { teacher: usize, student: usize },
+    #[error("the checkpoint has no queue.bin: a QUD run cannot resume without its queue")]
+    NoQueueInCheckpoint,
+    #[error("run.precision = {precision}: device {device} does not compute in {dtype}; use \"f32\" there")]
+    Precision {
+        precision: String,
+        device: String,
+        dtype: String,
+    },
     #[error(transparent)]
     Data(#[from] qud_data::DataError),
     #[error(transparent)]

@@ -80,9 +80,7 @@ impl Objective {
                 *queue = restored;
                 Ok(())
             }
-            (Objective::Qud { .. }, None) => Err(TrainError::Config(
-                "the checkpoint has no queue.bin: a QUD run cannot resume without its queue".into(),
-            )),
+            (Objective::Qud { .. }, None) => Err(TrainError::NoQueueInCheckpoint),
             _ => Ok(()),
         }
     }
@@ -131,19 +129,15 @@ impl Objective {
                 similarities: None,
             },
             Objective::ArcFace { margin, scale } => {
-                let head = head.ok_or_else(|| {
-                    TrainError::Config("arcface needs the student's class-centre head".into())
-                })?;
+                let head = head.ok_or(TrainError::NoLabels(
+                    "the student was built without a class-centre head",
+                ))?;
                 let labels = labels()?;
                 let classes = head.weight.dims()[0];
                 // A label past the head would match no class centre: a zero one-hot row, a
                 // loss that ignores the sample, and no error anywhere else.
                 if let Some(&label) = labels.iter().find(|&&l| l as usize >= classes) {
-                    return Err(TrainError::Config(format!(
-                        "identity label {label} in the batch, but the ArcFace head has {classes} \
-                         classes (labels 0..{}): the dataset's identity count is wrong",
-                        classes - 1
-                    )));
+                    return Err(TrainError::LabelOutOfRange { label, classes });
                 }
                 ShardLoss {
                     loss: head.loss(features, &labels, *margin, *scale),

@@ -28,9 +28,11 @@ pub(crate) fn check_supported(precision: Precision, devices: &[Device]) -> Resul
         _ => DType::BF16,
     };
     match devices.iter().find(|d| !d.supports_dtype(wanted)) {
-        Some(device) => Err(TrainError::Config(format!(
-            "run.precision = {precision:?}: device {device:?} does not compute in {wanted:?}; use \"f32\" there"
-        ))),
+        Some(device) => Err(TrainError::Precision {
+            precision: format!("{precision:?}"),
+            device: format!("{device:?}"),
+            dtype: format!("{wanted:?}"),
+        }),
         None => Ok(()),
     }
 }

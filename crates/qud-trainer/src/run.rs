@@ -188,18 +188,13 @@ struct Run<'a> {
 fn prepare<'a>(config: &'a Config, options: &'a TrainOptions) -> Result<Setup<'a>, TrainError> {
     config
         .validate()
-        .map_err(|e| TrainError::Config(qud_config::ConfigError::Invalid(e).to_string()))?;
+        .map_err(qud_config::ConfigError::Invalid)?;
     let out = config.run.output_dir.clone();
     std::fs::create_dir_all(&out).map_err(io_error(&out))?;
     if !options.resume && !checkpoint::list(&out)?.is_empty() {
-        return Err(TrainError::Config(format!(
-            "{} already holds checkpoints: resume it (--resume) or choose another run.output_dir",
-            out.display()
-        )));
+        return Err(TrainError::OutputInUse(out));
     }
-    config
-        .write_toml(&out.join("config.toml"))
-        .map_err(|e| TrainError::Config(e.to_string()))?;
+    config.write_toml(&out.join("config.toml"))?;
 
     let devices = crate::setup::run_devices(config)?;
     let device = devices[0].clone();
@@ -218,11 +213,10 @@ fn prepare<'a>(config: &'a Config, options: &'a TrainOptions) -> Result<Setup<'a
     let loader = Loader::new(dataset.clone(), crate::setup::loader_options(config));
     let steps_per_epoch = loader.batches_per_epoch();
     if steps_per_epoch == 0 {
-        return Err(TrainError::Config(format!(
-            "optim.batch_size = {} exceeds the {} training samples",
-            config.optim.batch_size,
-            dataset.len()
-        )));
+        return Err(TrainError::BatchLargerThanData {
+            batch_size: config.optim.batch_size,
+            samples: dataset.len(),
+        });
     }
     let mut objective = Objective::from_config(config, &device);
     let (teacher, student) =
@@ -313,9 +307,10 @@ impl Run<'_> {
         }
         *skipped += batch.skipped.len();
         if batch.is_empty() {
-            return Err(TrainError::Config(format!(
-                "epoch {epoch} batch {index}: no sample of the batch could be decoded"
-            )));
+            return Err(TrainError::UndecodableBatch {
+                epoch,
+                batch: index,
+            });
         }
         Ok(batch)
     }

@@ -9,9 +9,7 @@ use qud_backbone::{Backbone, FaceEmbedder};
 use qud_config::{
     CacheDtype, CacheFingerprint, CacheMode, Config, DataFormat, MethodKind, WeightFormat,
 };
-use qud_data::{
-    ConcatDataset, FaceDataset, FingerprintMode, Fnv, ImageFolder, RecordDataset, SyntheticFaces,
-};
+use qud_data::{ConcatDataset, FaceDataset, FingerprintMode, Fnv, SyntheticFaces};
 use qud_eval::PairSet;
 use qud_models::{AnyBackbone, BackboneSpec};
 use std::path::{Path, PathBuf};
@@ -57,9 +55,10 @@ pub fn open_dataset(config: &Config) -> Result<Arc<dyn FaceDataset>, TrainError>
         || data.root.is_none() && data.format == DataFormat::Auto
     {
         if !data.extra_roots.is_empty() {
-            return Err(TrainError::Config(
-                "data.extra_roots needs data.root (it lists sources read after it)".into(),
-            ));
+            return Err(TrainError::Config {
+                key: "data.extra_roots",
+                reason: "needs data.root (it lists sources read after it)".into(),
+            });
         }
         return Ok(Arc::new(SyntheticFaces::new(
             data.synthetic_identities,
@@ -67,8 +66,9 @@ pub fn open_dataset(config: &Config) -> Result<Arc<dyn FaceDataset>, TrainError>
             config.run.seed,
         )));
     }
-    let root = data.root.as_deref().ok_or_else(|| {
-        TrainError::Config("data.root is required unless data.format = \"synthetic\"".into())
+    let root = data.root.as_deref().ok_or_else(|| TrainError::Config {
+        key: "data.root",
+        reason: "is required unless data.format = \"synthetic\"".into(),
     })?;
     let mut parts = Vec::new();
     for path in std::iter::once(root).chain(data.extra_roots.iter().map(PathBuf::as_path)) {
@@ -81,32 +81,18 @@ pub fn open_dataset(config: &Config) -> Result<Arc<dyn FaceDataset>, TrainError>
     })
 }
 
-/// One image folder or RecordIO file; `auto` decides from the path.
+/// One source of the training set, through the one format table (`qud_data::open`).
 fn open_source(
     path: &Path,
     format: DataFormat,
     resize: bool,
 ) -> Result<Arc<dyn FaceDataset>, TrainError> {
     let format = match format {
-        DataFormat::Auto if path.is_dir() => DataFormat::Folder,
-        DataFormat::Auto
-            if path.extension().is_some_and(|e| e == "rec" || e == "idx")
-                || path.with_extension("rec").is_file() =>
-        {
-            DataFormat::Recordio
-        }
-        DataFormat::Auto => {
-            return Err(TrainError::Config(format!(
-                "data source {}: neither a folder nor a .rec file",
-                path.display()
-            )))
-        }
-        f => f,
+        DataFormat::Folder => qud_data::SourceFormat::Folder,
+        DataFormat::Recordio => qud_data::SourceFormat::Recordio,
+        DataFormat::Auto | DataFormat::Synthetic => qud_data::SourceFormat::Auto,
     };
-    Ok(match format {
-        DataFormat::Recordio => Arc::new(RecordDataset::open(path, resize)?),
-        _ => Arc::new(ImageFolder::open(path, resize)?),
-    })
+    Ok(qud_data::open(path, format, resize)?)
 }
 
 fn spec(embedding_dim: usize) -> BackboneSpec {
@@ -127,19 +113,17 @@ pub(crate) fn build_student(
         &spec(config.student.embedding_dim),
         device,
     )
-    .map_err(|e| TrainError::Config(format!("student.arch: {e}")))?;
+    .map_err(|e| TrainError::Config {
+        key: "student.arch",
+        reason: e.to_string(),
+    })?;
     let backbone = match &config.student.init_weights {
         Some(path) => qud_models::load_weights(backbone, path)?,
         None => backbone,
     };
     let head = match config.method.kind {
         MethodKind::Arcface => {
-            let classes = classes.ok_or_else(|| {
-                TrainError::Config(
-                    "method.kind = \"arcface\" needs identity labels; the training set has none"
-                        .into(),
-                )
-            })?;
+            let classes = classes.ok_or(TrainError::NoLabels("the training set has none"))?;
             Some(ArcFaceHead::new(
                 classes,
                 config.student.embedding_dim,
@@ -206,13 +190,11 @@ fn is_onnx(t: &qud_config::TeacherConfig) -> bool {
 pub(crate) fn build_teacher(config: &Config, device: &Device) -> Result<Teacher, TrainError> {
     let t = &config.teacher;
     let teacher = if is_onnx(t) {
-        let path = t.weights.as_deref().ok_or_else(|| {
-            TrainError::Config(
-                "teacher.format = \"onnx\" needs teacher.weights (the .onnx file)".into(),
-            )
+        let path = t.weights.as_deref().ok_or_else(|| TrainError::Config {
+            key: "teacher.weights",
+            reason: "teacher.format = \"onnx\" needs the .onnx file".into(),
         })?;
-        let model = qud_onnx::OnnxFaceModel::load(path, &t.onnx)
-            .map_err(|e| TrainError::Config(format!("teacher: {e}")))?;
+        let model = qud_onnx::OnnxFaceModel::load(path, &t.onnx)?;
         tracing::info!(
             "ONNX teacher {} ({} image(s) per run, {}-d output)",
             path.display(),
@@ -221,15 +203,22 @@ pub(crate) fn build_teacher(config: &Config, device: &Device) -> Result<Teacher,
         );
         Teacher::Onnx(model)
     } else {
-        let model = qud_models::create(&t.arch, &spec(t.embedding_dim), device)
-            .map_err(|e| TrainError::Config(format!("teacher.arch: {e}")))?;
+        let model = qud_models::create(&t.arch, &spec(t.embedding_dim), device).map_err(|e| {
+            TrainError::Config {
+                key: "teacher.arch",
+                reason: e.to_string(),
+            }
+        })?;
         let model = match (&t.weights, t.allow_random) {
             (Some(path), _) => qud_models::load_weights(model, path)?,
             (None, true) => model,
             (None, false) => {
-                return Err(TrainError::Config(
-                    "teacher.weights is required: a randomly initialised teacher teaches nothing (set teacher.allow_random = true only in tests)".into(),
-                ))
+                return Err(TrainError::Config {
+                    key: "teacher.weights",
+                    reason: "is required: a randomly initialised teacher teaches nothing (set \
+                             teacher.allow_random = true only in tests)"
+                        .into(),
+                })
             }
         };
         let mut model = initialize_now(model).valid();
@@ -237,11 +226,10 @@ pub(crate) fn build_teacher(config: &Config, device: &Device) -> Result<Teacher,
         Teacher::Backbone(Box::new(model))
     };
     if teacher.output_dim() != config.student.embedding_dim {
-        return Err(TrainError::Config(format!(
-            "the teacher's embedding size {} differs from the student's {} (student.embedding_dim)",
-            teacher.output_dim(),
-            config.student.embedding_dim
-        )));
+        return Err(TrainError::EmbeddingMismatch {
+            teacher: teacher.output_dim(),
+            student: config.student.embedding_dim,
+        });
     }
     Ok(teacher)
 }
@@ -280,8 +268,14 @@ pub(crate) fn teacher_cache(
     if t.cache == CacheMode::Off || config.method.kind == MethodKind::Arcface {
         return Ok(None);
     }
-    // Only the horizontal flip reaches the teacher, and the cache holds both flips; any other
-    // augmentation would have to turn the cache off here.
+    // The cache holds both flips of every face; a face augmented otherwise is seen once, so the
+    // teacher runs on it every step (validation refuses `require` with augmentation on).
+    if config.data.augment.is_active() {
+        tracing::info!(
+            "data.augment is on: the teacher runs every step on the augmented faces (no cache)"
+        );
+        return Ok(None);
+    }
     let key = CacheKey {
         teacher: teacher_identity(config)?,
         dataset: dataset_key(
@@ -319,9 +313,12 @@ pub(crate) fn teacher_cache(
             return Ok(Some(cache));
         }
         Err(e) if t.cache == CacheMode::Require => {
-            return Err(TrainError::Config(format!(
-                "teacher.cache = \"require\": {e}; build it with `qud cache-teacher --config FILE`"
-            )))
+            return Err(TrainError::Config {
+                key: "teacher.cache",
+                reason: format!(
+                    "\"require\": {e}; build it with `qud cache-teacher --config FILE`"
+                ),
+            })
         }
         Err(CacheError::Missing(_)) => {
             tracing::info!("building the teacher cache {}", path.display())
@@ -364,6 +361,18 @@ pub(crate) fn loader_options(config: &Config) -> qud_data::LoaderOptions {
         rank: 0,
         world: 1,
         skip_bad_samples: config.data.on_bad_sample == qud_config::OnBadSample::Skip,
+        augment: augment(&config.data.augment),
+    }
+}
+
+fn augment(a: &qud_config::AugmentConfig) -> qud_data::Augment {
+    qud_data::Augment {
+        zoom_min: a.zoom_min,
+        max_shift: a.max_shift,
+        brightness: a.brightness,
+        contrast: a.contrast,
+        saturation: a.saturation,
+        grayscale_prob: a.grayscale_prob,
     }
 }
 
@@ -390,9 +399,10 @@ pub fn prepare_teacher_cache(config: &Config) -> Result<std::path::PathBuf, Trai
         config.teacher.cache = CacheMode::Auto;
     }
     if config.method.kind == MethodKind::Arcface {
-        return Err(TrainError::Config(
-            "method.kind = \"arcface\" has no teacher to cache".into(),
-        ));
+        return Err(TrainError::Config {
+            key: "method.kind",
+            reason: "\"arcface\" has no teacher to cache".into(),
+        });
     }
     let cache =
         teacher_cache(&config, dataset.as_ref(), &teacher, &device)?.expect("the cache is on");

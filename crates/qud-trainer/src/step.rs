@@ -231,7 +231,7 @@ fn shard_step(s: Shard<'_>) -> Result<ShardStep, TrainError> {
         || {
             s.piece
                 .labels()
-                .ok_or_else(|| TrainError::Config("arcface needs labelled samples".into()))
+                .ok_or(TrainError::NoLabels("the batch has unlabelled samples"))
         },
         s.model.head.as_ref(),
         s.want_similarities,
@@ -260,9 +260,7 @@ fn shard_step(s: Shard<'_>) -> Result<ShardStep, TrainError> {
 
 /// The teacher's normalised features of the piece: from the cache, or computed.
 fn teacher_features(s: &Shard<'_>, x: Tensor<4>) -> Result<Tensor<2>, TrainError> {
-    let teacher = s
-        .teacher
-        .ok_or_else(|| TrainError::Config("distillation needs a teacher".into()))?;
+    let teacher = s.teacher.ok_or(TrainError::NoTeacher)?;
     Ok(match s.context.cache {
         Some(cache) => Tensor::from_data(
             TensorData::new(

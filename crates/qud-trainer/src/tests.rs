@@ -514,7 +514,7 @@ fn a_random_teacher_needs_explicit_permission() {
     let err = train(&config, &TrainOptions::default())
         .unwrap_err()
         .to_string();
-    assert!(err.contains("teacher.weights is required"), "{err}");
+    assert!(err.contains("teacher.weights: is required"), "{err}");
     let config = tiny(
         dir.path(),
         "mse",
@@ -785,6 +785,56 @@ fn the_teacher_cache_changes_the_cost_not_the_run() {
         .to_string();
     assert!(
         err.contains("no teacher cache") && err.contains("qud cache-teacher"),
+        "{err}"
+    );
+}
+
+/// With `data.augment` on, the teacher runs every step on the augmented faces: no cache is
+/// built (`auto`), the losses are not the un-augmented run's, and a second run repeats them
+/// exactly (the draws are functions of seed, epoch and sample). `require` is refused up front.
+#[test]
+fn augmented_runs_teach_every_step_and_repeat() {
+    let dir = tempfile::tempdir().unwrap();
+    let augment = [
+        "teacher.cache=\"auto\"",
+        "data.augment.zoom_min=0.8",
+        "data.augment.max_shift=4",
+        "data.augment.brightness=0.3",
+        "data.augment.grayscale_prob=0.5",
+    ];
+    let run = |name: &str, extra: &[&str]| {
+        train(
+            &tiny(&dir.path().join(name), "qud", extra),
+            &TrainOptions::default(),
+        )
+        .unwrap()
+    };
+    let plain = run("plain", &[]);
+    let first = run("a", &augment);
+    let second = run("b", &augment);
+    assert!(
+        !dir.path().join("teacher-cache").exists()
+            || std::fs::read_dir(dir.path().join("teacher-cache"))
+                .unwrap()
+                .count()
+                == 1,
+        "only the plain run may build a cache"
+    );
+    assert_eq!(first.losses, second.losses);
+    assert_ne!(
+        first.losses, plain.losses,
+        "the augmentation reaches the step"
+    );
+    assert!(first.losses.iter().all(|l| l.is_finite()));
+
+    let err = ConfigLoader::new()
+        .without_env()
+        .set_all(["data.augment.brightness=0.2", "teacher.cache=\"require\""])
+        .load()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("teacher.cache") && err.contains("augment"),
         "{err}"
     );
 }
