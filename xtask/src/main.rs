@@ -351,7 +351,7 @@ fn bench(args: &[String]) -> Result<()> {
     // reference script (the row is skipped without Python).
     let ort = (name == "onnx").then(|| {
         let args = ["--make".to_string(), data.display().to_string()];
-        python_reference("onnx.py", &args, "onnxruntime, numpy")
+        python_reference("ort_models.py", &args, "onnxruntime, numpy")
     });
     let mut criterion = bench;
     criterion.args(&args[1..]);

@@ -558,8 +558,9 @@ fn prelu_backward_plane_sums(
     upcoming: &Upcoming,
 ) -> (f32, (f64, f64)) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, all the function is compiled for.
+    if crate::simd::level() == crate::simd::SimdLevel::Avx512 {
+        // SAFETY: the CPU has AVX-512F (`level` never exceeds the CPU's), all the function is
+        // compiled for.
         return unsafe { prelu_backward_plane_sums_avx512(x, dz, affine, upcoming) };
     }
     let _ = upcoming;

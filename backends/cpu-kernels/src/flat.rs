@@ -239,8 +239,9 @@ fn correlate_requesting(
     (upcoming, first): (&Upcoming, usize),
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, all the function is compiled for.
+    if crate::simd::level() == crate::simd::SimdLevel::Avx512 {
+        // SAFETY: the CPU has AVX-512F (`level` never exceeds the CPU's), all the function is
+        // compiled for.
         return unsafe { correlate_avx512(taps, offsets, init, (src, dst), (upcoming, first)) };
     }
     let _ = (upcoming, first);
@@ -366,8 +367,9 @@ fn correlate_sums(
     upcoming: &Upcoming,
 ) -> [f32; TAPS] {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has AVX-512F, all the function is compiled for.
+    if crate::simd::level() == crate::simd::SimdLevel::Avx512 {
+        // SAFETY: the CPU has AVX-512F (`level` never exceeds the CPU's), all the function is
+        // compiled for.
         return unsafe { correlate_sums_avx512(offsets, src, g, upcoming) };
     }
     correlate_sums_portable(offsets, src, g, upcoming)
@@ -639,7 +641,7 @@ fn place_activated(padded: Padded, source: &mut [f32], input: &[f32], affine: [f
     let [m, a, b, slope] = affine;
     let w = padded.stride();
     #[cfg(target_arch = "x86_64")]
-    let masked = std::arch::is_x86_feature_detected!("avx512f");
+    let masked = crate::simd::level() == crate::simd::SimdLevel::Avx512;
     for (r, row) in input.chunks_exact(padded.cols).enumerate() {
         let line = &mut source[(r + padded.pad) * w + padded.pad..][..padded.cols];
         #[cfg(target_arch = "x86_64")]

@@ -20,7 +20,7 @@ mod extension;
 mod flat;
 mod pointwise;
 mod prelu;
-mod simd;
+pub mod simd;
 
 pub use dense::{
     dense_conv2d_host, dense_conv2d_input_grad_host, dense_conv2d_weight_grad_host, Dense,
@@ -401,8 +401,30 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// A CPU backend whose tensors live in host memory (flex, ndarray).
+/// Whether the kernels here run at all: `QUD_CPU_KERNELS=off` (or `0`, `false`) sends every op
+/// to Burn's own implementation, for A/B checks and debugging. Read once per process.
+pub fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| {
+        let off = std::env::var("QUD_CPU_KERNELS").is_ok_and(|v| {
+            matches!(
+                v.trim().to_ascii_lowercase().as_str(),
+                "off" | "0" | "false"
+            )
+        });
+        if off {
+            // This crate has no logging dependency; one line, once.
+            eprintln!("QUD_CPU_KERNELS=off: Burn's own ops run instead of qud's CPU kernels");
+        }
+        !off
+    })
+}
+
+/// A CPU backend whose tensors live in host memory (flex, ndarray), with the kernels enabled.
 fn is_host_cpu(device: &Device) -> bool {
+    if !enabled() {
+        return false;
+    }
     let name = format!("{:?}", device.as_dispatch());
     name.starts_with("Flex") || name.starts_with("NdArray")
 }
@@ -421,9 +443,11 @@ pub fn prelu<const D: usize>(x: Tensor<D>, alpha: Tensor<1>) -> Tensor<D> {
     ))
 }
 
-/// The flex backend, with or without autodiff: the one the extensions here serve.
+/// The flex backend, with or without autodiff: the one the extensions here serve (when the
+/// kernels are [`enabled`]).
 fn is_flex(device: &Device) -> bool {
-    format!("{:?}", device.clone().without_autodiff().as_dispatch()).starts_with("Flex")
+    enabled()
+        && format!("{:?}", device.clone().without_autodiff().as_dispatch()).starts_with("Flex")
 }
 
 /// Batch statistics per channel and the normalised output, as `burn::tensor::module::batch_norm_train`.

@@ -61,14 +61,7 @@ impl PackedLhs {
 
 /// Whether [`product`] runs on this CPU.
 pub(crate) fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    crate::simd::level() == crate::simd::SimdLevel::Avx512
 }
 
 /// Rows `first_row..first_row + out.len() / positions` of `lhs * image[depth, positions]` into

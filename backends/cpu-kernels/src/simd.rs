@@ -1,12 +1,14 @@
 //! Run-time choice of instruction set for the kernels' hot loops: the crate is compiled for
 //! baseline x86-64 (SSE2, 4 lanes), so each loop that should use the CPU's wider vectors is also
-//! compiled with AVX2 + FMA (8 lanes) and AVX-512 (16 lanes), and the widest the CPU has runs.
+//! compiled with AVX2 + FMA (8 lanes) and AVX-512 (16 lanes), and the widest that [`level`]
+//! allows runs: the CPU's, unless capped by `QUD_SIMD` or [`cap_level`] (so that tests run the
+//! narrower builds on any machine).
 //!
 //! Rust never contracts `a * b + c` into a fused multiply-add on its own, so every version
 //! rounds exactly as the portable one does: the results are identical, only the width changes.
 
 /// Defines `fn $name(args) -> ret` that runs `$body` compiled for the widest of AVX-512, AVX2 +
-/// FMA or the baseline that the CPU supports (checked at run time; the check is a cached load).
+/// FMA or the baseline that [`level`] allows (a cached load and a compare per call).
 /// The body must be a plain function of its arguments; what it calls should be
 /// `#[inline(always)]` so that it is compiled for the same instructions.
 macro_rules! multiversion {
@@ -29,20 +31,13 @@ macro_rules! multiversion {
             }
 
             #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx512f")
-                    && std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has every feature `avx512` was compiled for.
-                    return unsafe { avx512($($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: the CPU has every feature `avx2` was compiled for.
-                    return unsafe { avx2($($arg),*) };
-                }
+            match $crate::simd::level() {
+                // SAFETY: `level` never exceeds what the CPU supports, and `avx512` is compiled
+                // for AVX-512F, AVX2 and FMA, which `SimdLevel::Avx512` stands for.
+                $crate::simd::SimdLevel::Avx512 => return unsafe { avx512($($arg),*) },
+                // SAFETY: as above, for AVX2 and FMA.
+                $crate::simd::SimdLevel::Avx2 => return unsafe { avx2($($arg),*) },
+                $crate::simd::SimdLevel::Portable => {}
             }
             portable($($arg),*)
         }
@@ -50,6 +45,90 @@ macro_rules! multiversion {
 }
 
 pub(crate) use multiversion;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::OnceLock;
+
+/// The instruction sets the kernels choose from, narrowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    /// Baseline x86-64 (SSE2), or any other architecture.
+    Portable,
+    /// AVX2 + FMA.
+    Avx2,
+    /// AVX-512F (with AVX2 + FMA).
+    Avx512,
+}
+
+impl SimdLevel {
+    /// `portable`, `avx2` or `avx512`, as `QUD_SIMD` takes them.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "portable" | "sse2" | "none" => Some(Self::Portable),
+            "avx2" => Some(Self::Avx2),
+            "avx512" | "avx-512" => Some(Self::Avx512),
+            _ => None,
+        }
+    }
+}
+
+/// The widest level this CPU runs.
+pub fn detected() -> SimdLevel {
+    static DETECTED: OnceLock<SimdLevel> = OnceLock::new();
+    *DETECTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            if avx2 && std::arch::is_x86_feature_detected!("avx512f") {
+                return SimdLevel::Avx512;
+            }
+            if avx2 {
+                return SimdLevel::Avx2;
+            }
+        }
+        SimdLevel::Portable
+    })
+}
+
+/// No cap set by [`cap_level`]: the environment's, if any, applies.
+const UNSET: u8 = u8::MAX;
+static CAP: AtomicU8 = AtomicU8::new(UNSET);
+
+/// The level the kernels run at: the CPU's, capped by [`cap_level`] or else by the environment
+/// variable `QUD_SIMD` (`portable`, `avx2`, `avx512`), so that the narrower builds of every
+/// multiversioned loop can be run and checked on a machine that has the wider ones. A cap above
+/// the CPU's level changes nothing.
+pub fn level() -> SimdLevel {
+    static FROM_ENV: OnceLock<Option<SimdLevel>> = OnceLock::new();
+    let cap = match CAP.load(Ordering::Relaxed) {
+        0 => Some(SimdLevel::Portable),
+        1 => Some(SimdLevel::Avx2),
+        2 => Some(SimdLevel::Avx512),
+        _ => *FROM_ENV.get_or_init(|| {
+            let name = std::env::var("QUD_SIMD").ok()?;
+            let parsed = SimdLevel::parse(&name);
+            if parsed.is_none() {
+                eprintln!("QUD_SIMD={name} is not portable, avx2 or avx512; ignored");
+            }
+            parsed
+        }),
+    };
+    cap.map_or(detected(), |cap| cap.min(detected()))
+}
+
+/// Cap the level for the whole process from now on (`None`: back to `QUD_SIMD` or the CPU's).
+/// Every level gives the same bits (see the module docs), so a cap changes speed only; tests use
+/// it to run each build.
+pub fn cap_level(cap: Option<SimdLevel>) {
+    let value = match cap {
+        None => UNSET,
+        Some(SimdLevel::Portable) => 0,
+        Some(SimdLevel::Avx2) => 1,
+        Some(SimdLevel::Avx512) => 2,
+    };
+    CAP.store(value, Ordering::Relaxed);
+}
 
 /// Partial sums of the kernels' reductions (independent accumulators, lane `k` taking every
 /// `LANES`-th value): one AVX-512 register, two AVX2 ones. With eight (one AVX2 register) the

@@ -938,3 +938,129 @@ proptest! {
         }
     }
 }
+
+/// Every SIMD build of the kernels (AVX-512, AVX2 + FMA, portable) gives the same bits, forward
+/// and backward: each level up to the CPU's is forced in turn (`simd::cap_level`), so an AVX-512
+/// machine runs all three and an AVX2 one two. Shapes are MobileFaceNet's own (3 x 3 depthwise
+/// at strides 1 and 2 on flat planes, a 7 x 7, 1 x 1 and 3 x 3 dense layers, the fused
+/// BatchNorm ops) plus odd sizes for the loops' tails.
+#[test]
+fn every_simd_level_gives_the_same_bits() {
+    use crate::simd::{cap_level, detected, SimdLevel};
+    let run = || -> Vec<Vec<f32>> {
+        let mut out = Vec::new();
+        for (stride, height) in [(1, 14), (2, 28), (1, 9)] {
+            let shape = Depthwise {
+                batch: 2,
+                channels: 5,
+                height,
+                width: height + 1,
+                kernel: 3,
+                stride,
+                padding: 1,
+            };
+            out.extend(gradients(&shape, true, 11 + stride as u64, true));
+        }
+        let seven = Depthwise {
+            batch: 2,
+            channels: 3,
+            height: 7,
+            width: 7,
+            kernel: 7,
+            stride: 1,
+            padding: 0,
+        };
+        out.extend(gradients(&seven, false, 5, true));
+        for (kernel, stride, padding) in [(1, 1, 0), (3, 2, 1), (3, 1, 1)] {
+            let dense = Dense {
+                batch: 2,
+                in_channels: 6,
+                out_channels: 19,
+                height: 13,
+                width: 11,
+                kernel,
+                stride,
+                padding,
+            };
+            out.extend(dense_gradients(&dense, true, 3, true));
+        }
+        for (stride, size) in [(1, 14), (2, 15)] {
+            out.extend(fused_depthwise_gradients(
+                [2, 4, size, size],
+                (3, stride, 1),
+                7,
+                true,
+            ));
+            out.extend(fused_depthwise_gradients(
+                [2, 4, size, size],
+                (3, stride, 1),
+                7,
+                false,
+            ));
+        }
+        out.extend(batch_norm_add_gradients([2, 5, 9, 7], 13, true));
+        out.extend(prelu_gradients([2, 5, 9, 7], 17, true));
+        out
+    };
+    let levels: Vec<SimdLevel> = [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512]
+        .into_iter()
+        .filter(|l| *l <= detected())
+        .collect();
+    let mut results = Vec::new();
+    for &level in &levels {
+        cap_level(Some(level));
+        assert_eq!(crate::simd::level(), level);
+        results.push(run());
+    }
+    cap_level(None);
+    let bits = |r: &Vec<Vec<f32>>| -> Vec<Vec<u32>> {
+        r.iter()
+            .map(|v| v.iter().map(|x| x.to_bits()).collect())
+            .collect()
+    };
+    for (level, result) in levels.iter().zip(&results).skip(1) {
+        assert!(
+            bits(result) == bits(&results[0]),
+            "{level:?} differs from the portable build"
+        );
+    }
+    eprintln!("checked {levels:?} (this CPU: {:?})", detected());
+}
+
+/// `QUD_CPU_KERNELS=off` sends every op to Burn: run in a child process with it set, a dense
+/// and a depthwise convolution are exactly Burn's, and `enabled()` says so.
+#[test]
+fn the_kernels_can_be_switched_off() {
+    const CHILD: &str = "QUD_TEST_KERNELS_OFF_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        assert!(!enabled());
+        let device = qud_backend_flex::device();
+        for groups in [1, 4] {
+            let conv = Conv2dConfig::new([4, 4], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .with_groups(groups)
+                .init(&device);
+            let x = Tensor::<4>::from_data(
+                TensorData::new(values(3, 2 * 4 * 64), [2, 4, 8, 8]),
+                &device,
+            );
+            let ours = flat(conv2d(&conv, x.clone()));
+            let burns = flat(conv.forward(x));
+            assert_eq!(ours, burns, "groups {groups}");
+        }
+        return;
+    }
+    assert!(enabled(), "on unless QUD_CPU_KERNELS=off");
+    let child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["tests::the_kernels_can_be_switched_off", "--exact"])
+        .env(CHILD, "1")
+        .env("QUD_CPU_KERNELS", "off")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&child.stdout);
+    assert!(
+        child.status.success() && text.contains("1 passed"),
+        "the child run with QUD_CPU_KERNELS=off failed:\n{text}{}",
+        String::from_utf8_lossy(&child.stderr)
+    );
+}

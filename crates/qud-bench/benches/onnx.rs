@@ -1,8 +1,8 @@
 //! ONNX face models on the whole machine (every core), 128 faces a call: qud's native runtime
-//! and tract, against onnxruntime on the same files and threads (`python/onnx.py`, which
+//! and tract, against onnxruntime on the same files and threads (`python/ort_models.py`, which
 //! `cargo xtask bench onnx` runs in the same command). Models: the exported MobileFaceNet fixture
 //! (free batch dimension); the same graph quantised by onnxruntime's `quantize_dynamic` (written
-//! to `target/bench-data` by `python/onnx.py --make`, skipped when absent); and
+//! to `target/bench-data` by `python/ort_models.py --make`, skipped when absent); and
 //! `../shared/models/fr_feature.onnx` (batch fixed at 1) when present.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};

@@ -334,6 +334,12 @@ impl Config {
         );
         let m = &self.method;
         check(
+            m.mse_scale.is_finite() && m.mse_scale > 0.0,
+            "method.mse_scale",
+            m.mse_scale.to_string(),
+            "must be a finite number > 0",
+        );
+        check(
             m.tau.is_finite() && m.tau > 0.0,
             "method.tau",
             m.tau.to_string(),

@@ -343,6 +343,10 @@ pub struct MethodConfig {
     pub margin: f64,
     /// ArcFace logit scale.
     pub scale: f64,
+    /// Factor on the MSE loss. PyTorch's `MSELoss()` averages over the embedding's dimensions
+    /// too, which on unit vectors makes gradients of about 1e-2 at the start; `embedding_dim`
+    /// (512) makes it the per-sample squared distance `2 - 2 cos`.
+    pub mse_scale: f64,
 }
 
 impl Default for MethodConfig {
@@ -354,6 +358,7 @@ impl Default for MethodConfig {
             queue_kind: QueueKind::Fifo,
             margin: 0.5,
             scale: 64.0,
+            mse_scale: 1.0,
         }
     }
 }

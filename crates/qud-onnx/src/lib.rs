@@ -115,7 +115,7 @@ impl OnnxFaceModel {
         match input.runtime {
             OnnxRuntime::Tract => Self::load_tract(path, input, &bytes),
             OnnxRuntime::Native => {
-                let graph = native::NativeGraph::load(&bytes, &Device::flex())
+                let graph = native::NativeGraph::load(&bytes, &qud_backend_flex::device())
                     .map_err(|e| contract(format!("the native runtime cannot run it: {e}")))?;
                 let mut model = Self::with_engine(path, input, Engine::Native(Box::new(graph)), 0);
                 let faces = probe_faces(2);
@@ -126,7 +126,7 @@ impl OnnxFaceModel {
             }
             OnnxRuntime::Auto => {
                 let tract = Self::load_tract(path, input, &bytes)?;
-                let graph = match native::NativeGraph::load(&bytes, &Device::flex()) {
+                let graph = match native::NativeGraph::load(&bytes, &qud_backend_flex::device()) {
                     Ok(graph) => graph,
                     Err(why) => {
                         tracing::info!("{}: runs on tract: {why}", path.display());
@@ -347,7 +347,7 @@ impl OnnxFaceModel {
         let s = self.input.size;
         let model_plane = 3 * s * s;
         let mut out = Vec::with_capacity(n * self.dim);
-        let device = Device::flex();
+        let device = qud_backend_flex::device();
         for chunk in faces.chunks(NATIVE_BATCH * plane) {
             let count = chunk.len() / plane;
             let mut input = vec![0f32; count * model_plane];

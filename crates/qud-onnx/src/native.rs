@@ -246,7 +246,12 @@ impl NativeGraph {
             .ok_or_else(|| NativeError::Malformed("the model has no graph".into()))?;
         let mut constants: HashMap<String, Constant> = HashMap::new();
         for t in &graph.initializer {
-            let c = Constant::from_proto(t).map_err(NativeError::Malformed)?;
+            // Quantised weights (uint8, int8) and other types are not mapped: tract runs those.
+            let c = Constant::from_proto(t).map_err(|why| NativeError::Unsupported {
+                op: "initializer".into(),
+                node: t.name.clone(),
+                why,
+            })?;
             constants.insert(t.name.clone(), c);
         }
         let inputs: Vec<&pb::ValueInfoProto> = graph

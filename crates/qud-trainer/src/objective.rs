@@ -23,7 +23,7 @@ use qud_queue::FeatureQueue;
 #[derive(Debug)]
 pub enum Objective {
     Qud { queue: FeatureQueue, tau: f64 },
-    Mse,
+    Mse { scale: f64 },
     ArcFace { margin: f64, scale: f64 },
 }
 
@@ -52,7 +52,9 @@ impl Objective {
                 ),
                 tau: method.tau,
             },
-            MethodKind::Mse => Objective::Mse,
+            MethodKind::Mse => Objective::Mse {
+                scale: method.mse_scale,
+            },
             MethodKind::Arcface => Objective::ArcFace {
                 margin: method.margin,
                 scale: method.scale,
@@ -123,8 +125,8 @@ impl Objective {
                     similarities,
                 }
             }
-            Objective::Mse => ShardLoss {
-                loss: qud_loss::feature_mse(qud_loss::l2_normalize(features), teacher()),
+            Objective::Mse { scale } => ShardLoss {
+                loss: qud_loss::feature_mse(qud_loss::l2_normalize(features), teacher()) * *scale,
                 keys: None,
                 similarities: None,
             },

@@ -839,6 +839,30 @@ fn augmented_runs_teach_every_step_and_repeat() {
     );
 }
 
+/// `method.mse_scale` multiplies the MSE loss: 512 on 32-d features is the per-sample squared
+/// distance times 16, so the first step's loss (before any update) is 512 times the plain one.
+#[test]
+fn the_mse_scale_multiplies_the_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let one = ["optim.epochs=1", "optim.lr_milestones=[1]"];
+    let plain = train(
+        &tiny(&dir.path().join("plain"), "mse", &one),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let scaled = train(
+        &tiny(
+            &dir.path().join("scaled"),
+            "mse",
+            &[one[0], one[1], "method.mse_scale=512"],
+        ),
+        &TrainOptions::default(),
+    )
+    .unwrap();
+    let (a, b) = (plain.losses[0], scaled.losses[0]);
+    assert!((b - 512.0 * a).abs() <= 1e-4 * b, "{b} vs 512 x {a}");
+}
+
 /// A raised stop flag (what SIGINT / SIGTERM set in `qud train`) ends the run after the current
 /// step with a checkpoint, and the resumed run completes the straight run's losses.
 #[test]
@@ -977,7 +1001,7 @@ fn trajectory(method: &str) {
             .unwrap(),
             tau: 0.1,
         },
-        _ => Objective::Mse,
+        _ => Objective::Mse { scale: 1.0 },
     };
     let dir = tempfile::tempdir().unwrap();
     let before_path = dir.path().join("before.safetensors");

@@ -2,7 +2,7 @@
 core (intra-op threads = CPU count), 128 faces a call, at the batch sizes a user would run.
 Prints one JSON object {"onnxruntime": version, "threads": n, "images_per_s": {id: rate}}.
 
-`onnx.py --make DIR` first writes DIR/mobilefacenet_d128_dynamic_quant.onnx: the exported
+`ort_models.py --make DIR` first writes DIR/mobilefacenet_d128_dynamic_quant.onnx: the exported
 MobileFaceNet fixture quantised by onnxruntime's `quantize_dynamic` (DynamicQuantizeLinear,
 ConvInteger, MatMulInteger), the form in which int8 face models are usually shipped."""
 
