@@ -127,19 +127,31 @@ fn every_shipped_config_is_valid() {
 }
 
 /// The real-data configs load and validate, and name an ONNX teacher whose contract is the one
-/// `../shared/models/README.md` states for fr_feature.onnx.
+/// `../shared/models/README.md` states for fr_feature.onnx; the augmented one differs from the
+/// plain one in its augmentation only.
 #[test]
 fn real_configs_are_valid() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/real");
-    let file = root.join("lfw_fr_feature.toml");
-    let config = ConfigLoader::new()
-        .without_env()
-        .file(&file)
-        .load()
-        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    assert_eq!(config.teacher.format, qud_config::WeightFormat::Onnx);
-    assert_eq!(config.teacher.onnx.mean, [127.0; 3]);
-    assert_eq!(config.teacher.onnx.std, [128.0; 3]);
-    assert_eq!((config.method.tau, config.method.queue_size), (0.1, 1024));
-    assert_eq!(config.data.extra_roots.len(), 1);
+    let load = |name: &str| {
+        let file = root.join(name);
+        ConfigLoader::new()
+            .without_env()
+            .file(&file)
+            .load()
+            .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+    };
+    let plain = load("lfw_fr_feature.toml");
+    let augmented = load("lfw_fr_feature_augment.toml");
+    for config in [&plain, &augmented] {
+        assert_eq!(config.teacher.format, qud_config::WeightFormat::Onnx);
+        assert_eq!(config.teacher.onnx.mean, [127.0; 3]);
+        assert_eq!(config.teacher.onnx.std, [128.0; 3]);
+        assert_eq!((config.method.tau, config.method.queue_size), (0.1, 1024));
+        assert_eq!(config.data.extra_roots.len(), 1);
+    }
+    assert!(!plain.data.augment.is_active() && augmented.data.augment.is_active());
+    let mut same = augmented.clone();
+    same.data.augment = plain.data.augment;
+    same.run.output_dir = plain.run.output_dir.clone();
+    assert_eq!(same, plain);
 }

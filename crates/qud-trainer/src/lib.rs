@@ -8,6 +8,7 @@
 //! `train` is the loop around it: setup, then per batch the step and the loop's duties.
 
 mod checkpoint;
+pub mod metrics;
 pub mod objective;
 pub mod optim;
 mod parallel;

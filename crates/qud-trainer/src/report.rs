@@ -1,42 +1,29 @@
 //! `report.html`: a run's loss, learning-rate and accuracy curves and its final ROC plots, one
 //! self-contained file (inline SVG) that any browser opens offline.
 
+use crate::metrics::{read_rows, EvalRow, StepRow};
 use qud_eval::{line_chart_svg, roc_svg, SetScore};
 use std::collections::BTreeMap;
 use std::path::Path;
 
-fn json_lines(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-fn curve(rows: &[serde_json::Value], y: &str) -> Vec<(f64, f64)> {
-    rows.iter()
-        .filter_map(|r| Some((r["step"].as_f64()?, r[y].as_f64()?)))
-        .collect()
-}
-
 /// The report of the run in `out` (its `metrics.jsonl`, `eval.jsonl` and `config.toml`) with ROC
 /// plots of `final_eval`.
 pub fn render(out: &Path, title: &str, final_eval: &[SetScore]) -> String {
-    let metrics = json_lines(&out.join("metrics.jsonl"));
-    let evals = json_lines(&out.join("eval.jsonl"));
+    let metrics: Vec<StepRow> = read_rows(&out.join("metrics.jsonl"));
+    let evals: Vec<EvalRow> = read_rows(&out.join("eval.jsonl"));
     let mut accuracy: BTreeMap<String, Vec<(f64, f64)>> = BTreeMap::new();
     for e in &evals {
-        if let (Some(set), Some(step), Some(acc)) = (
-            e["set"].as_str(),
-            e["step"].as_f64(),
-            e["accuracy"].as_f64(),
-        ) {
-            accuracy
-                .entry(set.to_string())
-                .or_default()
-                .push((step, 100.0 * acc));
-        }
+        accuracy
+            .entry(e.set.clone())
+            .or_default()
+            .push((e.step as f64, 100.0 * e.accuracy));
     }
+    let curve = |y: fn(&StepRow) -> Option<f64>| -> Vec<(f64, f64)> {
+        metrics
+            .iter()
+            .filter_map(|r| Some((r.step as f64, y(r)?)))
+            .collect()
+    };
     let mut html = format!(
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{0}</title>\n<style>body{{font-family:sans-serif;max-width:1340px;margin:auto}}svg{{margin:4px}}td,th{{padding:2px 10px;text-align:right}}</style></head><body>\n<h1>{0}</h1>\n",
         escape(title)
@@ -57,11 +44,18 @@ pub fn render(out: &Path, title: &str, final_eval: &[SetScore]) -> String {
         html += "</table>\n";
     }
     html += "<h2>Training</h2>\n";
-    html += &line_chart_svg("loss", "step", &[("loss", curve(&metrics, "loss"))]);
-    html += &line_chart_svg("learning rate", "step", &[("lr", curve(&metrics, "lr"))]);
+    html += &line_chart_svg(
+        "loss",
+        "step",
+        &[("loss", curve(|r| Some(f64::from(r.loss))))],
+    );
+    html += &line_chart_svg("learning rate", "step", &[("lr", curve(|r| Some(r.lr)))]);
     let sims = [
-        ("positive", curve(&metrics, "positive_similarity")),
-        ("mean negative", curve(&metrics, "negative_similarity")),
+        ("positive", curve(|r| r.positive_similarity.map(f64::from))),
+        (
+            "mean negative",
+            curve(|r| r.negative_similarity.map(f64::from)),
+        ),
     ];
     if sims.iter().any(|s| !s.1.is_empty()) {
         html += &line_chart_svg("student-teacher cosine similarity", "step", &sims);

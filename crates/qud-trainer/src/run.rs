@@ -57,8 +57,10 @@ impl JsonLines {
         Ok(Self(file))
     }
 
-    fn write(&mut self, value: serde_json::Value) {
-        let _ = writeln!(self.0, "{value}");
+    fn write(&mut self, row: &impl serde::Serialize) {
+        if let Ok(line) = serde_json::to_string(row) {
+            let _ = writeln!(self.0, "{line}");
+        }
     }
 }
 
@@ -121,8 +123,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> Result<TrainReport, Tra
             }
             if epoch_done && skipped_samples > 0 {
                 tracing::warn!("epoch {epoch}: {skipped_samples} undecodable samples skipped");
-                run.metrics
-                    .write(json!({"epoch": epoch, "skipped_samples": skipped_samples}));
+                run.metrics.write(&crate::metrics::SkippedRow {
+                    epoch,
+                    skipped_samples,
+                });
             }
             let stop = run.stop_requested(step + 1);
             run.checkpoint(&mut position, &state, epoch_done || stop.is_some())?;
@@ -331,8 +335,16 @@ impl Run<'_> {
         let (loss, grad_norm) = (done.loss, done.grad_norm);
         let (pos, neg) = done.similarities.unzip();
         tracing::info!("epoch {epoch} step {step} loss {loss:.4} lr {lr:.5} |g| {grad_norm:.3} {rate:.1} img/s");
-        self.metrics.write(json!({"step": step, "epoch": epoch, "lr": lr, "loss": loss,
-            "grad_norm": grad_norm, "positive_similarity": pos, "negative_similarity": neg, "samples_per_s": rate}));
+        self.metrics.write(&crate::metrics::StepRow {
+            step,
+            epoch,
+            lr,
+            loss,
+            grad_norm,
+            positive_similarity: pos,
+            negative_similarity: neg,
+            samples_per_s: rate,
+        });
     }
 
     /// Why the run stops after `steps` steps, if it does: a signal, or `max_steps`.
@@ -408,8 +420,17 @@ impl Run<'_> {
                 s.name,
                 s.xnorm
             );
-            self.eval_log.write(json!({"step": step, "epoch": epoch, "set": s.name, "accuracy": s.scores.accuracy,
-                "accuracy_std": s.scores.accuracy_std, "val": s.scores.val, "far": s.scores.far, "xnorm": s.xnorm}));
+            let finite = |v: f64| v.is_finite().then_some(v);
+            self.eval_log.write(&crate::metrics::EvalRow {
+                step,
+                epoch,
+                set: s.name.clone(),
+                accuracy: s.scores.accuracy,
+                accuracy_std: s.scores.accuracy_std,
+                val: finite(s.scores.val),
+                far: finite(s.scores.far),
+                xnorm: s.xnorm,
+            });
         }
         record_best(&self.out, &scores, step)?;
         Ok(Some(scores))
