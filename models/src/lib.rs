@@ -9,7 +9,9 @@
 use burn::prelude::*;
 use qud_backbone::Backbone;
 pub use qud_iresnet::IResNet;
+pub use qud_mixfacenet::ShuffleMixFaceNet;
 pub use qud_mobilefacenet::MobileFaceNet;
+pub use qud_transface::TransFace;
 
 /// What a constructor needs besides the device.
 #[derive(Clone, Debug, PartialEq)]
@@ -63,7 +65,10 @@ macro_rules! backbones {
             fn fold_batchnorm(&mut self) {
                 match self { $(Self::$variant(m) => m.fold_batchnorm(),)+ }
             }
-            fn onnx_graph(&self, graph: &mut qud_backbone::OnnxGraph) -> String {
+            fn onnx_graph(
+                &self,
+                graph: &mut qud_backbone::OnnxGraph,
+            ) -> Result<String, qud_backbone::NotExportable> {
                 match self { $(Self::$variant(m) => m.onnx_graph(graph),)+ }
             }
         }
@@ -97,15 +102,29 @@ macro_rules! backbones {
 backbones! {
     MobileFaceNet(MobileFaceNet) => ["mobilefacenet"] by mobilefacenet;
     IResNet(IResNet) => ["iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200"] by iresnet;
+    ShuffleMixFaceNet(ShuffleMixFaceNet) => ["shufflemixfacenet-s"] by shufflemixfacenet;
+    TransFace(TransFace) => ["transface-s", "transface-b", "transface-l"] by transface;
 }
 
 fn mobilefacenet(_: &str, spec: &BackboneSpec, device: &Device) -> MobileFaceNet {
     MobileFaceNet::new(spec.embedding_dim, device)
 }
 
+fn shufflemixfacenet(_: &str, spec: &BackboneSpec, device: &Device) -> ShuffleMixFaceNet {
+    ShuffleMixFaceNet::new(spec.embedding_dim, device)
+}
+
+fn transface(name: &str, spec: &BackboneSpec, device: &Device) -> TransFace {
+    TransFace::new(name, spec.embedding_dim, device).expect("registered size")
+}
+
 fn iresnet(name: &str, spec: &BackboneSpec, device: &Device) -> IResNet {
     IResNet::new(name, spec.embedding_dim, spec.dropout, device).expect("registered depth")
 }
+
+/// Registered networks that run in eval mode only (teachers): their training-time parts are not
+/// built.
+pub const TEACHER_ONLY: [&str; 3] = qud_transface::NAMES;
 
 /// An architecture name that is not registered.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -168,6 +187,9 @@ mod tests {
             ("iresnet18", 2_609_954_816),
             ("iresnet50", 6_309_330_944),
             ("iresnet100", 12_089_606_144),
+            ("shufflemixfacenet-s", 212_836_592),
+            // Attention products left out, as TransFace's own 21.9 GFLOPs count.
+            ("transface-b", 10_938_200_320),
         ] {
             assert_eq!(create(name, &spec, &device).unwrap().macs(), macs, "{name}");
         }

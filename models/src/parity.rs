@@ -80,8 +80,49 @@ fn formula(key: &str, shape: &[usize]) -> Vec<f32> {
         .collect()
 }
 
+/// The script's `hashed(key, shape)`: `formula`'s kinds of tensor, filled with splitmix64 noise
+/// of unit variance instead of a sine (whose weight matrices are of rank 2).
+fn hashed(key: &str, shape: &[usize]) -> Vec<f32> {
+    const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+    let n: usize = shape.iter().product();
+    let start = (crc32fast::hash(key.as_bytes()) as u64)
+        .wrapping_mul(GOLDEN)
+        .wrapping_add(GOLDEN);
+    let leaf = key.rsplit('.').next().unwrap();
+    let is_prelu = key.contains(".prelu.") || key.starts_with("prelu");
+    (0..n as u64)
+        .map(|i| {
+            let mut z = start.wrapping_add(i);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let v = ((z >> 11) as f64 / 2f64.powi(53) * 2.0 - 1.0) * 3f64.sqrt();
+            let v = if leaf == "running_var" {
+                1.0 + 0.5 * v * v
+            } else if shape.len() == 1 {
+                0.2 * v
+                    + if leaf == "weight" && !is_prelu {
+                        1.0
+                    } else {
+                        0.0
+                    }
+            } else if key != "input" && key != "probe" {
+                v * (1.0 / (n / shape[0]) as f64).sqrt()
+            } else {
+                v
+            };
+            v as f32
+        })
+        .collect()
+}
+
 /// Export `model` to learn its keys and shapes, then load formula values for every key.
 fn load_formula_weights<M: Module>(model: M, dir: &Path) -> M {
+    load_weights_from(model, dir, formula)
+}
+
+/// Export `model` to learn its keys and shapes, then load `values(key, shape)` for every key.
+fn load_weights_from<M: Module>(model: M, dir: &Path, values: fn(&str, &[usize]) -> Vec<f32>) -> M {
     let names = dir.join("names.safetensors");
     save_safetensors(&model, &names).unwrap();
     let shapes: Vec<(String, Vec<usize>)> = read_tensors(&names)
@@ -91,7 +132,7 @@ fn load_formula_weights<M: Module>(model: M, dir: &Path) -> M {
     let data: Vec<(String, Vec<usize>, Vec<u8>)> = shapes
         .into_iter()
         .map(|(k, shape)| {
-            let bytes = formula(&k, &shape)
+            let bytes = values(&k, &shape)
                 .iter()
                 .flat_map(|v| v.to_le_bytes())
                 .collect();
@@ -324,4 +365,153 @@ fn folded_batchnorm_keeps_the_embeddings() {
     // The pre-activation BatchNorm of a block precedes a padded conv and is kept.
     assert!(m.bn2.folded && m.features.folded && m.layer1[0].bn3.folded);
     assert!(!m.layer1[0].bn1.folded);
+}
+
+/// `make_mixfacenet_fixture.py`'s `noise_input()`: two faces of hashed noise.
+fn noise_input(device: &Device) -> Tensor<4> {
+    tensor(
+        &[2, 3, 112, 112],
+        hashed("input", &[2, 3, 112, 112]),
+        device,
+    )
+}
+
+/// Against the QUD repository's own `mixnet_s(512, width_scale=1.0, gdw_size=512, shuffle=True)`
+/// (`fixtures/make_mixfacenet_fixture.py`, torch 2.15 in float64, weights `hashed(key, shape)`): eval
+/// output, one train-mode forward with its running statistics, and the gradients of
+/// `sum(y * hashed("probe"))`. In eval mode the BatchNorms' stored statistics do not rescale the
+/// activations, and the input's signal fades through stages 2-4 (the two faces end 7e-4 apart on
+/// a scale of 1.9), so the train-mode output and the gradients are the input-sensitive checks.
+#[test]
+fn pytorch_fixture_shufflemixfacenet_eval_train_gradients_and_export() {
+    use qud_mixfacenet::UnitConv;
+    let device = qud_backend_flex::device();
+    let io = read_tensors(&fixture("mixfacenet_hashed_io.safetensors"));
+    let dir = tempfile::tempdir().unwrap();
+
+    let model = load_weights_from(ShuffleMixFaceNet::new(512, &device), dir.path(), hashed);
+    let eval = model.valid();
+    let y_eval = values(eval.forward(noise_input(&device)));
+    let err = relative_l2(&y_eval, &io["eval_output"].1);
+    assert!(err < 1e-4, "eval output: relative L2 {err} against PyTorch");
+
+    let train = device.clone().autodiff();
+    let model = load_weights_from(ShuffleMixFaceNet::new(512, &train), dir.path(), hashed);
+    let y = model.forward(noise_input(&train));
+    let probe = tensor::<2>(&[2, 512], hashed("probe", &[2, 512]), &train);
+    let grads = (y.clone() * probe).sum().backward();
+    let err = relative_l2(&values(y), &io["train_output"].1);
+    assert!(
+        err < 1e-4,
+        "train output: relative L2 {err} against PyTorch"
+    );
+
+    let f = &model.features;
+    fn mixed(conv: &UnitConv) -> &qud_mixfacenet::MixConvBlock {
+        match conv {
+            UnitConv::Mixed(block) => block,
+            UnitConv::Single(_) => panic!("a mixed block"),
+        }
+    }
+    let stage2 = f.stage2.unit1.as_ref().unwrap();
+    let stage3 = f.stage3.unit1.as_ref().unwrap();
+    let stage4 = f.stage4.unit4.as_ref().unwrap();
+    for (name, stat) in [
+        (
+            "features.stage2.unit1.conv1.bn.running_mean",
+            &mixed(&stage2.conv1).bn.running_mean,
+        ),
+        (
+            "features_norm.running_var",
+            &model.features_norm.running_var,
+        ),
+    ] {
+        let err = relative_l2(&values(stat.value_sync()), &io[name].1);
+        assert!(err < 1e-4, "{name} after one train step: relative L2 {err}");
+    }
+    let grad = |t: Tensor<1>| values(t.grad(&grads).unwrap());
+    let grad4 = |t: Tensor<4>| values(t.grad(&grads).unwrap());
+    let prelu = f.init_block.conv1.activ.as_ref().unwrap();
+    let se2 = stage2.se.as_ref().unwrap();
+    let se3 = stage3.se.as_ref().unwrap();
+    for (name, got) in [
+        (
+            "features.init_block.conv1.activ.weight",
+            grad(prelu.weight.val()),
+        ),
+        (
+            "features.stage2.unit1.conv1.conv.1.weight",
+            grad4(mixed(&stage2.conv1).conv[1].weight.val()),
+        ),
+        (
+            "features.stage2.unit1.se.conv1.bias",
+            grad(se2.conv1.bias.as_ref().unwrap().val()),
+        ),
+        (
+            "features.stage4.unit4.conv1.conv.4.weight",
+            grad4(mixed(&stage4.conv1).conv[4].weight.val()),
+        ),
+        (
+            "features.stage3.unit1.se.conv2.weight",
+            grad4(se3.conv2.weight.val()),
+        ),
+        (
+            "features_norm.bias",
+            grad(model.features_norm.bias.as_ref().unwrap().val()),
+        ),
+    ] {
+        // PyTorch's own float32 gradients are 1.5e-3 from these float64 ones.
+        let err = relative_l2(&got, &io[&format!("grad.{name}")].1);
+        assert!(err < 4e-3, "gradient of {name}: relative L2 {err}");
+    }
+    assert!(
+        model
+            .features_norm
+            .weight
+            .as_ref()
+            .unwrap()
+            .val()
+            .grad(&grads)
+            .is_none(),
+        "features_norm.weight stays frozen"
+    );
+
+    // Export with PyTorch names: `make_mixfacenet_fixture.py --verify-export` loads it into the
+    // QUD module strictly; here it loads back and gives the same output.
+    let out_dir = std::env::var_os("QUD_EXPORT_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(dir.path().into());
+    let exported = out_dir.join("shufflemixfacenet_s.safetensors");
+    save_safetensors(&eval, &exported).unwrap();
+    let keys: Vec<String> = read_tensors(&exported).into_keys().collect();
+    for key in [
+        "features.stage2.unit1.conv1.conv.1.weight",
+        "features.init_block.conv2.conv1.conv.weight",
+        "feautre_layer.pw_conv.conv.weight",
+    ] {
+        assert!(keys.contains(&key.to_string()), "{key} not in {keys:?}");
+    }
+    let reloaded = load_weights(ShuffleMixFaceNet::new(512, &device), &exported).unwrap();
+    let y2 = values(reloaded.valid().forward(noise_input(&device)));
+    assert_eq!(y2, y_eval);
+}
+
+/// Against the QUD repository's own TransFace-B (`fixtures/make_transface_fixture.py`, torch
+/// 2.15, weights `hashed(key, shape)`): the eval-mode output of two noise faces, which differ by
+/// 0.89 on a scale of 12 there.
+#[test]
+fn pytorch_fixture_transface_b_eval() {
+    let device = qud_backend_flex::device();
+    let io = read_tensors(&fixture("transface_hashed_io.safetensors"));
+    let dir = tempfile::tempdir().unwrap();
+    let model = TransFace::new("transface-b", 512, &device).unwrap();
+    let mut model = load_weights_from(model, dir.path(), hashed).valid();
+    let y = values(model.forward(noise_input(&device)));
+    let err = relative_l2(&y, &io["eval_output"].1);
+    assert!(err < 1e-4, "eval output: relative L2 {err} against PyTorch");
+    // The head's BatchNorms folded into its linear layers: the same function.
+    model.fold_batchnorm();
+    let folded = values(model.forward(noise_input(&device)));
+    let err = relative_l2(&folded, &y);
+    assert!(err < 1e-5, "folded head: relative L2 {err}");
 }

@@ -135,9 +135,17 @@ impl fmt::Debug for BackendPlugin {
     }
 }
 
+/// A smoke-test check that gave the wrong answer (or none).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{check} gave {got}")]
+pub struct SmokeFailure {
+    pub check: &'static str,
+    pub got: String,
+}
+
 /// The smoke test every plugin runs on its device: a matmul, a reduction and a gradient.
-/// Returns a description of what was wrong, if anything.
-pub fn smoke_test(device: &Device) -> Result<(), String> {
+pub fn smoke_test(device: &Device) -> Result<(), SmokeFailure> {
+    let fail = |check, got: String| SmokeFailure { check, got };
     use burn::tensor::Tensor;
     let a = Tensor::<2>::from_floats([[1.0, 2.0], [3.0, 4.0]], device);
     let b = Tensor::<2>::from_floats([[0.5, -1.0], [2.0, 0.25]], device);
@@ -147,22 +155,22 @@ pub fn smoke_test(device: &Device) -> Result<(), String> {
         .into_data()
         .convert::<f32>()
         .try_into_vec()
-        .map_err(|e| format!("{e:?}"))?;
+        .map_err(|e| fail("matmul", format!("{e:?}")))?;
     if product != [4.5, -0.5, 9.5, -2.0] {
-        return Err(format!("matmul gave {product:?}"));
+        return Err(fail("matmul", format!("{product:?}")));
     }
     let x = Tensor::<2>::from_floats([[1.0, -2.0], [3.0, 0.5]], &device.clone().autodiff())
         .require_grad();
     let grads = x.clone().powi_scalar(2).sum().backward();
     let grad: Vec<f32> = x
         .grad(&grads)
-        .ok_or("no gradient")?
+        .ok_or_else(|| fail("d(sum x^2)/dx", "no gradient".into()))?
         .into_data()
         .convert::<f32>()
         .try_into_vec()
-        .map_err(|e| format!("{e:?}"))?;
+        .map_err(|e| fail("d(sum x^2)/dx", format!("{e:?}")))?;
     if grad != [2.0, -4.0, 6.0, 1.0] {
-        return Err(format!("d(sum x^2)/dx gave {grad:?}"));
+        return Err(fail("d(sum x^2)/dx", format!("{grad:?}")));
     }
     Ok(())
 }

@@ -1,8 +1,9 @@
 //! Backend plugin for Burn's CUDA backend (NVIDIA GPUs; NCCL all-reduce across devices).
 //!
-//! Building it needs more than a CUDA toolkit: burn-cuda 0.22 depends on cubecl-llvm, whose build
-//! script downloads a prebuilt LLVM bundle. See this crate's README for the offline options.
-//! Devices: `cuda` (the default device), `cuda:N`.
+//! It builds offline: the workspace patches cubecl-llvm (whose build script downloads LLVM) out for
+//! a stand-in, and this crate selects cubecl-cuda's NVRTC compiler (see this crate's README). At
+//! run time the NVIDIA driver and NVRTC must be installed. Devices: `cuda` (the default device),
+//! `cuda:N`.
 
 use qud_backend_core::{BackendPlugin, Capabilities, Device, DeviceSpec};
 

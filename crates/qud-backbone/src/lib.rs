@@ -36,8 +36,16 @@ pub trait Backbone: Module {
     /// Write the network as it runs in eval mode into `graph`, from [`OnnxGraph::INPUT`]
     /// (`[N, 3, 112, 112]`), naming nodes and weights as the PyTorch module does; returns the
     /// value holding the `[N, D]` embedding. BatchNorms folded by [`Backbone::fold_batchnorm`]
-    /// write nothing.
-    fn onnx_graph(&self, graph: &mut OnnxGraph) -> String;
+    /// write nothing. [`NotExportable`] for a network the graph writer does not cover.
+    fn onnx_graph(&self, graph: &mut OnnxGraph) -> Result<String, NotExportable>;
+}
+
+/// A backbone whose ONNX graph qud does not write, and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{arch}: no ONNX export: {reason}")]
+pub struct NotExportable {
+    pub arch: String,
+    pub reason: String,
 }
 
 /// Anything that maps aligned faces to embeddings: every [`Backbone`], and models that are not

@@ -80,8 +80,11 @@ fn load_strict<M: Module>(mut model: M, path: &Path) -> Result<M, WeightError> {
             }
         }
         Some("safetensors") => {
+            // Enum modules (a block that is one convolution or several) are PyTorch attributes
+            // with no variant in their key, as the PyTorch store reads them by default.
             let mut store = SafetensorsStore::from_file(path)
                 .with_key_remapping(r"^module\.", "")
+                .skip_enum_variants(true)
                 .allow_partial(true);
             model
                 .load_from(&mut store)
@@ -123,7 +126,7 @@ pub fn save_safetensors<M: Module>(model: &M, path: &Path) -> Result<(), WeightE
         message,
     };
     let tmp = path.with_extension("safetensors.tmp");
-    let mut store = SafetensorsStore::from_file(&tmp);
+    let mut store = SafetensorsStore::from_file(&tmp).skip_enum_variants(true);
     model
         .save_into(&mut store)
         .map_err(|e| write_error(e.to_string()))?;

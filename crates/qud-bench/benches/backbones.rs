@@ -1,5 +1,6 @@
-//! Eval-mode forward throughput (images/s) at batch 64: MobileFaceNet and iresnet50 on every
-//! compiled CPU backend, and on flex with BatchNorm folded (iresnet50 on ndarray only with `QUD_BENCH_ALL=1`). The PyTorch reference is `python/backbones.py` (`cargo xtask bench
+//! Eval-mode forward throughput (images/s) at batch 64: MobileFaceNet, iresnet50 and TransFace-B
+//! on every compiled CPU backend, and on flex with BatchNorm folded (iresnet50 and TransFace-B on
+//! ndarray only with `QUD_BENCH_ALL=1`). The PyTorch reference is `python/backbones.py` (`cargo xtask bench
 //! backbones` runs both).
 
 use burn::prelude::*;
@@ -12,22 +13,22 @@ const BATCH: usize = 64;
 
 fn forward(c: &mut Criterion) {
     let input = qud_bench::random_faces(BATCH);
-    for arch in ["mobilefacenet", "iresnet50"] {
+    for arch in ["mobilefacenet", "iresnet50", "transface-b"] {
         let mut group = c.benchmark_group(format!("forward_b{BATCH}"));
         group.throughput(Throughput::Elements(BATCH as u64));
         group.sample_size(10);
         group.warm_up_time(Duration::from_secs(2));
-        group.measurement_time(Duration::from_secs(if arch == "iresnet50" {
-            60
-        } else {
-            15
+        group.measurement_time(Duration::from_secs(match arch {
+            "mobilefacenet" => 15,
+            "iresnet50" => 60,
+            _ => 120,
         }));
         // `flex_folded`: the same network with its BatchNorms folded into the convolutions, as
         // teachers, `qud eval` and `qud embed` run it.
         for variant in ["flex", "flex_folded", "ndarray"] {
             let backend = variant.trim_end_matches("_folded");
             // ndarray's convolutions make one iresnet50 batch take minutes; QUD_BENCH_ALL=1 runs it.
-            if arch == "iresnet50"
+            if arch != "mobilefacenet"
                 && backend == "ndarray"
                 && std::env::var_os("QUD_BENCH_ALL").is_none()
             {
@@ -207,6 +208,7 @@ fn layer_breakdown() {
             match &model {
                 qud_models::AnyBackbone::MobileFaceNet(m) => times.mobilefacenet(m, x.clone()),
                 qud_models::AnyBackbone::IResNet(m) => times.iresnet(m, x.clone()),
+                _ => unreachable!("the breakdown runs mobilefacenet and iresnet50"),
             }
         }
         times.print(&format!("{arch}, batch {BATCH}, flex, unfolded"), runs);

@@ -54,6 +54,15 @@ struct Draw {
     grayscale: bool,
 }
 
+/// An augmentation strength outside its range.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field} {value} is not in {allowed}")]
+pub struct AugmentError {
+    pub field: &'static str,
+    pub value: f64,
+    pub allowed: &'static str,
+}
+
 impl Augment {
     /// Whether every image passes through unchanged.
     pub fn is_identity(&self) -> bool {
@@ -61,17 +70,21 @@ impl Augment {
     }
 
     /// Why the strengths make no sense, if they do not.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), AugmentError> {
         let unit = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
+        let bad = |field, value, allowed| {
+            Err(AugmentError {
+                field,
+                value,
+                allowed,
+            })
+        };
         if !(self.zoom_min.is_finite() && self.zoom_min > 0.0 && self.zoom_min <= 1.0) {
-            return Err(format!("zoom_min {} is not in (0, 1]", self.zoom_min));
+            return bad("zoom_min", self.zoom_min, "(0, 1]");
         }
         if !(self.max_shift.is_finite() && (0.0..=FACE_SIZE as f64 / 2.0).contains(&self.max_shift))
         {
-            return Err(format!(
-                "max_shift {} is not in [0, 56] pixels",
-                self.max_shift
-            ));
+            return bad("max_shift", self.max_shift, "[0, 56] pixels");
         }
         for (name, v) in [
             ("brightness", self.brightness),
@@ -80,7 +93,7 @@ impl Augment {
             ("grayscale_prob", self.grayscale_prob),
         ] {
             if !unit(v) {
-                return Err(format!("{name} {v} is not in [0, 1]"));
+                return bad(name, v, "[0, 1]");
             }
         }
         Ok(())

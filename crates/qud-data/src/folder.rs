@@ -113,6 +113,16 @@ impl FaceDataset for ImageFolder {
         self.files.len()
     }
 
+    fn sample_name(&self, index: usize) -> String {
+        let path = &self.files[index].0;
+        let relative = path.strip_prefix(&self.root).unwrap_or(path);
+        relative
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
     fn get(&self, index: usize) -> Result<Sample, DataError> {
         let (origin, bytes, label) = self.read(index)?;
         let image = decode_face(&bytes, &origin, self.resize)?;

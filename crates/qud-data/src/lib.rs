@@ -23,7 +23,7 @@ mod open;
 mod recordio;
 mod synthetic;
 
-pub use augment::Augment;
+pub use augment::{Augment, AugmentError};
 pub use concat::ConcatDataset;
 pub use fingerprint::{decoded_fingerprint, hash_file, FingerprintMode, Fnv};
 pub use folder::ImageFolder;
@@ -34,8 +34,8 @@ pub use image_ops::{
 pub use loader::{decode_batch, epoch_plan, flip_for, Batch, EpochBatches, Loader, LoaderOptions};
 pub use open::{open, SourceFormat};
 pub use recordio::{
-    pack_records, read_file, ReadAt, Record, RecordDataset, RecordScanner, RecordWriter,
-    IR_HEADER_LEN, RECORD_MAGIC,
+    pack_records, read_file, ReadAt, Record, RecordDataset, RecordError, RecordScanner,
+    RecordWriter, IR_HEADER_LEN, RECORD_MAGIC,
 };
 pub use synthetic::{synthetic_pairs, SyntheticFaces};
 
@@ -114,6 +114,11 @@ pub trait FaceDataset: Send + Sync {
         let sample = self.get(index)?;
         normalize_into(&sample.image, flip, out);
         Ok(sample.label)
+    }
+    /// Sample `index`'s name in exclusion lists and reports: its path under the set's root for
+    /// image folders (`identity/file.jpg`, `/`-separated), else its index in decimal.
+    fn sample_name(&self, index: usize) -> String {
+        index.to_string()
     }
     /// Number of identities when the set is labelled.
     fn num_identities(&self) -> Option<usize>;

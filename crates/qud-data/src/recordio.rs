@@ -50,6 +50,11 @@ pub struct Record {
     pub data: Vec<u8>,
 }
 
+/// A record payload that is not a well-formed `IRHeader` + labels + data.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RecordError(pub String);
+
 impl Record {
     /// An image record with a scalar label, as insightface writes them.
     pub fn image(label: f32, id: u64, data: Vec<u8>) -> Self {
@@ -75,8 +80,12 @@ impl Record {
         }
     }
 
-    /// Parse a payload (`IRHeader`, labels, data); `None` names what is missing.
-    pub fn parse(payload: &[u8]) -> Result<Self, String> {
+    /// Parse a payload (`IRHeader`, labels, data); the error names what is missing.
+    pub fn parse(payload: &[u8]) -> Result<Self, RecordError> {
+        Self::decode(payload).map_err(RecordError)
+    }
+
+    fn decode(payload: &[u8]) -> Result<Self, String> {
         if payload.len() < IR_HEADER_LEN {
             return Err(format!(
                 "payload of {} bytes is shorter than the {IR_HEADER_LEN}-byte IRHeader",
@@ -416,7 +425,7 @@ impl RecordDataset {
                     (e, _) => e,
                 }
             })?;
-        Record::parse(&payload).map_err(|reason| DataError::Record {
+        Record::parse(&payload).map_err(|RecordError(reason)| DataError::Record {
             path: self.path.clone(),
             at: format!(
                 "{}byte {offset}",

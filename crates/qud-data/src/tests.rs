@@ -93,6 +93,8 @@ fn image_folders_labelled_flat_and_bad_files() {
     assert_eq!(set.skipped(), 1);
     assert_eq!(set.get(0).unwrap().label, Some(0), "alice sorts first");
     assert_eq!(set.get(2).unwrap().label, Some(1));
+    assert_eq!(set.sample_name(0), "alice/0.png");
+    assert_eq!(set.sample_name(2), "bob/1.png");
     let gray = set.get(2).unwrap().image;
     assert_eq!(&gray.rgb[3..6], &[1, 1, 1], "grayscale becomes RGB");
 

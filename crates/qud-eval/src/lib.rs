@@ -4,13 +4,14 @@
 //! The reference is insightface `recognition/arcface_torch/eval/verification.py`: embeddings of
 //! each image and of its horizontal flip are summed, L2-normalised, and scored by [`verify`].
 
+pub mod ident;
 pub mod ijb;
 pub mod metrics;
 pub mod pickle;
 pub mod report;
 
 pub use metrics::{kfold, mean_std, roc, verify, RocPoints, Verification};
-pub use report::{line_chart_svg, read_issame, read_npy_rows, roc_svg};
+pub use report::{line_chart_svg, read_issame, read_npy_rows, roc_svg, NpyRowReader};
 
 use burn::prelude::*;
 use qud_backbone::FaceEmbedder;
@@ -65,9 +66,9 @@ impl PairSet {
     /// ([`check_pair_labels`]): what `eval` and training runs read their sets with.
     pub fn load_scorable(path: &Path) -> Result<Self, BinError> {
         let set = Self::load(path)?;
-        check_pair_labels(&set.issame).map_err(|reason| BinError {
+        check_pair_labels(&set.issame).map_err(|e| BinError {
             path: path.to_path_buf(),
-            reason,
+            reason: e.to_string(),
         })?;
         Ok(set)
     }
@@ -249,21 +250,35 @@ pub const REPORT_FARS: [f64; 4] = [1e-4, 1e-3, 1e-2, 1e-1];
 /// Pairs verification can score: at least one per fold of the 10-fold protocol, and both
 /// genuine and impostor pairs (a fold's threshold search and VAL/FAR need both); fewer would
 /// report NaN or a meaningless 0.00.
-pub fn check_pair_labels(issame: &[bool]) -> Result<(), String> {
-    let genuine = issame.iter().filter(|&&s| s).count();
-    if issame.len() < VERIFICATION_FOLDS {
-        return Err(format!(
-            "{} pairs: 10-fold verification needs at least {VERIFICATION_FOLDS}",
-            issame.len()
-        ));
+pub fn check_pair_labels(issame: &[bool]) -> Result<(), UnscorablePairs> {
+    let (pairs, genuine) = (issame.len(), issame.iter().filter(|&&s| s).count());
+    if pairs < VERIFICATION_FOLDS {
+        return Err(UnscorablePairs::TooFew { pairs });
     }
-    if genuine == 0 || genuine == issame.len() {
-        return Err(format!(
-            "{} pairs, {genuine} of them genuine: verification needs genuine and impostor pairs",
-            issame.len()
-        ));
+    if genuine == 0 || genuine == pairs {
+        return Err(UnscorablePairs::OneKind { pairs, genuine });
     }
     Ok(())
+}
+
+/// Pair labels 10-fold verification cannot score.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UnscorablePairs {
+    #[error("{pairs} pairs: 10-fold verification needs at least {VERIFICATION_FOLDS}")]
+    TooFew { pairs: usize },
+    #[error(
+        "{pairs} pairs, {genuine} of them genuine: verification needs genuine and impostor pairs"
+    )]
+    OneKind { pairs: usize, genuine: usize },
+}
+
+/// Why embeddings made elsewhere cannot be scored.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ScoreError {
+    #[error("{rows} embeddings for {pairs} pairs: expected {} rows (pairs are consecutive rows)", 2 * pairs)]
+    RowCount { rows: usize, pairs: usize },
+    #[error(transparent)]
+    Pairs(#[from] UnscorablePairs),
 }
 
 /// Folds of the verification protocol (insightface's `verification.py`).
@@ -275,14 +290,12 @@ pub fn score_embeddings(
     name: &str,
     rows: &[Vec<f32>],
     issame: &[bool],
-) -> Result<SetScore, String> {
+) -> Result<SetScore, ScoreError> {
     if rows.len() != 2 * issame.len() {
-        return Err(format!(
-            "{} embeddings for {} pairs: expected {} rows (pairs are consecutive rows)",
-            rows.len(),
-            issame.len(),
-            2 * issame.len()
-        ));
+        return Err(ScoreError::RowCount {
+            rows: rows.len(),
+            pairs: issame.len(),
+        });
     }
     check_pair_labels(issame)?;
     let norms: Vec<f64> = rows
@@ -334,3 +347,6 @@ mod tests;
 
 #[cfg(test)]
 mod ijb_tests;
+
+#[cfg(test)]
+mod ident_tests;

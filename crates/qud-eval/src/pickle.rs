@@ -87,9 +87,18 @@ fn weight(value: &Value, cap: usize) -> usize {
     total
 }
 
+/// A pickle that cannot be decoded: what is wrong and at which byte.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PickleError(pub String);
+
 /// Decode a pickle; errors name the byte offset. Memory stays within a small multiple of the
 /// file's size and nesting within [`MAX_DEPTH`], whatever the bytes say.
-pub fn load(data: &[u8]) -> Result<Value, String> {
+pub fn load(data: &[u8]) -> Result<Value, PickleError> {
+    decode(data).map_err(PickleError)
+}
+
+fn decode(data: &[u8]) -> Result<Value, String> {
     let mut stack: Vec<Value> = Vec::new();
     let mut memo: HashMap<u32, Value> = HashMap::new();
     let mut pos = 0usize;

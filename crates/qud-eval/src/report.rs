@@ -128,6 +128,109 @@ pub fn read_npy_rows(path: &Path) -> Result<Vec<Vec<f32>>, BinError> {
     Ok(values.chunks(dim).map(<[f32]>::to_vec).collect())
 }
 
+/// `[N, D]` float32 or float64 rows of a `.npy` file read a block at a time, for sets too large to
+/// hold twice (a million distractors); the same checks as [`read_npy_rows`].
+pub struct NpyRowReader {
+    path: std::path::PathBuf,
+    file: std::io::BufReader<std::fs::File>,
+    width: usize,
+    pub rows: usize,
+    pub dim: usize,
+    read: usize,
+}
+
+impl NpyRowReader {
+    pub fn open(path: &Path) -> Result<Self, BinError> {
+        use std::io::Read;
+        let mut file = std::fs::File::open(path).map_err(|e| bad(path, e.to_string()))?;
+        let mut prefix = vec![0u8; 12];
+        file.read_exact(&mut prefix)
+            .map_err(|_| bad(path, "not a .npy file (shorter than its header)"))?;
+        let header_len = match prefix[6] {
+            1 => u16::from_le_bytes([prefix[8], prefix[9]]) as usize + 10,
+            _ => u32::from_le_bytes(prefix[8..12].try_into().unwrap()) as usize + 12,
+        };
+        let mut head = prefix;
+        if header_len > head.len() {
+            let mut rest = vec![0u8; header_len - head.len()];
+            file.read_exact(&mut rest)
+                .map_err(|_| bad(path, "truncated .npy header"))?;
+            head.extend(rest);
+        }
+        let (descr, shape, _) = parse_npy(&head[..header_len.max(10)], path)?;
+        let [rows, dim] = shape[..] else {
+            return Err(bad(
+                path,
+                format!("expected a 2-D [N, D] array, found shape {shape:?}"),
+            ));
+        };
+        let width = match descr.as_str() {
+            "<f4" => 4,
+            "<f8" => 8,
+            other => {
+                return Err(bad(
+                    path,
+                    format!("dtype {other} is not float32 or float64"),
+                ))
+            }
+        };
+        if dim == 0 {
+            return Err(bad(
+                path,
+                format!("shape ({rows}, 0): embeddings of no dimensions"),
+            ));
+        }
+        let size = file.metadata().map_err(|e| bad(path, e.to_string()))?.len();
+        let needed = data_len(&shape, width).map(|n| n as u64 + header_len as u64);
+        if needed != Some(size) {
+            return Err(bad(
+                path,
+                format!(
+                    "shape ({rows}, {dim}) needs {} bytes with its header, the file has {size}",
+                    needed.map_or("more than 2^64".into(), |n| n.to_string()),
+                ),
+            ));
+        }
+        // The header was read exactly: the reader is at the first row.
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: std::io::BufReader::with_capacity(1 << 20, file),
+            width,
+            rows,
+            dim,
+            read: 0,
+        })
+    }
+
+    /// The next up to `max_rows` rows, row-major; `None` after the last.
+    pub fn next_block(&mut self, max_rows: usize) -> Option<Result<Vec<f32>, BinError>> {
+        use std::io::Read;
+        let rows = max_rows.max(1).min(self.rows - self.read);
+        if rows == 0 {
+            return None;
+        }
+        let mut bytes = vec![0u8; rows * self.dim * self.width];
+        if let Err(e) = self.file.read_exact(&mut bytes) {
+            return Some(Err(bad(&self.path, format!("row {}: {e}", self.read))));
+        }
+        let values: Vec<f32> = bytes
+            .chunks_exact(self.width)
+            .map(|c| match self.width {
+                4 => f32::from_le_bytes(c.try_into().unwrap()),
+                _ => f64::from_le_bytes(c.try_into().unwrap()) as f32,
+            })
+            .collect();
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Some(Err(bad(
+                &self.path,
+                format!("row {} holds a non-finite value", self.read + i / self.dim),
+            )));
+        }
+        self.read += rows;
+        Some(Ok(values))
+    }
+}
+
 /// Pair labels from a `.npy` (bool or integer) or a text file (one `1/0/true/false` per line).
 pub fn read_issame(path: &Path) -> Result<Vec<bool>, BinError> {
     if path.extension().is_some_and(|e| e == "npy") {

@@ -308,7 +308,9 @@ fn embeddings_from_files_score_like_the_library() {
         svg.starts_with("<svg") && svg.contains("<polyline") && svg.contains("&lt;200 pairs&gt;")
     );
 
-    let odd = score_embeddings("odd", &rows[1..], &issame).unwrap_err();
+    let odd = score_embeddings("odd", &rows[1..], &issame)
+        .unwrap_err()
+        .to_string();
     assert!(odd.contains("399 embeddings for 200 pairs"), "{odd}");
     std::fs::write(&txt, "1\nmaybe\n").unwrap();
     let err = read_issame(&txt).unwrap_err().to_string();
@@ -329,14 +331,15 @@ fn embeddings_from_files_score_like_the_library() {
 #[test]
 fn degenerate_pair_sets_are_refused() {
     assert!(check_pair_labels(&[true, false].repeat(5)).is_ok());
-    let err =
-        check_pair_labels(&[true, false, true, false, true, false, true, false, true]).unwrap_err();
+    let err = check_pair_labels(&[true, false, true, false, true, false, true, false, true])
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("9 pairs") && err.contains("at least 10"),
         "{err}"
     );
     for one_kind in [true, false] {
-        let err = check_pair_labels(&[one_kind; 12]).unwrap_err();
+        let err = check_pair_labels(&[one_kind; 12]).unwrap_err().to_string();
         assert!(err.contains("genuine and impostor"), "{err}");
     }
     let rows = vec![vec![1.0f32, 0.0]; 24];
@@ -365,7 +368,7 @@ fn pickle_bombs_are_refused() {
     }
     doubling.push(b'.');
     let (result, largest) = qud_data::alloc_probe::largest_allocation(|| pickle::load(&doubling));
-    let err = result.unwrap_err();
+    let err = result.unwrap_err().to_string();
     assert!(err.contains("would copy more than the file holds"), "{err}");
     assert!(largest < 64 << 20, "{largest} bytes in one allocation");
 
@@ -374,7 +377,7 @@ fn pickle_bombs_are_refused() {
     nested.extend(std::iter::repeat_n(b']', depth));
     nested.extend(std::iter::repeat_n(b'a', depth - 1));
     nested.push(b'.');
-    let err = pickle::load(&nested).unwrap_err();
+    let err = pickle::load(&nested).unwrap_err().to_string();
     assert!(err.contains("nested more than 64 deep"), "{err}");
 }
 

@@ -109,7 +109,7 @@ pub fn onnx_bytes<M: Backbone + Clone>(
     let mut folded = model.clone();
     folded.fold_batchnorm();
     let mut graph = OnnxGraph::new();
-    let output = folded.onnx_graph(&mut graph);
+    let output = folded.onnx_graph(&mut graph).map_err(|e| e.to_string())?;
     graph.rename(&output, "embedding");
     let dim = model.embedding_dim();
     let nodes: Vec<pb::NodeProto> = graph

@@ -486,14 +486,21 @@ fn relative_difference(want: &[f32], got: &[f32]) -> f32 {
 /// (RGB, NCHW, [-1, 1]): the free batch dimension is detected, and the embeddings are qud's own
 /// (BatchNorms unfolded there, folded in the file) within 1e-5 of their scale, for MobileFaceNet
 /// and for iResNet, whose pre-activation BatchNorms stay `BatchNormalization` nodes (the native
-/// runtime folds those that follow a convolution and runs the others as they are).
+/// runtime folds those that follow a convolution and runs the others as they are), and for
+/// ShuffleMixFaceNet (squeeze-excitation, Swish, mixed kernels, channel shuffle).
 #[test]
 fn exported_students_run_in_both_engines_as_in_qud() {
     let device = qud_backend_flex::device();
     let dir = tempfile::tempdir().unwrap();
+    let mixfacenet = qud_models::BackboneSpec {
+        embedding_dim: 64,
+        dropout: 0.0,
+    };
     let models = [
         mobilefacenet_d128(&device),
         iresnet18_with_statistics(&device, dir.path()),
+        // Mixed kernels exported as one zero-padded convolution, the shuffle as a permutation.
+        qud_models::create("shufflemixfacenet-s", &mixfacenet, &device).unwrap(),
     ];
     for model in models {
         let path = dir.path().join(format!("{}.onnx", model.arch()));

@@ -31,6 +31,15 @@ pub struct Position {
     pub loss_scale: Option<crate::precision::LossScale>,
 }
 
+/// A setting that differs between a checkpoint and the config resuming it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} was {was} in the checkpoint, is {is} now")]
+pub struct ResumeMismatch {
+    pub field: &'static str,
+    pub was: String,
+    pub is: String,
+}
+
 impl Position {
     pub fn new(config: &Config, step: usize, epoch: usize, batch: usize) -> Self {
         Self {
@@ -48,7 +57,7 @@ impl Position {
     }
 
     /// A config that would change the meaning of the resumed run is refused, naming the field.
-    pub fn check_resumable(&self, config: &Config) -> Result<(), String> {
+    pub fn check_resumable(&self, config: &Config) -> Result<(), ResumeMismatch> {
         let now = Position::new(config, self.step, self.epoch, self.batch);
         let fields = [
             ("student.arch", &self.student_arch, &now.student_arch),
@@ -56,7 +65,11 @@ impl Position {
         ];
         for (field, was, is) in fields {
             if was != is {
-                return Err(format!("{field} was {was} in the checkpoint, is {is} now"));
+                return Err(ResumeMismatch {
+                    field,
+                    was: was.to_string(),
+                    is: is.to_string(),
+                });
             }
         }
         let numbers = [
@@ -71,7 +84,11 @@ impl Position {
         ];
         for (field, was, is) in numbers {
             if was != is {
-                return Err(format!("{field} was {was} in the checkpoint, is {is} now"));
+                return Err(ResumeMismatch {
+                    field,
+                    was: was.to_string(),
+                    is: is.to_string(),
+                });
             }
         }
         Ok(())

@@ -20,6 +20,7 @@ mod run;
 mod setup;
 pub mod step;
 pub mod teacher_cache;
+pub mod tensorboard;
 
 pub use checkpoint::checkpoint_student;
 pub use objective::Objective;

@@ -183,6 +183,8 @@ struct Run<'a> {
     eval_sets: Vec<qud_eval::PairSet>,
     metrics: JsonLines,
     eval_log: JsonLines,
+    /// The same scalars for TensorBoard (`<out>/tensorboard/`); `None` when it cannot be written.
+    tensorboard: Option<crate::tensorboard::EventWriter>,
     last_checkpoint: String,
     reported_bad: std::collections::HashSet<usize>,
 }
@@ -272,6 +274,9 @@ fn prepare<'a>(config: &'a Config, options: &'a TrainOptions) -> Result<Setup<'a
         eval_sets: eval_sets(config)?,
         metrics: JsonLines::open(&out.join("metrics.jsonl"))?,
         eval_log: JsonLines::open(&out.join("eval.jsonl"))?,
+        tensorboard: crate::tensorboard::EventWriter::create(&out.join("tensorboard"))
+            .map_err(|e| tracing::warn!("no TensorBoard events in {}: {e}", out.display()))
+            .ok(),
         out,
         loader,
         steps_per_epoch,
@@ -345,6 +350,25 @@ impl Run<'_> {
             negative_similarity: neg,
             samples_per_s: rate,
         });
+        let mut scalars = vec![
+            ("train/loss", loss as f64),
+            ("train/lr", lr),
+            ("train/grad_norm", grad_norm),
+            ("train/samples_per_s", rate),
+        ];
+        scalars.extend(pos.map(|p| ("train/positive_similarity", p as f64)));
+        scalars.extend(neg.map(|n| ("train/negative_similarity", n as f64)));
+        self.tensorboard_write(step, &scalars);
+    }
+
+    /// Scalars to the TensorBoard file; a failure is warned about once and ends the file.
+    fn tensorboard_write(&mut self, step: usize, scalars: &[(&str, f64)]) {
+        if let Some(writer) = &mut self.tensorboard {
+            if let Err(e) = writer.scalars(step, scalars) {
+                tracing::warn!("TensorBoard events stop: {}: {e}", writer.path().display());
+                self.tensorboard = None;
+            }
+        }
     }
 
     /// Why the run stops after `steps` steps, if it does: a signal, or `max_steps`.
@@ -431,6 +455,14 @@ impl Run<'_> {
                 far: finite(s.scores.far),
                 xnorm: s.xnorm,
             });
+            let set = &s.name;
+            let mut scalars = vec![
+                (format!("eval/{set}/accuracy"), s.scores.accuracy),
+                (format!("eval/{set}/xnorm"), s.xnorm),
+            ];
+            scalars.extend(finite(s.scores.val).map(|v| (format!("eval/{set}/val"), v)));
+            let scalars: Vec<(&str, f64)> = scalars.iter().map(|(t, v)| (t.as_str(), *v)).collect();
+            self.tensorboard_write(step, &scalars);
         }
         record_best(&self.out, &scores, step)?;
         Ok(Some(scores))

@@ -108,6 +108,17 @@ pub(crate) fn build_student(
     classes: Option<usize>,
     device: &Device,
 ) -> Result<Student, TrainError> {
+    if qud_models::TEACHER_ONLY.contains(&config.student.arch.trim().to_ascii_lowercase().as_str())
+    {
+        return Err(TrainError::Config {
+            key: "student.arch",
+            reason: format!(
+                "{} is a teacher here: its training-time patch masking and drop path are not \
+                 built, so it would not train as the reference does",
+                config.student.arch
+            ),
+        });
+    }
     let backbone = qud_models::create(
         &config.student.arch,
         &spec(config.student.embedding_dim),

@@ -170,6 +170,20 @@ fn qud_resume_is_bit_exact() {
         .all(|r| r.positive_similarity.is_some() && r.negative_similarity.is_some()));
     assert!(rows.windows(2).all(|w| w[1].step == w[0].step + 1));
     assert_eq!(rows.last().unwrap().loss, *full.losses.last().unwrap());
+    // The same steps as TensorBoard scalars (one event file per run start).
+    let events: Vec<_> = std::fs::read_dir(out.join("tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let scalars = crate::tensorboard::read_scalars(&events[0]).unwrap();
+    let losses: Vec<(i64, f32)> = scalars
+        .iter()
+        .filter(|s| s.tag == "train/loss")
+        .map(|s| (s.step, s.value))
+        .collect();
+    let logged: Vec<(i64, f32)> = rows.iter().map(|r| (r.step as i64, r.loss)).collect();
+    assert_eq!(losses, logged);
     let checkpoints = crate::checkpoint::list(&out).unwrap();
     assert_eq!(
         checkpoints.iter().map(|c| c.0).collect::<Vec<_>>(),
@@ -1181,6 +1195,28 @@ fn evaluates_during_training_and_keeps_the_best() {
     let evals = std::fs::read_to_string(out.join("eval.jsonl")).unwrap();
     // 2 epochs of 2 steps: the epoch ends (steps 2 and 4) and every_steps = 3.
     assert_eq!(logged(&evals, "step"), [2.0, 3.0, 4.0], "{evals}");
+    // The same evaluations as TensorBoard scalars.
+    let events = std::fs::read_dir(out.join("tensorboard"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let accuracies: Vec<(i64, f64)> = crate::tensorboard::read_scalars(&events)
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.tag == "eval/pairs/accuracy")
+        .map(|s| (s.step, s.value as f64))
+        .collect();
+    let steps = logged(&evals, "step").into_iter().map(|s| s as i64);
+    let want: Vec<(i64, f64)> = steps
+        .zip(
+            logged(&evals, "accuracy")
+                .into_iter()
+                .map(|a| a as f32 as f64),
+        )
+        .collect();
+    assert_eq!(accuracies, want);
     let best: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("best.json")).unwrap()).unwrap();
     let logged_max = logged(&evals, "accuracy")
@@ -1582,4 +1618,20 @@ fn wgpu_matches_flex() {
             "step {step}: loss {a} on wgpu vs {b} on flex: {gpu:?} vs {cpu:?}"
         );
     }
+}
+
+/// TransFace runs as a teacher only: as a student it would train without the reference's patch
+/// masking and drop path, so the run is refused before anything is built, naming the key.
+#[test]
+fn a_transface_student_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = tiny(dir.path(), "qud", &["student.arch=transface-s"]);
+    let err = train(&config, &TrainOptions::default())
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("student.arch") && err.contains("transface-s is a teacher here"),
+        "{err}"
+    );
 }

@@ -195,7 +195,7 @@ impl Backbone for IResNet {
         &self.arch
     }
 
-    fn onnx_graph(&self, g: &mut OnnxGraph) -> String {
+    fn onnx_graph(&self, g: &mut OnnxGraph) -> Result<String, qud_backbone::NotExportable> {
         let x = g.conv(OnnxGraph::INPUT, &self.conv1, "conv1");
         let x = g.batch_norm(&x, &self.bn1, "bn1");
         let mut x = g.prelu(&x, &self.prelu, "prelu");
@@ -211,7 +211,7 @@ impl Backbone for IResNet {
         // Dropout is the identity in eval mode.
         let x = g.flatten(&x, "flatten");
         let x = g.linear(&x, &self.fc, "fc");
-        g.batch_norm(&x, &self.features, "features")
+        Ok(g.batch_norm(&x, &self.features, "features"))
     }
 
     fn fold_batchnorm(&mut self) {

@@ -347,7 +347,7 @@ impl Backbone for MobileFaceNet {
         "mobilefacenet"
     }
 
-    fn onnx_graph(&self, g: &mut OnnxGraph) -> String {
+    fn onnx_graph(&self, g: &mut OnnxGraph) -> Result<String, qud_backbone::NotExportable> {
         let x = self.conv1.onnx(g, OnnxGraph::INPUT, "conv1");
         let x = self.conv2_dw.onnx(g, &x, "conv2_dw");
         let x = self.conv_23.onnx(g, &x, "conv_23");
@@ -361,7 +361,7 @@ impl Backbone for MobileFaceNet {
         let x = head.conv_6_dw.onnx(g, &x, "output_layer.conv_6_dw");
         let x = g.flatten(&x, "output_layer.flatten");
         let x = g.linear(&x, &head.linear, "output_layer.linear");
-        g.batch_norm(&x, &head.bn, "output_layer.bn")
+        Ok(g.batch_norm(&x, &head.bn, "output_layer.bn"))
     }
 
     fn fold_batchnorm(&mut self) {
