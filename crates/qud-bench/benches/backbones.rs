@@ -21,7 +21,7 @@ fn forward(c: &mut Criterion) {
         group.measurement_time(Duration::from_secs(match arch {
             "mobilefacenet" => 15,
             "iresnet50" => 60,
-            _ => 120,
+            _ => 60,
         }));
         // `flex_folded`: the same network with its BatchNorms folded into the convolutions, as
         // teachers, `qud eval` and `qud embed` run it.

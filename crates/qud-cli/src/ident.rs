@@ -225,7 +225,7 @@ pub fn report(score: &qud_eval::ident::IdentScore, json: Option<&Path>) -> Resul
         );
     }
     println!(
-        "scored in {:.1} s ({:.1} GFLOP/s for probes x distractors)",
+        "scored in {:.2} s ({:.1} GFLOP/s for probes x distractors)",
         score.seconds, score.gflops
     );
     if let Some(path) = json {

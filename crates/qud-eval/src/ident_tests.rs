@@ -243,3 +243,24 @@ fn npy_rows_stream_in_blocks_as_they_read_whole() {
         "{err}"
     );
 }
+
+/// The vectorised row scan against the plain definition, on rows whose lengths hit the
+/// sixteen-lane chunks and the tail, with scores equal to the bound (not above it).
+#[test]
+fn the_row_scan_finds_the_best_and_the_scores_above_the_bound() {
+    for len in [1, 15, 16, 17, 40] {
+        let row: Vec<f32> = (0..len)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) / 10.0)
+            .collect();
+        for bound in [f32::NEG_INFINITY, 0.0, 0.5, 2.0] {
+            let (best, above) = crate::ident::scan_row(&row, bound);
+            let want_best = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let want_above: Vec<f32> = row.iter().copied().filter(|&s| s > bound).collect();
+            assert_eq!(
+                (best, above),
+                (want_best, want_above),
+                "{len} scores, bound {bound}"
+            );
+        }
+    }
+}
