@@ -95,7 +95,7 @@ fn every_shipped_config_is_valid() {
         .map(|e| e.unwrap().path())
         .collect();
     files.sort();
-    assert!(files.len() >= 18, "paper configs missing: {files:?}");
+    assert!(files.len() >= 21, "paper configs missing: {files:?}");
     for file in files {
         let config = ConfigLoader::new()
             .without_env()
@@ -105,6 +105,12 @@ fn every_shipped_config_is_valid() {
             .load()
             .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let name = file.file_stem().unwrap().to_str().unwrap();
+        for arch in [&config.teacher.arch, &config.student.arch] {
+            assert!(
+                qud_models::names().contains(&arch.as_str()),
+                "{name}: {arch} is not a registered backbone"
+            );
+        }
         let (epochs, milestones) = if name.starts_with("casia") || name.starts_with("idiff") {
             (40, vec![22, 30, 40])
         } else {

@@ -76,3 +76,50 @@ fn prelu_has_one_slope_per_channel() {
     let y = floats(p.forward(Tensor::<4>::from_floats([[[[-2.0]], [[-2.0]]]], &device())));
     assert_eq!(y, vec![-1.0, -0.2]);
 }
+
+/// A layer of an `nn.Sequential` whose parameter-free entries hold their index.
+#[derive(Module, Debug)]
+enum GapLayer {
+    Linear(TorchLinear),
+    Relu(burn::nn::Relu),
+}
+
+#[derive(Module, Debug)]
+struct GapHead {
+    senet: Vec<GapLayer>,
+}
+
+/// `fixtures/sequential_gap.pth` (`make_sequential_gap.py`): keys `senet.0.weight` and
+/// `senet.2.weight` load into the layers at those indices, strictly, from the torch.save file
+/// and from qud's own safetensors export (burn-store would renumber the second to `senet.1`).
+#[test]
+fn sequential_indices_keep_their_gaps() {
+    let device = qud_backend_flex::device();
+    let head = || GapHead {
+        senet: vec![
+            GapLayer::Linear(TorchLinear::new(2, 3, false, &device)),
+            GapLayer::Relu(burn::nn::Relu::new()),
+            GapLayer::Linear(TorchLinear::new(3, 2, false, &device)),
+        ],
+    };
+    let pth = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/sequential_gap.pth");
+    let loaded = load_weights(head(), &pth).unwrap();
+    let GapLayer::Linear(last) = &loaded.senet[2] else {
+        panic!("a linear layer at index 2");
+    };
+    let values = last.weight.val().into_data().try_to_vec::<f32>().unwrap();
+    let want: Vec<f32> = (0..6).map(|i| 0.1 * i as f32).collect();
+    assert_eq!(values, want);
+
+    let dir = tempfile::tempdir().unwrap();
+    let exported = dir.path().join("head.safetensors");
+    save_safetensors(&loaded, &exported).unwrap();
+    let again = load_weights(head(), &exported).unwrap();
+    let GapLayer::Linear(last) = &again.senet[2] else {
+        panic!("a linear layer at index 2");
+    };
+    assert_eq!(
+        last.weight.val().into_data().try_to_vec::<f32>().unwrap(),
+        want
+    );
+}

@@ -62,8 +62,12 @@ fn load_strict<M: Module>(mut model: M, path: &Path) -> Result<M, WeightError> {
         .map(str::to_ascii_lowercase);
     let result = match extension.as_deref() {
         Some("pth" | "pt" | "bin") => {
+            // Keys as PyTorch wrote them: burn-store would otherwise renumber an
+            // `nn.Sequential`'s indices around its parameter-free layers (`senet.2` -> `senet.1`),
+            // while qud's modules keep those layers in place, as the PyTorch module does.
             let mut store = PytorchStore::from_file(path)
                 .with_key_remapping(r"^module\.", "")
+                .map_indices_contiguous(false)
                 .allow_partial(true);
             match model.load_from(&mut store) {
                 Ok(result) => result,
@@ -72,6 +76,7 @@ fn load_strict<M: Module>(mut model: M, path: &Path) -> Result<M, WeightError> {
                     let mut nested = PytorchStore::from_file(path)
                         .with_top_level_key("state_dict")
                         .with_key_remapping(r"^module\.", "")
+                        .map_indices_contiguous(false)
                         .allow_partial(true);
                     model
                         .load_from(&mut nested)

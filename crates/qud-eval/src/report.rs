@@ -78,54 +78,13 @@ fn parse_npy(bytes: &[u8], path: &Path) -> Result<(String, Vec<usize>, Vec<u8>),
 
 /// `[N, D]` float32 or float64 embeddings from a `.npy` file.
 pub fn read_npy_rows(path: &Path) -> Result<Vec<Vec<f32>>, BinError> {
-    let (descr, shape, data) = read_npy_raw(path)?;
-    let [rows, dim] = shape[..] else {
-        return Err(bad(
-            path,
-            format!("expected a 2-D [N, D] array, found shape {shape:?}"),
-        ));
-    };
-    let width = match descr.as_str() {
-        "<f4" => 4,
-        "<f8" => 8,
-        other => {
-            return Err(bad(
-                path,
-                format!("dtype {other} is not float32 or float64"),
-            ))
-        }
-    };
-    if dim == 0 {
-        return Err(bad(
-            path,
-            format!("shape ({rows}, 0): embeddings of no dimensions"),
-        ));
+    let mut reader = NpyRowReader::open(path)?;
+    let dim = reader.dim;
+    let mut rows = Vec::with_capacity(reader.rows);
+    while let Some(block) = reader.next_block(1 << 16) {
+        rows.extend(block?.chunks(dim).map(<[f32]>::to_vec));
     }
-    let needed = data_len(&shape, width);
-    if needed != Some(data.len()) {
-        return Err(bad(
-            path,
-            format!(
-                "shape ({rows}, {dim}) needs {} data bytes, the file has {}",
-                needed.map_or("more than 2^64".into(), |n| n.to_string()),
-                data.len()
-            ),
-        ));
-    }
-    let values: Vec<f32> = data
-        .chunks_exact(width)
-        .map(|c| match width {
-            4 => f32::from_le_bytes(c.try_into().unwrap()),
-            _ => f64::from_le_bytes(c.try_into().unwrap()) as f32,
-        })
-        .collect();
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(bad(
-            path,
-            format!("row {} holds a non-finite value", i / dim),
-        ));
-    }
-    Ok(values.chunks(dim).map(<[f32]>::to_vec).collect())
+    Ok(rows)
 }
 
 /// `[N, D]` float32 or float64 rows of a `.npy` file read a block at a time, for sets too large to
@@ -143,13 +102,27 @@ impl NpyRowReader {
     pub fn open(path: &Path) -> Result<Self, BinError> {
         use std::io::Read;
         let mut file = std::fs::File::open(path).map_err(|e| bad(path, e.to_string()))?;
+        let size = file.metadata().map_err(|e| bad(path, e.to_string()))?.len();
         let mut prefix = vec![0u8; 12];
         file.read_exact(&mut prefix)
-            .map_err(|_| bad(path, "not a .npy file (shorter than its header)"))?;
+            .map_err(|_| bad(path, "not a .npy file (no \\x93NUMPY magic)"))?;
+        if &prefix[..6] != b"\x93NUMPY" {
+            return Err(bad(path, "not a .npy file (no \\x93NUMPY magic)"));
+        }
         let header_len = match prefix[6] {
             1 => u16::from_le_bytes([prefix[8], prefix[9]]) as usize + 10,
-            _ => u32::from_le_bytes(prefix[8..12].try_into().unwrap()) as usize + 12,
+            2 | 3 => u32::from_le_bytes(prefix[8..12].try_into().unwrap()) as usize + 12,
+            v => {
+                return Err(bad(
+                    path,
+                    format!(".npy format version {v} is not supported"),
+                ))
+            }
         };
+        // Checked before the header is read into memory: a damaged length cannot allocate.
+        if header_len as u64 > size {
+            return Err(bad(path, "truncated .npy header"));
+        }
         let mut head = prefix;
         if header_len > head.len() {
             let mut rest = vec![0u8; header_len - head.len()];
@@ -180,7 +153,6 @@ impl NpyRowReader {
                 format!("shape ({rows}, 0): embeddings of no dimensions"),
             ));
         }
-        let size = file.metadata().map_err(|e| bad(path, e.to_string()))?.len();
         let needed = data_len(&shape, width).map(|n| n as u64 + header_len as u64);
         if needed != Some(size) {
             return Err(bad(
