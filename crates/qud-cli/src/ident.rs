@@ -12,9 +12,15 @@ use rayon::prelude::*;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+/// A loaded network, its device and its name.
+type Loaded = (Box<dyn FaceEmbedder>, Device, String);
+
+/// Blocks of normalised distractor embeddings, row-major.
+type Blocks<'e> = Box<dyn Iterator<Item = Result<Vec<f32>>> + 'e>;
+
 /// The network that embeds image sets, loaded at first use: `.npy` inputs need none.
 pub struct Embedder<'a> {
-    load: Box<dyn Fn() -> Result<(Box<dyn FaceEmbedder>, Device, String)> + 'a>,
+    load: Box<dyn Fn() -> Result<Loaded> + 'a>,
     loaded: Option<(Box<dyn FaceEmbedder>, Device)>,
     pub batch: usize,
     pub flip: bool,
@@ -23,7 +29,7 @@ pub struct Embedder<'a> {
 
 impl<'a> Embedder<'a> {
     pub fn new(
-        load: impl Fn() -> Result<(Box<dyn FaceEmbedder>, Device, String)> + 'a,
+        load: impl Fn() -> Result<Loaded> + 'a,
         batch: usize,
         flip: bool,
         resize: bool,
@@ -161,7 +167,7 @@ pub fn distractor_blocks<'e>(
     block: usize,
     exclude: &'e HashSet<String>,
     embedder: &'e mut Embedder<'_>,
-) -> Result<(usize, Box<dyn Iterator<Item = Result<Vec<f32>>> + 'e>)> {
+) -> Result<(usize, Blocks<'e>)> {
     if is_npy(path) {
         let mut reader = NpyRowReader::open(path)?;
         let (rows, dim) = (reader.rows, reader.dim);

@@ -1627,8 +1627,7 @@ fn a_transface_student_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = tiny(dir.path(), "qud", &["student.arch=transface-s"]);
     let err = train(&config, &TrainOptions::default())
-        .err()
-        .expect("refused")
+        .expect_err("refused")
         .to_string();
     assert!(
         err.contains("student.arch") && err.contains("transface-s is a teacher here"),

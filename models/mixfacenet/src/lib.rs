@@ -329,7 +329,9 @@ impl MixConvBlock {
 
 /// A unit's convolution: one kernel (`ConvBlock`) or several (`MixConvBlock`), as the QUD code
 /// chooses by the kernel count.
+// Built once per model and never moved in a loop: the size difference costs nothing.
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum UnitConv {
     Single(ConvBlock),
     Mixed(MixConvBlock),

@@ -164,7 +164,9 @@ pub struct PatchEmbed {
 
 /// A layer of an `nn.Sequential` head, so that its keys keep the PyTorch indices
 /// (`feature.1.running_var`, `senet.2.weight`); parameter-free layers hold their places.
+// Built once per model and never moved in a loop: the size difference costs nothing.
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Layer {
     Linear(TorchLinear),
     BatchNorm(TorchBatchNorm),
