@@ -1,7 +1,8 @@
 //! Project automation: `cargo xtask <command>`.
 //!
-//! - `test [--wgpu]`: the workspace tests on the CPU backends, then a type-check of the GPU
-//!   backend plugins (wgpu and cuda). `--wgpu` also runs the wgpu smoke test on a Vulkan adapter
+//! - `test [--wgpu]`: the workspace tests on the CPU backends, qud-backbone's tests on Burn's ops
+//!   (without its `cpu-kernels` feature), then a type-check of the GPU backend plugins (wgpu and
+//!   cuda). `--wgpu` also runs the wgpu smoke test on a Vulkan adapter
 //!   (see README).
 //! - `gpu-build`: the CLI built with both GPU plugins (offline: CUDA kernels compile through
 //!   NVRTC, `backends/cuda/README.md`), then run on flex.
@@ -113,6 +114,11 @@ fn test(args: &[String]) -> Result<()> {
     tests.args(["test", "--workspace"]);
     exclude_gpu(&mut tests);
     run("CPU tests", tests)?;
+
+    // The layers on Burn's own ops: qud-backbone built without its `cpu-kernels` feature.
+    let mut without_kernels = cargo();
+    without_kernels.args(["test", "-p", "qud-backbone", "--no-default-features"]);
+    run("qud-backbone tests without the CPU kernels", without_kernels)?;
 
     let mut check = cargo();
     check.args([

@@ -103,10 +103,10 @@ impl TorchBatchNorm {
         if !self.uses_batch_statistics(&device) {
             let mean = self.running_mean.value().to_device(&device);
             let var = self.running_var.value().to_device(&device);
-            return qud_cpu_kernels::batch_norm(input, weight, bias, mean, var, self.epsilon);
+            return crate::kernels::batch_norm(input, weight, bias, mean, var, self.epsilon);
         }
         let per_channel = input.shape().num_elements() / self.num_features;
-        let result = qud_cpu_kernels::batch_norm_train(input, weight, bias, self.epsilon);
+        let result = crate::kernels::batch_norm_train(input, weight, bias, self.epsilon);
         self.update_running_statistics(result, per_channel)
     }
 
@@ -119,7 +119,7 @@ impl TorchBatchNorm {
         };
         let per_channel = input.shape().num_elements() / self.num_features;
         let result =
-            qud_cpu_kernels::batch_norm_add_train(input, weight, bias, shortcut, self.epsilon);
+            crate::kernels::batch_norm_add_train(input, weight, bias, shortcut, self.epsilon);
         self.update_running_statistics(result, per_channel)
     }
 
@@ -142,7 +142,7 @@ impl TorchBatchNorm {
         let per_channel = input.shape().num_elements() / self.num_features;
         let alpha = prelu.weight.val();
         let result =
-            qud_cpu_kernels::batch_norm_prelu_train(input, weight, bias, alpha, self.epsilon);
+            crate::kernels::batch_norm_prelu_train(input, weight, bias, alpha, self.epsilon);
         self.update_running_statistics(result, per_channel)
     }
 
@@ -156,11 +156,11 @@ impl TorchBatchNorm {
         conv: &burn::nn::conv::Conv2d,
     ) -> Tensor<4> {
         let Some((weight, bias)) = self.fused_training(&input) else {
-            return qud_cpu_kernels::conv2d(conv, self.forward_prelu(input, prelu));
+            return crate::kernels::conv2d(conv, self.forward_prelu(input, prelu));
         };
         let per_channel = input.shape().num_elements() / self.num_features;
         let alpha = prelu.weight.val();
-        let result = qud_cpu_kernels::batch_norm_prelu_depthwise_train(
+        let result = crate::kernels::batch_norm_prelu_depthwise_train(
             input,
             (weight, bias, alpha),
             conv,
@@ -177,7 +177,7 @@ impl TorchBatchNorm {
     /// Fold a training step's batch statistics into the running ones; the step's output.
     fn update_running_statistics<const D: usize>(
         &self,
-        result: qud_cpu_kernels::BatchNormTrain<D>,
+        result: crate::kernels::BatchNormTrain<D>,
         per_channel: usize,
     ) -> Tensor<D> {
         let device = result.output.device();
@@ -295,7 +295,7 @@ impl TorchPRelu {
     /// Channels on dimension 1. On flex, one pass over the activation forward and backward
     /// (`qud_cpu_kernels::prelu`); Burn's PReLU elsewhere.
     pub fn forward<const D: usize>(&self, input: Tensor<D>) -> Tensor<D> {
-        qud_cpu_kernels::prelu(input, self.weight.val())
+        crate::kernels::prelu(input, self.weight.val())
     }
 }
 

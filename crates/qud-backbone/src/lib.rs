@@ -5,6 +5,7 @@
 //! implementation, so a `state_dict` loads key for key (`layer1.0.bn1.weight`, `prelu.weight`,
 //! `features.running_var`, ...) and an export loads back with PyTorch's `load_state_dict`.
 
+pub mod kernels;
 pub mod layers;
 pub mod onnx_graph;
 mod weights;

@@ -123,3 +123,67 @@ fn sequential_indices_keep_their_gaps() {
         want
     );
 }
+
+/// The fused training ops of [`TorchBatchNorm`] give what their parts give, output and running
+/// statistics, with the CPU kernels (the default) and with Burn's ops
+/// (`cargo test -p qud-backbone --no-default-features`, which `cargo xtask test` runs).
+#[test]
+fn fused_training_ops_equal_their_parts() {
+    let train = device().autodiff();
+    let channels = 4;
+    let x = Tensor::<4>::random(
+        [2, channels, 6, 6],
+        burn::tensor::Distribution::Normal(0.5, 2.0),
+        &train,
+    );
+    let shortcut = Tensor::<4>::random(
+        [2, channels, 6, 6],
+        burn::tensor::Distribution::Uniform(-1.0, 1.0),
+        &train,
+    );
+    let mut prelu = TorchPRelu::new(channels, &train);
+    prelu.weight =
+        burn::module::Param::from_tensor(Tensor::from_floats([0.1, 0.3, -0.2, 0.7], &train));
+    let conv = conv2d([channels, channels], 3, 1, 1, channels, 0.3, &train);
+    let close = |a: Vec<f32>, b: Vec<f32>, what: &str| {
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{what}: {worst}");
+    };
+    let cases: [(
+        &str,
+        &dyn Fn(&TorchBatchNorm) -> Tensor<4>,
+        &dyn Fn(&TorchBatchNorm) -> Tensor<4>,
+    ); 3] = [
+        (
+            "batch norm + PReLU",
+            &|bn| bn.forward_prelu(x.clone(), &prelu),
+            &|bn| prelu.forward(bn.forward(x.clone())),
+        ),
+        (
+            "batch norm + shortcut",
+            &|bn| bn.forward_add(x.clone(), shortcut.clone()),
+            &|bn| shortcut.clone() + bn.forward(x.clone()),
+        ),
+        (
+            "batch norm + PReLU + depthwise",
+            &|bn| bn.forward_prelu_depthwise(x.clone(), &prelu, &conv),
+            &|bn| crate::kernels::conv2d(&conv, prelu.forward(bn.forward(x.clone()))),
+        ),
+    ];
+    for (what, fused, parts) in cases {
+        let (a, b) = (
+            TorchBatchNorm::new(channels, &train),
+            TorchBatchNorm::new(channels, &train),
+        );
+        close(floats(fused(&a)), floats(parts(&b)), what);
+        close(
+            floats(a.running_var.value_sync()),
+            floats(b.running_var.value_sync()),
+            what,
+        );
+    }
+}

@@ -9,12 +9,12 @@
 use burn::nn::conv::Conv2d;
 use burn::nn::{Dropout, DropoutConfig};
 use burn::prelude::*;
+use qud_backbone::kernels::conv2d as conv2d_fast;
 use qud_backbone::layers::{
     conv2d, fold_batchnorm_linear, fold_conv_batchnorm, fold_linear_batchnorm, TorchBatchNorm,
     TorchLinear, TorchPRelu,
 };
 use qud_backbone::{Backbone, MacCounter, OnnxGraph};
-use qud_cpu_kernels::conv2d as conv2d_fast;
 
 /// Blocks per stage of each depth, as insightface defines them.
 pub const DEPTHS: &[(&str, [usize; 4])] = &[

@@ -15,9 +15,9 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, PaddingConfig2d};
 use burn::prelude::*;
 use burn::tensor::activation::{sigmoid, silu};
+use qud_backbone::kernels::conv2d as conv2d_fast;
 use qud_backbone::layers::{fold_conv_batchnorm, TorchBatchNorm, TorchPRelu};
 use qud_backbone::{Backbone, MacCounter, OnnxGraph};
-use qud_cpu_kernels::conv2d as conv2d_fast;
 
 /// One stage's units: output channels, expansion-conv kernel count, depthwise kernel count,
 /// projection kernel count, expansion factor and squeeze-excitation factor (0: none).

@@ -8,12 +8,12 @@
 
 use burn::nn::conv::Conv2d;
 use burn::prelude::*;
+use qud_backbone::kernels::conv2d as conv2d_fast;
 use qud_backbone::layers::{
     conv2d, fold_conv_batchnorm, fold_linear_batchnorm, kaiming_fan_out_std, TorchBatchNorm,
     TorchLinear, TorchPRelu,
 };
 use qud_backbone::{Backbone, MacCounter, OnnxGraph};
-use qud_cpu_kernels::conv2d as conv2d_fast;
 
 /// Hyper-parameters of one convolution: channels, square kernel, stride, padding, groups.
 #[derive(Clone, Copy, Debug)]

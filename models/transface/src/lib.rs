@@ -21,9 +21,9 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{Initializer, Relu, Sigmoid};
 use burn::prelude::*;
 use burn::tensor::activation::{relu, sigmoid, softmax};
+use qud_backbone::kernels::conv2d as conv2d_fast;
 use qud_backbone::layers::{fold_linear_batchnorm, TorchBatchNorm, TorchLinear};
 use qud_backbone::{Backbone, MacCounter, OnnxGraph};
-use qud_cpu_kernels::conv2d as conv2d_fast;
 
 /// `(name, embed_dim, depth, num_heads)` of the TransFace sizes the QUD code builds.
 const SIZES: [(&str, usize, usize, usize); 3] = [
