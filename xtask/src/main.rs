@@ -118,7 +118,10 @@ fn test(args: &[String]) -> Result<()> {
     // The layers on Burn's own ops: qud-backbone built without its `cpu-kernels` feature.
     let mut without_kernels = cargo();
     without_kernels.args(["test", "-p", "qud-backbone", "--no-default-features"]);
-    run("qud-backbone tests without the CPU kernels", without_kernels)?;
+    run(
+        "qud-backbone tests without the CPU kernels",
+        without_kernels,
+    )?;
 
     let mut check = cargo();
     check.args([

@@ -153,11 +153,8 @@ fn fused_training_ops_equal_their_parts() {
             .fold(0f32, f32::max);
         assert!(worst < 1e-5, "{what}: {worst}");
     };
-    let cases: [(
-        &str,
-        &dyn Fn(&TorchBatchNorm) -> Tensor<4>,
-        &dyn Fn(&TorchBatchNorm) -> Tensor<4>,
-    ); 3] = [
+    type Run<'a> = &'a dyn Fn(&TorchBatchNorm) -> Tensor<4>;
+    let cases: [(&str, Run, Run); 3] = [
         (
             "batch norm + PReLU",
             &|bn| bn.forward_prelu(x.clone(), &prelu),
