@@ -18,6 +18,12 @@ pub enum BackendError {
     },
     #[error("device `{text}`: {reason}")]
     BadDevice { text: String, reason: String },
+    /// Compiled in, but what it needs at run time is missing (a driver library).
+    #[error("backend `{backend}` cannot run here: {reason}")]
+    Unavailable {
+        backend: &'static str,
+        reason: String,
+    },
     #[error("backend `{backend}` has no device `{device}`; it accepts: {accepted}")]
     UnsupportedDevice {
         backend: &'static str,
@@ -95,6 +101,8 @@ pub struct BackendPlugin {
     pub accepted_devices: &'static str,
     pub capabilities: Capabilities,
     device: fn(&DeviceSpec) -> Option<Device>,
+    /// What the backend needs at run time, checked before a device is handed out.
+    available: fn() -> Result<(), String>,
 }
 
 impl BackendPlugin {
@@ -112,12 +120,25 @@ impl BackendPlugin {
             accepted_devices,
             capabilities,
             device,
+            available: || Ok(()),
         }
+    }
+
+    /// Check `available` (a driver library that must load, ...) before any device is made: a
+    /// missing one is [`BackendError::Unavailable`] with its reason, instead of a failure inside
+    /// the backend's device thread.
+    pub const fn with_run_time_check(mut self, available: fn() -> Result<(), String>) -> Self {
+        self.available = available;
+        self
     }
 
     /// Parse `text` (`cpu`, `cuda:1`, ...) into a device of this backend.
     pub fn device(&self, text: &str) -> Result<Device, BackendError> {
         let spec: DeviceSpec = text.parse()?;
+        (self.available)().map_err(|reason| BackendError::Unavailable {
+            backend: self.name,
+            reason,
+        })?;
         (self.device)(&spec).ok_or_else(|| BackendError::UnsupportedDevice {
             backend: self.name,
             device: text.into(),
@@ -206,5 +227,33 @@ mod tests {
             );
             assert!(err.to_string().contains(&format!("`{bad}`")), "{err}");
         }
+    }
+
+    /// A plugin whose run-time check fails hands out no device, and says why.
+    #[test]
+    fn a_failed_run_time_check_names_the_backend_and_the_reason() {
+        let plugin = BackendPlugin::new(
+            "fake",
+            "a backend whose driver is absent",
+            "cpu",
+            Capabilities {
+                gpu: true,
+                f16: false,
+                bf16: false,
+                multi_device: false,
+                all_reduce: false,
+            },
+            |_| None,
+        )
+        .with_run_time_check(|| Err("libfake.so.1 cannot be loaded".into()));
+        let err = plugin.device("cpu").unwrap_err();
+        assert!(matches!(
+            err,
+            BackendError::Unavailable {
+                backend: "fake",
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("libfake.so.1"), "{err}");
     }
 }

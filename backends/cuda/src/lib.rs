@@ -31,6 +31,32 @@ pub fn plugin() -> BackendPlugin {
         CAPABILITIES,
         parse,
     )
+    .with_run_time_check(driver_loads)
+}
+
+/// The NVIDIA driver library loads: without it cudarc panics in the device's thread.
+#[cfg(unix)]
+fn driver_loads() -> Result<(), String> {
+    for name in [c"libcuda.so.1", c"libcuda.so"] {
+        // SAFETY: `name` is a NUL-terminated string; the handle is closed right away and no
+        // symbol of the library is used here (cudarc loads it again for itself).
+        let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        if !handle.is_null() {
+            // SAFETY: `handle` came from `dlopen` above and is closed once.
+            unsafe { libc::dlclose(handle) };
+            return Ok(());
+        }
+    }
+    Err(
+        "the NVIDIA driver library (libcuda.so.1) cannot be loaded: install the NVIDIA \
+         driver, or put its directory on LD_LIBRARY_PATH (NVRTC, libnvrtc, is needed too)"
+            .into(),
+    )
+}
+
+#[cfg(not(unix))]
+fn driver_loads() -> Result<(), String> {
+    Ok(())
 }
 
 #[cfg(test)]
