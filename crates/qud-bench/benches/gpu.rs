@@ -11,7 +11,7 @@
 //! (256), QUD_GPU_STEPS (200, the run's length), QUD_GPU_IMAGES (4,096 synthetic faces),
 //! QUD_GPU_TIMED (20 timed steps after 5 warm-up ones). Exits non-zero when a check fails.
 
-use qud_bench::steps::{qud_step, Timing};
+use qud_bench::steps::{qud_step, ReferenceError, Timing};
 use std::time::Instant;
 
 fn setting(name: &str, default: usize) -> usize {
@@ -163,19 +163,29 @@ fn main() {
 }
 
 /// Samples/s of `python/train.py`'s QUD step on the GPU (`cuda`), or why there is none.
-fn pytorch(teacher: &str, batch: usize, cached: bool, timing: Timing) -> Result<f64, String> {
+fn pytorch(
+    teacher: &str,
+    batch: usize,
+    cached: bool,
+    timing: Timing,
+) -> Result<f64, ReferenceError> {
     if teacher != "iresnet50" {
-        return Err(format!("no PyTorch reference for a {teacher} teacher"));
+        return Err(ReferenceError::Unavailable(format!(
+            "python/train.py has no {teacher} teacher"
+        )));
     }
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let probe = std::process::Command::new(&python)
         .args(["-c", "import torch; assert torch.cuda.is_available()"])
         .output()
-        .map_err(|e| format!("no PyTorch reference: {python}: {e}"))?;
+        .map_err(|source| ReferenceError::Spawn {
+            python: python.clone(),
+            source,
+        })?;
     if !probe.status.success() {
-        return Err(format!(
-            "no PyTorch reference: {python} has no torch with a CUDA device"
-        ));
+        return Err(ReferenceError::Unavailable(format!(
+            "{python} has no torch with a CUDA device"
+        )));
     }
     let mut args: Vec<String> = ["1", "qud", &batch.to_string(), "cuda"]
         .map(String::from)

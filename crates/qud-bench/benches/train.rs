@@ -12,7 +12,7 @@
 //! One warm-up step, then 3 timed steps. Not criterion: a step takes seconds.
 
 use qud_backbone::Backbone;
-use qud_bench::steps::{qud_step, student_step, Timing};
+use qud_bench::steps::{qud_step, student_step, ReferenceError, Timing};
 
 const BATCH: usize = 64;
 const TIMING: Timing = Timing {
@@ -28,7 +28,7 @@ fn peak_rss_mb() -> Option<f64> {
 }
 
 /// Samples/s and peak RSS of `python/train.py` with `args` after the thread count.
-fn pytorch(threads: usize, args: &[&str]) -> Result<(f64, f64), String> {
+fn pytorch(threads: usize, args: &[&str]) -> Result<(f64, f64), ReferenceError> {
     let args: Vec<String> = std::iter::once(threads.to_string())
         .chain(args.iter().map(|a| a.to_string()))
         .collect();

@@ -131,27 +131,45 @@ fn timed(device: &Device, batch: usize, timing: Timing, mut step: impl FnMut()) 
     (timing.steps * batch) as f64 / seconds
 }
 
+/// Why a PyTorch reference gave no number: the benchmarks print it in place of the row.
+#[derive(Debug, thiserror::Error)]
+pub enum ReferenceError {
+    #[error("no PyTorch reference: {python}: {source}")]
+    Spawn {
+        python: String,
+        source: std::io::Error,
+    },
+    #[error("no PyTorch reference: {0}")]
+    Unavailable(String),
+    #[error("PyTorch reference failed: {0}")]
+    Failed(String),
+    #[error("PyTorch reference: unreadable output {0:?}")]
+    Unreadable(String),
+}
+
 /// `(samples/s, peak RSS in MB)` printed by `python/train.py` run with `args`, or why there is
 /// none (no Python, no torch, a failed run).
-pub fn pytorch_reference(args: &[String]) -> Result<(f64, f64), String> {
+pub fn pytorch_reference(args: &[String]) -> Result<(f64, f64), ReferenceError> {
     let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("python/train.py");
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let out = std::process::Command::new(&python)
         .arg(&script)
         .args(args)
         .output()
-        .map_err(|e| format!("no PyTorch reference: {python}: {e}"))?;
+        .map_err(|source| ReferenceError::Spawn {
+            python: python.clone(),
+            source,
+        })?;
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
-        return Err(format!(
-            "PyTorch reference failed: {}",
-            err.lines().last().unwrap_or("")
+        return Err(ReferenceError::Failed(
+            err.lines().last().unwrap_or("").to_string(),
         ));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let mut fields = text.split_whitespace().map(|v| v.parse::<f64>().ok());
     match (fields.next().flatten(), fields.next().flatten()) {
         (Some(rate), Some(peak)) => Ok((rate, peak)),
-        _ => Err(format!("PyTorch reference: unreadable output {text:?}")),
+        _ => Err(ReferenceError::Unreadable(text.into_owned())),
     }
 }

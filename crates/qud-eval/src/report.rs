@@ -1,8 +1,12 @@
-//! Reading embeddings made elsewhere (`.npy`, issame lists) and drawing ROC curves as SVG.
+//! Reading embeddings made elsewhere (`.npy`, issame lists) and drawing ROC and training curves
+//! as SVG (plotters' SVG backend).
 
 use crate::metrics::RocPoints;
 use crate::BinError;
-use std::fmt::Write as _;
+use plotters::prelude::{
+    BindKeyPoints, ChartBuilder, Color, IntoDrawingArea, IntoLogRange, LineSeries, PathElement,
+    RGBColor, SVGBackend, SeriesLabelPosition, BLACK, TRANSPARENT, WHITE,
+};
 use std::path::Path;
 
 fn bad(path: &Path, reason: impl Into<String>) -> BinError {
@@ -248,15 +252,21 @@ pub fn read_issame(path: &Path) -> Result<Vec<bool>, BinError> {
         .collect()
 }
 
-/// A ROC plot (TAR against FAR on a log axis from the smallest FAR's decade, 1e-4 to 1e-7, to 1) with one curve per model, as a
-/// self-contained SVG any browser shows.
+/// Series colours, in order (matplotlib's first six).
+const COLORS: [RGBColor; 6] = [
+    RGBColor(0x1f, 0x77, 0xb4),
+    RGBColor(0xd6, 0x27, 0x28),
+    RGBColor(0x2c, 0xa0, 0x2c),
+    RGBColor(0xff, 0x7f, 0x0e),
+    RGBColor(0x94, 0x67, 0xbd),
+    RGBColor(0x8c, 0x56, 0x4b),
+];
+
+type ChartResult = Result<(), Box<dyn std::error::Error>>;
+
+/// A ROC plot (TAR against FAR on a log axis from the smallest FAR's decade, 1e-4 to 1e-7, to 1) with
+/// one curve per model, as a self-contained SVG any browser shows.
 pub fn roc_svg(title: &str, curves: &[(&str, &RocPoints)]) -> String {
-    const W: f64 = 640.0;
-    const H: f64 = 480.0;
-    const LEFT: f64 = 70.0;
-    const RIGHT: f64 = 20.0;
-    const TOP: f64 = 40.0;
-    const BOTTOM: f64 = 60.0;
     // The axis starts at the decade of the smallest positive FAR (1e-4 for .bin sets, down to
     // 1e-7 for IJB-C's 8 million impostor pairs).
     let smallest = curves
@@ -264,119 +274,72 @@ pub fn roc_svg(title: &str, curves: &[(&str, &RocPoints)]) -> String {
         .flat_map(|(_, points)| points.iter().map(|p| p.0))
         .filter(|far| *far > 0.0)
         .fold(1e-4, f64::min);
-    let min_exp = smallest.log10().floor().clamp(-7.0, -4.0);
-    const COLORS: [&str; 6] = [
-        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
-    ];
-    let x = |far: f64| {
-        LEFT + (far.max(10f64.powf(min_exp)).log10() - min_exp) / -min_exp * (W - LEFT - RIGHT)
+    let min_exp = smallest.log10().floor().clamp(-7.0, -4.0) as i32;
+    let draw = |svg: &mut String| -> ChartResult {
+        let root = SVGBackend::with_string(svg, (640, 480)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let decades: Vec<f64> = (min_exp..=0).map(|e| 10f64.powi(e)).collect();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(
+                (decades[0]..1.0).log_scale().with_key_points(decades),
+                0.0..1.0,
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc("false accept rate (log)")
+            .y_desc("true accept rate")
+            .x_label_formatter(&|far| match far.log10().round() as i32 {
+                0 => "1".into(),
+                e => format!("1e{e}"),
+            })
+            .y_labels(11)
+            .y_label_formatter(&|tar| format!("{tar:.1}"))
+            .light_line_style(TRANSPARENT)
+            .draw()?;
+        for (i, (name, points)) in curves.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            // One vertex per pixel: a ROC of millions of points stays small.
+            let mut vertices: Vec<(f64, f64)> = Vec::new();
+            let mut last = None;
+            for &(far, tar) in points
+                .iter()
+                .filter(|(far, tar)| *far > 0.0 && tar.is_finite())
+            {
+                let pixel = chart.backend_coord(&(far, tar));
+                if last != Some(pixel) {
+                    vertices.push((far, tar));
+                    last = Some(pixel);
+                }
+            }
+            chart
+                .draw_series(LineSeries::new(vertices, color.stroke_width(2)))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.9))
+            .border_style(BLACK)
+            .draw()?;
+        root.present()?;
+        Ok(())
     };
-    let y = |tar: f64| TOP + (1.0 - tar) * (H - TOP - BOTTOM);
-    let mut svg = svg_canvas(W, H, title);
-    for e in (min_exp as i32)..=0 {
-        let px = x(10f64.powi(e));
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{px:.1}" y1="{TOP}" x2="{px:.1}" y2="{}" stroke="#ddd"/><text x="{px:.1}" y="{}" text-anchor="middle">1e{e}</text>"##,
-            H - BOTTOM,
-            H - BOTTOM + 18.0
-        );
-    }
-    for t in 0..=10 {
-        let tar = t as f64 / 10.0;
-        let py = y(tar);
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{LEFT}" y1="{py:.1}" x2="{}" y2="{py:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{tar:.1}</text>"##,
-            W - RIGHT,
-            LEFT - 6.0,
-            py + 4.0
-        );
-    }
-    let _ = writeln!(
-        svg,
-        r#"<rect x="{LEFT}" y="{TOP}" width="{}" height="{}" fill="none" stroke="black"/>"#,
-        W - LEFT - RIGHT,
-        H - TOP - BOTTOM
-    );
-    let _ = writeln!(
-        svg,
-        r#"<text x="{}" y="{}" text-anchor="middle">false accept rate (log)</text><text transform="translate(18 {}) rotate(-90)" text-anchor="middle">true accept rate</text>"#,
-        (LEFT + W - RIGHT) / 2.0,
-        H - 20.0,
-        (TOP + H - BOTTOM) / 2.0
-    );
-    for (i, (name, points)) in curves.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        // One vertex per distinct tenth of a pixel: a ROC of millions of points stays small.
-        let mut path: Vec<String> = points
-            .iter()
-            .filter(|(far, _)| *far > 0.0)
-            .map(|&(far, tar)| format!("{:.1},{:.1}", x(far), y(tar)))
-            .collect();
-        path.dedup();
-        let _ = writeln!(
-            svg,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
-            path.join(" ")
-        );
-        let ly = TOP + 20.0 + 18.0 * i as f64;
-        let _ = writeln!(
-            svg,
-            r#"<line x1="{}" y1="{ly}" x2="{}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
-            W - RIGHT - 170.0,
-            W - RIGHT - 150.0,
-            W - RIGHT - 144.0,
-            ly + 4.0,
-            escape(name)
-        );
-    }
-    svg.push_str("</svg>\n");
-    svg
+    svg_or_error(title, draw)
 }
 
-/// The opening of a `width x height` SVG on a white background, with `title` centred on top.
-fn svg_canvas(width: f64, height: f64, title: &str) -> String {
-    format!(
-        concat!(
-            r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" viewBox="0 0 {w} {h}" font-family="sans-serif" font-size="12">"#,
-            "\n",
-            r#"<rect width="100%" height="100%" fill="white"/>"#,
-            "\n",
-            r#"<text x="{x}" y="24" text-anchor="middle" font-size="15">{t}</text>"#,
-            "\n"
-        ),
-        w = width,
-        h = height,
-        x = width / 2.0,
-        t = escape(title)
-    )
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-}
-
-/// A line chart (linear axes) with one polyline per series, as self-contained SVG: the training
-/// report's loss, learning-rate and accuracy curves.
+/// A line chart (linear axes, ticks at round numbers) with one line per series, as
+/// self-contained SVG: the training report's loss, learning-rate and accuracy curves.
 pub fn line_chart_svg(title: &str, x_label: &str, series: &[(&str, Vec<(f64, f64)>)]) -> String {
-    const W: f64 = 640.0;
-    const H: f64 = 360.0;
-    const LEFT: f64 = 70.0;
-    const RIGHT: f64 = 20.0;
-    const TOP: f64 = 40.0;
-    const BOTTOM: f64 = 50.0;
-    const COLORS: [&str; 6] = [
-        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
-    ];
-    let points = series
-        .iter()
-        .flat_map(|s| s.1.iter())
-        .filter(|p| p.0.is_finite() && p.1.is_finite());
+    let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in points {
+    for &(x, y) in series.iter().flat_map(|s| s.1.iter()).filter(finite) {
         (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
     }
     if x0 > x1 {
@@ -385,66 +348,94 @@ pub fn line_chart_svg(title: &str, x_label: &str, series: &[(&str, Vec<(f64, f64
     if x1 - x0 < 1e-12 {
         x1 = x0 + 1.0;
     }
-    if y1 - y0 < 1e-12 {
+    if y1 - y0 < 1e-12 * y1.abs().max(1.0) {
         (y0, y1) = (y0 - 0.5, y1 + 0.5);
     }
-    let px = |x: f64| LEFT + (x - x0) / (x1 - x0) * (W - LEFT - RIGHT);
-    let py = |y: f64| TOP + (y1 - y) / (y1 - y0) * (H - TOP - BOTTOM);
-    let mut svg = svg_canvas(W, H, title);
-    for t in 0..=4 {
-        let (fx, fy) = (
-            x0 + (x1 - x0) * t as f64 / 4.0,
-            y0 + (y1 - y0) * t as f64 / 4.0,
-        );
-        let _ = writeln!(
-            svg,
-            r##"<line x1="{LEFT}" y1="{:.1}" x2="{}" y2="{:.1}" stroke="#ddd"/><text x="{}" y="{:.1}" text-anchor="end">{}</text><text x="{:.1}" y="{}" text-anchor="middle">{}</text>"##,
-            py(fy),
-            W - RIGHT,
-            py(fy),
-            LEFT - 6.0,
-            py(fy) + 4.0,
-            tick(fy),
-            px(fx),
-            H - BOTTOM + 16.0,
-            tick(fx)
-        );
-    }
-    let _ = writeln!(
-        svg,
-        r#"<rect x="{LEFT}" y="{TOP}" width="{}" height="{}" fill="none" stroke="black"/><text x="{}" y="{}" text-anchor="middle">{}</text>"#,
-        W - LEFT - RIGHT,
-        H - TOP - BOTTOM,
-        (LEFT + W - RIGHT) / 2.0,
-        H - 12.0,
-        escape(x_label)
-    );
-    for (i, (name, points)) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        let path: Vec<String> = points
-            .iter()
-            .filter(|p| p.0.is_finite() && p.1.is_finite())
-            .map(|&(x, y)| format!("{:.1},{:.1}", px(x), py(y)))
-            .collect();
-        let _ = writeln!(
-            svg,
-            r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/><text x="{}" y="{}" fill="{color}" text-anchor="end">{}</text>"#,
-            path.join(" "),
-            W - RIGHT - 6.0,
-            TOP + 16.0 + 16.0 * i as f64,
-            escape(name)
-        );
-    }
-    svg.push_str("</svg>\n");
-    svg
+    // A margin of 5 % keeps a line off the frame.
+    let pad = 0.05 * (y1 - y0);
+    let (y0, y1) = (y0 - pad, y1 + pad);
+    let draw = |svg: &mut String| -> ChartResult {
+        let root = SVGBackend::with_string(svg, (640, 360)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(64)
+            .build_cartesian_2d(x0..x1, y0..y1)?;
+        let (x_tick, y_tick) = (tick_formatter(x1 - x0), tick_formatter(y1 - y0));
+        chart
+            .configure_mesh()
+            .x_desc(x_label)
+            .x_label_formatter(&x_tick)
+            .y_label_formatter(&y_tick)
+            .light_line_style(TRANSPARENT)
+            .draw()?;
+        for (i, (name, points)) in series.iter().enumerate() {
+            let color = COLORS[i % COLORS.len()];
+            chart
+                .draw_series(LineSeries::new(
+                    points.iter().filter(finite).copied(),
+                    color.stroke_width(2),
+                ))?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
+                });
+        }
+        // One line is named by the title.
+        if series.len() > 1 {
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperRight)
+                .background_style(WHITE.mix(0.9))
+                .border_style(BLACK)
+                .draw()?;
+        }
+        root.present()?;
+        Ok(())
+    };
+    svg_or_error(title, draw)
 }
 
-fn tick(v: f64) -> String {
-    if v != 0.0 && (v.abs() < 1e-2 || v.abs() >= 1e5) {
-        format!("{v:.1e}")
-    } else if v.fract() == 0.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.3}")
+/// Tick labels for an axis spanning `span`: as many decimals as its ticks need (plotters puts them
+/// at the finest 1, 2 or 5 x 10^k step giving at most ten), in scientific notation below 1e-4.
+fn tick_formatter(span: f64) -> impl Fn(&f64) -> String {
+    let mut step = 10f64.powf((span / 10.0).log10().floor());
+    for factor in [1.0, 2.0, 5.0, 10.0] {
+        if span / (step * factor) <= 10.0 {
+            step *= factor;
+            break;
+        }
     }
+    let decimals = (-step.log10().floor()).max(0.0) as usize;
+    move |v: &f64| {
+        if *v == 0.0 {
+            "0".into()
+        } else if decimals > 4 {
+            format!("{v:.1e}")
+        } else {
+            format!("{v:.decimals$}")
+        }
+    }
+}
+
+/// The chart `draw` makes, or, should plotters fail (it has no fonts or files to miss with the SVG
+/// backend), a chart-sized SVG saying why: a report is still written.
+fn svg_or_error(title: &str, draw: impl FnOnce(&mut String) -> ChartResult) -> String {
+    let mut svg = String::new();
+    match draw(&mut svg) {
+        Ok(()) => svg,
+        Err(e) => format!(
+            r#"<svg xmlns="http://www.w3.org/2000/svg" width="640" height="60"><text x="10" y="30">{}: the chart could not be drawn: {}</text></svg>"#,
+            escape(title),
+            escape(&e.to_string())
+        ),
+    }
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }

@@ -449,3 +449,52 @@ proptest::proptest! {
         proptest::prop_assert!(largest < 1 << 20, "allocated {}", largest);
     }
 }
+
+/// The text of every `<text>` element of an SVG chart, in order.
+fn chart_labels(svg: &str) -> Vec<String> {
+    svg.split("<text")
+        .skip(1)
+        .filter_map(|t| {
+            let body = &t[t.find('>')? + 1..];
+            Some(body[..body.find("</text>")?].trim().to_string())
+        })
+        .collect()
+}
+
+/// Chart ticks sit at round numbers printed with the decimals their step needs: a loss from 17.25
+/// down to 4.1 gets whole numbers, a learning rate stepping 0.1 -> 0.01 two decimals, a ROC the
+/// FAR decades.
+#[test]
+fn chart_ticks_are_round_numbers() {
+    let numeric = |svg: &str| -> Vec<String> {
+        chart_labels(svg)
+            .into_iter()
+            .filter(|l| l.parse::<f64>().is_ok())
+            .collect()
+    };
+    let loss: Vec<(f64, f64)> = (0..70)
+        .map(|i| (i as f64, 17.25 - 13.15 * (i as f64 / 69.0)))
+        .collect();
+    let ticks = numeric(&line_chart_svg("loss", "step", &[("loss", loss)]));
+    assert!(ticks.len() >= 8, "{ticks:?}");
+    assert!(ticks.iter().all(|t| !t.contains('.')), "{ticks:?}");
+    assert!(ticks.contains(&"10".to_string()), "{ticks:?}");
+
+    let lr: Vec<(f64, f64)> = (0..300)
+        .map(|i| (i as f64, if i < 200 { 0.1 } else { 0.01 }))
+        .collect();
+    let ticks = numeric(&line_chart_svg("learning rate", "step", &[("lr", lr)]));
+    let decimals = |t: &String| t.split('.').nth(1).map_or(0, str::len);
+    assert!(ticks.iter().any(|t| t == "0.05"), "{ticks:?}");
+    assert!(ticks.iter().all(|t| decimals(t) <= 2), "{ticks:?}");
+
+    let roc = vec![(0.0, 0.2), (2e-4, 0.5), (1e-2, 0.9), (1.0, 1.0)];
+    let labels = chart_labels(&roc_svg("lfw", &[("student", &roc)]));
+    for decade in ["1e-4", "1e-3", "1e-2", "1e-1", "1"] {
+        assert!(labels.iter().any(|l| l == decade), "{decade} in {labels:?}");
+    }
+    assert!(
+        labels.iter().any(|l| l == "student"),
+        "the legend: {labels:?}"
+    );
+}

@@ -94,7 +94,7 @@ fn float_type(dims: &[Result<i64, &str>]) -> Option<pb::TypeProto> {
 }
 
 /// The ONNX model of `model` (eval mode; BatchNorms folded on a copy), as bytes.
-pub fn onnx_bytes<M: Backbone + Clone>(
+pub(crate) fn onnx_bytes<M: Backbone + Clone>(
     model: &M,
     source: &ExportSource,
     opset: i64,
