@@ -10,9 +10,10 @@
 //! Two engines run a graph ([`OnnxRuntime`]):
 //! - **native** ([`native`]): the common face-model ops (Conv, BatchNormalization, PRelu, Add,
 //!   Gemm, ...) mapped onto Burn on the flex CPU device through qud's CPU kernels, batches of
-//!   [`NATIVE_BATCH`] whatever batch the export fixed, every op image-wise. With `auto` (the
-//!   default) it runs a graph when it maps every node and agrees with tract on a probe batch at
-//!   load; the log says which engine runs and why.
+//!   [`NATIVE_BATCH`] whatever batch the export fixed, every op image-wise, including the
+//!   dynamic quantisation of `quantize_dynamic` graphs, which it computes per image. With `auto`
+//!   (the default) it runs a graph when it maps every node and agrees with tract on a probe
+//!   batch at load; the log says which engine runs and why.
 //! - **tract**: any graph. Many exports fix the batch dimension at 1 (a `Reshape` to `[1, -1]`
 //!   before the embedding layer). Loading probes the graph with a batch of [`PROBE_BATCH`]; when
 //!   the output does not come back as `[batch, D]`, the model runs one image at a time instead.
@@ -117,6 +118,7 @@ impl OnnxFaceModel {
             OnnxRuntime::Native => {
                 let graph = native::NativeGraph::load(&bytes, &qud_backend_flex::device())
                     .map_err(|e| contract(format!("the native runtime cannot run it: {e}")))?;
+                log_quantization(path, &graph);
                 let mut model = Self::with_engine(path, input, Engine::Native(Box::new(graph)), 0);
                 let faces = probe_faces(2);
                 let rows = model.embed_normalized(&faces, 2)?;
@@ -133,6 +135,7 @@ impl OnnxFaceModel {
                         return Ok(tract);
                     }
                 };
+                log_quantization(path, &graph);
                 let native =
                     Self::with_engine(path, input, Engine::Native(Box::new(graph)), tract.dim);
                 let faces = probe_faces(3);
@@ -359,9 +362,9 @@ impl OnnxFaceModel {
                 InputLayout::Nhwc => [count, s, s, 3],
             };
             let x = Tensor::<4>::from_data(TensorData::new(input, shape), &device);
-            let rows = graph.run(x).map_err(|reason| OnnxError::Run {
+            let rows = graph.run(x).map_err(|e| OnnxError::Run {
                 path: self.path.clone(),
-                reason,
+                reason: e.to_string(),
             })?;
             let [rows_n, dim] = rows.dims();
             if rows_n != count || (self.dim != 0 && dim != self.dim) {
@@ -482,6 +485,19 @@ fn probe_faces(count: usize) -> Vec<f32> {
 
 /// Whether two engines' embeddings of the same faces agree: within 1e-3 of the larger one's scale,
 /// element by element (summation order and folded BatchNorms move the last bits only).
+/// Says, at info level, that a dynamically quantised graph quantises each image on its own.
+fn log_quantization(path: &Path, graph: &native::NativeGraph) {
+    let layers = graph.quantized_layers();
+    if layers > 0 {
+        tracing::info!(
+            "{}: {layers} dynamically quantised layers, each image quantised on its own (as \
+             onnxruntime does one image at a time): a face's embedding does not depend on its \
+             batch",
+            path.display()
+        );
+    }
+}
+
 fn agree(got: &[f32], want: &[f32]) -> Result<(), String> {
     if got.len() != want.len() {
         return Err(format!("{} values against {}", got.len(), want.len()));

@@ -11,7 +11,13 @@
 //! way that would mix images, is [`NativeError::Unsupported`] and runs on tract instead.
 //!
 //! At load, a BatchNormalization (or a per-channel constant Mul / Add) that follows a Conv or a
-//! Gemm whose output nothing else reads is folded into that layer's weights.
+//! Gemm whose output nothing else reads is folded into that layer's weights, and a Reshape of a
+//! constant is computed.
+//!
+//! Graphs quantised by onnxruntime's `quantize_dynamic` are mapped too: each
+//! `DynamicQuantizeLinear -> ConvInteger / MatMulInteger -> Cast -> Mul(scales)` chain becomes one
+//! step (see [`fuse_dynamic_quantization`]) that quantises *every image on its own*, as
+//! onnxruntime does for a batch of one, and runs the integer product on the float kernels.
 
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -32,6 +38,8 @@ pub enum NativeError {
     },
     #[error("malformed ONNX graph: {0}")]
     Malformed(String),
+    #[error("the graph does not fit this input: {0}")]
+    Shapes(String),
 }
 
 fn unsupported(node: &pb::NodeProto, why: impl Into<String>) -> NativeError {
@@ -45,8 +53,16 @@ fn unsupported(node: &pb::NodeProto, why: impl Into<String>) -> NativeError {
 /// A constant of the graph: an initializer or a `Constant` node's value.
 #[derive(Clone, Debug)]
 enum Constant {
-    F32 { dims: Vec<usize>, values: Vec<f32> },
+    F32 {
+        dims: Vec<usize>,
+        values: Vec<f32>,
+    },
     I64(Vec<i64>),
+    /// uint8 or int8: the quantised weights and zero points of `quantize_dynamic`.
+    Int8 {
+        dims: Vec<usize>,
+        values: Vec<i32>,
+    },
 }
 
 impl Constant {
@@ -104,6 +120,17 @@ impl Constant {
                 check(values.len())?;
                 Ok(Self::I64(values))
             }
+            // UINT8, INT8
+            2 | 3 => {
+                let values: Vec<i32> = match (t.data_type, raw.is_empty()) {
+                    (2, false) => raw.iter().map(|&b| i32::from(b)).collect(),
+                    (_, false) => raw.iter().map(|&b| i32::from(b as i8)).collect(),
+                    // int32_data holds each 8-bit value widened.
+                    (_, true) => t.int32_data.clone(),
+                };
+                check(values.len())?;
+                Ok(Self::Int8 { dims, values })
+            }
             other => Err(format!(
                 "tensor `{}` has ONNX data type {other}, not float32 or an integer",
                 t.name
@@ -159,6 +186,14 @@ enum HostOp {
         m: usize,
         bias: Option<Vec<f32>>,
     },
+    /// A fused dynamic-quantisation chain: `inner` (a bias-free Conv or Linear whose weights are
+    /// the centred integers `w_q - w_zero_point`) applied to each image quantised on its own,
+    /// times `image scale x scale` per output channel, plus `shift`.
+    DynamicQuant {
+        inner: Box<HostOp>,
+        scale: Vec<f32>,
+        shift: Option<Vec<f32>>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -194,6 +229,11 @@ enum Op {
         weight: Tensor<2>,
         bias: Option<Tensor<1>>,
     },
+    DynamicQuant {
+        inner: Box<Op>,
+        scale: Vec<f32>,
+        shift: Option<Tensor<1>>,
+    },
 }
 
 struct Step {
@@ -211,12 +251,14 @@ pub struct NativeGraph {
     input: usize,
     output: usize,
     device: Device,
+    quantized_layers: usize,
 }
 
 impl std::fmt::Debug for NativeGraph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("NativeGraph")
             .field("steps", &self.steps.len())
+            .field("quantized_layers", &self.quantized_layers)
             .finish()
     }
 }
@@ -271,10 +313,12 @@ impl NativeGraph {
                 graph.output.len()
             )));
         };
+        let (nodes, quantized_layers) =
+            fuse_dynamic_quantization(&graph.node, &mut constants, &output.name);
         // Rank of every dynamic value, known statically: the input is an image batch.
         let mut ranks: HashMap<String, usize> = HashMap::from([(input.name.clone(), 4)]);
         let mut steps = Vec::new();
-        for node in &graph.node {
+        for node in &nodes {
             if !(node.domain.is_empty() || node.domain == "ai.onnx") {
                 return Err(unsupported(node, format!("domain `{}`", node.domain)));
             }
@@ -291,6 +335,10 @@ impl NativeGraph {
                 }
                 continue;
             }
+            if let Some(c) = constant_reshape(node, &constants) {
+                constants.insert(node.output[0].clone(), c);
+                continue;
+            }
             let step = map_node(node, opset, &constants, &ranks)?;
             let rank = output_rank(&step.op, ranks[&step.inputs[0]]);
             ranks.insert(step.output.clone(), rank);
@@ -303,7 +351,14 @@ impl NativeGraph {
             )));
         }
         let steps = fold_affine(steps, &output.name);
-        Ok(Self::upload(steps, &input.name, &output.name, device))
+        let mut graph = Self::upload(steps, &input.name, &output.name, device);
+        graph.quantized_layers = quantized_layers;
+        Ok(graph)
+    }
+
+    /// How many Conv / MatMul layers run dynamically quantised, each image quantised on its own.
+    pub fn quantized_layers(&self) -> usize {
+        self.quantized_layers
     }
 
     fn upload(steps: Vec<HostStep>, input: &str, output: &str, device: &Device) -> Self {
@@ -319,59 +374,11 @@ impl NativeGraph {
             }
         }
         let output_slot = slot_of[output];
-        let vector = |v: Vec<f32>| {
-            let n = v.len();
-            Tensor::<1>::from_data(TensorData::new(v, [n]), device)
-        };
         let steps = steps
             .into_iter()
             .enumerate()
             .map(|(i, step)| {
-                let op = match step.op {
-                    HostOp::Conv {
-                        weight,
-                        dims,
-                        bias,
-                        stride,
-                        pads,
-                        dilation,
-                        groups,
-                    } => {
-                        let [out, per_group, kh, kw] = dims;
-                        let [top, left, bottom, right] = pads;
-                        let mut conv = Conv2dConfig::new([per_group * groups, out], [kh, kw])
-                            .with_stride(stride)
-                            .with_dilation(dilation)
-                            .with_groups(groups)
-                            .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
-                            .with_bias(bias.is_some())
-                            .init(device);
-                        conv.weight = Param::from_tensor(Tensor::from_data(
-                            TensorData::new(weight, dims),
-                            device,
-                        ));
-                        conv.bias = bias.map(|b| Param::from_tensor(vector(b)));
-                        Op::Conv(conv)
-                    }
-                    HostOp::Affine { scale, shift } => Op::Affine {
-                        scale: scale.map(vector),
-                        shift: shift.map(vector),
-                    },
-                    HostOp::PRelu(slope) => Op::PRelu(vector(slope)),
-                    HostOp::Binary(kind) => Op::Binary(kind),
-                    HostOp::Relu => Op::Relu,
-                    HostOp::Sigmoid => Op::Sigmoid,
-                    HostOp::ToRows(width) => Op::ToRows(width),
-                    HostOp::ToMaps(dims) => Op::ToMaps(dims),
-                    HostOp::Transpose(perm) => Op::Transpose(perm),
-                    HostOp::Flip(axis) => Op::Flip(axis),
-                    HostOp::GlobalAveragePool => Op::GlobalAveragePool,
-                    HostOp::Identity => Op::Identity,
-                    HostOp::Linear { weight, k, m, bias } => Op::Linear {
-                        weight: Tensor::from_data(TensorData::new(weight, [k, m]), device),
-                        bias: bias.map(vector),
-                    },
-                };
+                let op = upload_op(step.op, device);
                 let inputs: Vec<usize> = step.inputs.iter().map(|n| slot_of[n]).collect();
                 let mut frees: Vec<usize> = inputs
                     .iter()
@@ -393,12 +400,17 @@ impl NativeGraph {
             input: 0,
             output: output_slot,
             device: device.clone(),
+            quantized_layers: 0,
         }
     }
 
     /// The embeddings (`[N, D]`) of `input`, a batch in the model's own input layout and
     /// normalisation. An error names the step whose shapes did not fit.
-    pub fn run(&self, input: Tensor<4>) -> Result<Tensor<2>, String> {
+    pub fn run(&self, input: Tensor<4>) -> Result<Tensor<2>, NativeError> {
+        self.run_steps(input).map_err(NativeError::Shapes)
+    }
+
+    fn run_steps(&self, input: Tensor<4>) -> Result<Tensor<2>, String> {
         let mut slots: Vec<Option<Value>> = (0..self.slots).map(|_| None).collect();
         slots[self.input] = Some(Value::Maps(input.to_device(&self.device)));
         for (i, step) in self.steps.iter().enumerate() {
@@ -408,111 +420,8 @@ impl NativeGraph {
                     .ok_or_else(|| format!("step {i}: an input was freed early"))
             };
             let x = value(step.inputs[0])?;
-            let out = match (&step.op, x) {
-                (Op::Conv(conv), Value::Maps(x)) => {
-                    Value::Maps(qud_cpu_kernels::conv2d(conv, x.clone()))
-                }
-                (Op::Affine { scale, shift }, x) => {
-                    let mut x = clone(x);
-                    if let Some(s) = scale {
-                        x = per_channel(x, s, |a, b| a.clone() * b, |a, b| a.clone() * b);
-                    }
-                    if let Some(t) = shift {
-                        x = per_channel(x, t, |a, b| a.clone() + b, |a, b| a.clone() + b);
-                    }
-                    x
-                }
-                (Op::PRelu(slope), Value::Maps(x)) => {
-                    Value::Maps(qud_cpu_kernels::prelu(x.clone(), slope.clone()))
-                }
-                (Op::PRelu(slope), Value::Rows(x)) => {
-                    Value::Rows(qud_cpu_kernels::prelu(x.clone(), slope.clone()))
-                }
-                (Op::Binary(kind), x) => {
-                    let y = value(step.inputs[1])?;
-                    binary(*kind, x, y)
-                        .ok_or_else(|| format!("step {i}: {kind:?} of values of different ranks"))?
-                }
-                (Op::Relu, Value::Maps(x)) => {
-                    Value::Maps(burn::tensor::activation::relu(x.clone()))
-                }
-                (Op::Relu, Value::Rows(x)) => {
-                    Value::Rows(burn::tensor::activation::relu(x.clone()))
-                }
-                (Op::Sigmoid, Value::Maps(x)) => {
-                    Value::Maps(burn::tensor::activation::sigmoid(x.clone()))
-                }
-                (Op::Sigmoid, Value::Rows(x)) => {
-                    Value::Rows(burn::tensor::activation::sigmoid(x.clone()))
-                }
-                (Op::ToRows(width), x) => {
-                    let rows = match x {
-                        Value::Maps(m) => {
-                            let [n, c, h, w] = m.dims();
-                            m.clone().reshape([n, c * h * w])
-                        }
-                        Value::Rows(r) => r.clone(),
-                    };
-                    let [_, d] = rows.dims();
-                    if width.is_some_and(|w| w != d) {
-                        return Err(format!(
-                            "step {i}: the graph reshapes to {width:?} values per image, the \
-                             image has {d}"
-                        ));
-                    }
-                    Value::Rows(rows)
-                }
-                (Op::ToMaps([c, h, w]), x) => {
-                    let (n, d) = match x {
-                        Value::Maps(m) => {
-                            let [n, a, b, e] = m.dims();
-                            (n, a * b * e)
-                        }
-                        Value::Rows(r) => {
-                            let [n, d] = r.dims();
-                            (n, d)
-                        }
-                    };
-                    if c * h * w != d {
-                        return Err(format!(
-                            "step {i}: cannot reshape {d} values per image to [{c}, {h}, {w}]"
-                        ));
-                    }
-                    let flat = match x {
-                        Value::Maps(m) => m.clone().reshape([n, d]),
-                        Value::Rows(r) => r.clone(),
-                    };
-                    Value::Maps(flat.reshape([n, *c, *h, *w]))
-                }
-                (Op::Transpose(perm), Value::Maps(x)) => Value::Maps(x.clone().permute(*perm)),
-                (Op::Flip(axis), Value::Maps(x)) => Value::Maps(x.clone().flip([*axis])),
-                (Op::Flip(axis), Value::Rows(x)) if *axis == 1 => Value::Rows(x.clone().flip([1])),
-                (Op::GlobalAveragePool, Value::Maps(x)) => {
-                    Value::Maps(x.clone().mean_dim(3).mean_dim(2))
-                }
-                (Op::Identity, x) => clone(x),
-                (Op::Linear { weight, bias }, x) => {
-                    let rows = match x {
-                        Value::Rows(r) => r.clone(),
-                        Value::Maps(_) => {
-                            return Err(format!("step {i}: a matrix product of feature maps"))
-                        }
-                    };
-                    let [_, d] = rows.dims();
-                    let [k, m] = weight.dims();
-                    if d != k {
-                        return Err(format!(
-                            "step {i}: a matrix product of {d} values with a [{k}, {m}] weight"
-                        ));
-                    }
-                    let y = rows.matmul(weight.clone());
-                    Value::Rows(match bias {
-                        Some(b) => y + b.clone().reshape([1, m]),
-                        None => y,
-                    })
-                }
-                _ => return Err(format!("step {i}: the op does not apply to this value")),
-            };
+            let second = step.inputs.get(1).map(|&s| value(s)).transpose()?;
+            let out = self.apply(i, &step.op, x, second)?;
             for &s in &step.frees {
                 slots[s] = None;
             }
@@ -532,6 +441,188 @@ impl NativeGraph {
             None => Err("the output was never computed".into()),
         }
     }
+
+    /// Step `i`'s op on its input `x` (and, for a binary op, `second`).
+    fn apply(&self, i: usize, op: &Op, x: &Value, second: Option<&Value>) -> Result<Value, String> {
+        Ok(match (op, x) {
+            (Op::Conv(conv), Value::Maps(x)) => {
+                Value::Maps(qud_cpu_kernels::conv2d(conv, x.clone()))
+            }
+            (Op::Affine { scale, shift }, x) => {
+                let mut x = clone(x);
+                if let Some(s) = scale {
+                    x = per_channel(x, s, |a, b| a.clone() * b, |a, b| a.clone() * b);
+                }
+                if let Some(t) = shift {
+                    x = per_channel(x, t, |a, b| a.clone() + b, |a, b| a.clone() + b);
+                }
+                x
+            }
+            (Op::PRelu(slope), Value::Maps(x)) => {
+                Value::Maps(qud_cpu_kernels::prelu(x.clone(), slope.clone()))
+            }
+            (Op::PRelu(slope), Value::Rows(x)) => {
+                Value::Rows(qud_cpu_kernels::prelu(x.clone(), slope.clone()))
+            }
+            (Op::Binary(kind), x) => {
+                let y = second.ok_or_else(|| format!("step {i}: {kind:?} of one value"))?;
+                binary(*kind, x, y)
+                    .ok_or_else(|| format!("step {i}: {kind:?} of values of different ranks"))?
+            }
+            (Op::Relu, Value::Maps(x)) => Value::Maps(burn::tensor::activation::relu(x.clone())),
+            (Op::Relu, Value::Rows(x)) => Value::Rows(burn::tensor::activation::relu(x.clone())),
+            (Op::Sigmoid, Value::Maps(x)) => {
+                Value::Maps(burn::tensor::activation::sigmoid(x.clone()))
+            }
+            (Op::Sigmoid, Value::Rows(x)) => {
+                Value::Rows(burn::tensor::activation::sigmoid(x.clone()))
+            }
+            (Op::ToRows(width), x) => {
+                let rows = match x {
+                    Value::Maps(m) => {
+                        let [n, c, h, w] = m.dims();
+                        m.clone().reshape([n, c * h * w])
+                    }
+                    Value::Rows(r) => r.clone(),
+                };
+                let [_, d] = rows.dims();
+                if width.is_some_and(|w| w != d) {
+                    return Err(format!(
+                        "step {i}: the graph reshapes to {width:?} values per image, the \
+                         image has {d}"
+                    ));
+                }
+                Value::Rows(rows)
+            }
+            (Op::ToMaps([c, h, w]), x) => {
+                let (n, d) = match x {
+                    Value::Maps(m) => {
+                        let [n, a, b, e] = m.dims();
+                        (n, a * b * e)
+                    }
+                    Value::Rows(r) => {
+                        let [n, d] = r.dims();
+                        (n, d)
+                    }
+                };
+                if c * h * w != d {
+                    return Err(format!(
+                        "step {i}: cannot reshape {d} values per image to [{c}, {h}, {w}]"
+                    ));
+                }
+                let flat = match x {
+                    Value::Maps(m) => m.clone().reshape([n, d]),
+                    Value::Rows(r) => r.clone(),
+                };
+                Value::Maps(flat.reshape([n, *c, *h, *w]))
+            }
+            (Op::Transpose(perm), Value::Maps(x)) => Value::Maps(x.clone().permute(*perm)),
+            (Op::Flip(axis), Value::Maps(x)) => Value::Maps(x.clone().flip([*axis])),
+            (Op::Flip(axis), Value::Rows(x)) if *axis == 1 => Value::Rows(x.clone().flip([1])),
+            (Op::GlobalAveragePool, Value::Maps(x)) => {
+                Value::Maps(x.clone().mean_dim(3).mean_dim(2))
+            }
+            (Op::Identity, x) => clone(x),
+            (Op::Linear { weight, bias }, x) => {
+                let rows = match x {
+                    Value::Rows(r) => r.clone(),
+                    Value::Maps(_) => {
+                        return Err(format!("step {i}: a matrix product of feature maps"))
+                    }
+                };
+                let [_, d] = rows.dims();
+                let [k, m] = weight.dims();
+                if d != k {
+                    return Err(format!(
+                        "step {i}: a matrix product of {d} values with a [{k}, {m}] weight"
+                    ));
+                }
+                let y = rows.matmul(weight.clone());
+                Value::Rows(match bias {
+                    Some(b) => y + b.clone().reshape([1, m]),
+                    None => y,
+                })
+            }
+            (
+                Op::DynamicQuant {
+                    inner,
+                    scale,
+                    shift,
+                },
+                x,
+            ) => {
+                let (centred, image_scales) = quantize_per_image(x);
+                let y = self.apply(i, inner, &centred, None)?;
+                let mut y = rescale(y, &image_scales, scale, &self.device);
+                if let Some(t) = shift {
+                    y = per_channel(y, t, |a, b| a.clone() + b, |a, b| a.clone() + b);
+                }
+                y
+            }
+            _ => return Err(format!("step {i}: the op does not apply to this value")),
+        })
+    }
+}
+
+/// A host op's parameters on `device`.
+fn upload_op(op: HostOp, device: &Device) -> Op {
+    match op {
+        HostOp::Conv {
+            weight,
+            dims,
+            bias,
+            stride,
+            pads,
+            dilation,
+            groups,
+        } => {
+            let [out, per_group, kh, kw] = dims;
+            let [top, left, bottom, right] = pads;
+            let mut conv = Conv2dConfig::new([per_group * groups, out], [kh, kw])
+                .with_stride(stride)
+                .with_dilation(dilation)
+                .with_groups(groups)
+                .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
+                .with_bias(bias.is_some())
+                .init(device);
+            conv.weight =
+                Param::from_tensor(Tensor::from_data(TensorData::new(weight, dims), device));
+            conv.bias = bias.map(|b| Param::from_tensor(vector(b, device)));
+            Op::Conv(conv)
+        }
+        HostOp::Affine { scale, shift } => Op::Affine {
+            scale: scale.map(|v| vector(v, device)),
+            shift: shift.map(|v| vector(v, device)),
+        },
+        HostOp::PRelu(slope) => Op::PRelu(vector(slope, device)),
+        HostOp::Binary(kind) => Op::Binary(kind),
+        HostOp::Relu => Op::Relu,
+        HostOp::Sigmoid => Op::Sigmoid,
+        HostOp::ToRows(width) => Op::ToRows(width),
+        HostOp::ToMaps(dims) => Op::ToMaps(dims),
+        HostOp::Transpose(perm) => Op::Transpose(perm),
+        HostOp::Flip(axis) => Op::Flip(axis),
+        HostOp::GlobalAveragePool => Op::GlobalAveragePool,
+        HostOp::Identity => Op::Identity,
+        HostOp::Linear { weight, k, m, bias } => Op::Linear {
+            weight: Tensor::from_data(TensorData::new(weight, [k, m]), device),
+            bias: bias.map(|v| vector(v, device)),
+        },
+        HostOp::DynamicQuant {
+            inner,
+            scale,
+            shift,
+        } => Op::DynamicQuant {
+            inner: Box::new(upload_op(*inner, device)),
+            scale,
+            shift: shift.map(|t| vector(t, device)),
+        },
+    }
+}
+
+fn vector(v: Vec<f32>, device: &Device) -> Tensor<1> {
+    let n = v.len();
+    Tensor::<1>::from_data(TensorData::new(v, [n]), device)
 }
 
 fn clone(x: &Value) -> Value {
@@ -573,6 +664,7 @@ fn binary(kind: Binary, x: &Value, y: &Value) -> Option<Value> {
 
 fn output_rank(op: &HostOp, input_rank: usize) -> usize {
     match op {
+        HostOp::DynamicQuant { inner, .. } => output_rank(inner, input_rank),
         HostOp::ToRows(_) | HostOp::Linear { .. } => 2,
         HostOp::ToMaps(_) | HostOp::Conv { .. } | HostOp::GlobalAveragePool => 4,
         _ => input_rank,
@@ -910,7 +1002,273 @@ fn map_node(
                 (None, None) => Err(unsupported(node, "no operand is computed from the image")),
             }
         }
+        FUSED_QUANT_CONV | FUSED_QUANT_MATMUL => {
+            // The float op on the centred integer weights (input 1), then the weight scales.
+            let mut float = node.clone();
+            float.op_type = if op == FUSED_QUANT_CONV {
+                "Conv"
+            } else {
+                "MatMul"
+            }
+            .into();
+            float.input.truncate(2);
+            let inner = map_node(&float, opset, constants, ranks)?.op;
+            let channels = match &inner {
+                HostOp::Conv { dims, .. } => dims[0],
+                HostOp::Linear { m, .. } => *m,
+                _ => unreachable!("Conv and MatMul map to these"),
+            };
+            let (_, scale) = floats(2, "the weight scale")?;
+            if scale.len() != 1 && scale.len() != channels {
+                return Err(unsupported(
+                    node,
+                    format!("{} weight scales for {channels} channels", scale.len()),
+                ));
+            }
+            Ok(step(
+                HostOp::DynamicQuant {
+                    inner: Box::new(inner),
+                    scale,
+                    shift: None,
+                },
+                vec![x()?],
+            ))
+        }
         _ => Err(unsupported(node, "op not mapped")),
+    }
+}
+
+/// The op types of the steps [`fuse_dynamic_quantization`] writes.
+const FUSED_QUANT_CONV: &str = "DynamicQuantizeLinear+ConvInteger";
+const FUSED_QUANT_MATMUL: &str = "DynamicQuantizeLinear+MatMulInteger";
+
+/// The graph's nodes with every chain `quantize_dynamic` writes for a Conv or a MatMul,
+///
+/// ```text
+/// x_q, x_scale, x_zp = DynamicQuantizeLinear(x)
+/// scales = Mul(x_scale, w_scale)               (w_scale: one, or one per output channel)
+/// y = Mul(Cast(ConvInteger(x_q, w_q, x_zp, w_zp)), scales)     (or MatMulInteger)
+/// ```
+///
+/// replaced by one node `FUSED_QUANT_*(x, w_q - w_zp, w_scale) -> y` with the ConvInteger's
+/// attributes (the centred weights are added to `constants` as floats), and the nodes nothing
+/// reads any more dropped; and the number of chains fused. A chain that differs in any way is
+/// left as it is (and then maps to nothing: the graph runs on tract).
+fn fuse_dynamic_quantization(
+    nodes: &[pb::NodeProto],
+    constants: &mut HashMap<String, Constant>,
+    graph_output: &str,
+) -> (Vec<pb::NodeProto>, usize) {
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    let mut readers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for out in &node.output {
+            producer.insert(out, i);
+        }
+        for input in node.input.iter().filter(|n| !n.is_empty()) {
+            readers.entry(input).or_default().push(i);
+        }
+    }
+    let only_reader = |name: &str, op: &str| match readers.get(name).map(Vec::as_slice) {
+        Some(&[r]) if nodes[r].op_type == op && name != graph_output => Some(r),
+        _ => None,
+    };
+    let mut out: Vec<Option<pb::NodeProto>> = nodes.iter().cloned().map(Some).collect();
+    let mut fused = 0;
+    for (i, node) in nodes.iter().enumerate() {
+        let kind = match node.op_type.as_str() {
+            "ConvInteger" => FUSED_QUANT_CONV,
+            "MatMulInteger" => FUSED_QUANT_MATMUL,
+            _ => continue,
+        };
+        let chain = || -> Option<(String, Constant, String, usize, usize, String)> {
+            let [x_q, w_q, x_zp, w_zp] = node.input.as_slice() else {
+                return None;
+            };
+            let dql = &nodes[*producer.get(x_q.as_str())?];
+            if dql.op_type != "DynamicQuantizeLinear"
+                || dql.output.len() != 3
+                || &dql.output[0] != x_q
+                || &dql.output[2] != x_zp
+            {
+                return None;
+            }
+            let cast = only_reader(&node.output[0], "Cast")?;
+            // Cast to FLOAT.
+            if int_attr(&nodes[cast], "to", 0) != 1 {
+                return None;
+            }
+            let mul = only_reader(&nodes[cast].output[0], "Mul")?;
+            let scales = nodes[mul]
+                .input
+                .iter()
+                .find(|n| **n != nodes[cast].output[0])?;
+            let scale_mul = &nodes[*producer.get(scales.as_str())?];
+            let w_scale = match scale_mul.input.as_slice() {
+                [a, b] if *a == dql.output[1] => b,
+                [a, b] if *b == dql.output[1] => a,
+                _ => return None,
+            };
+            if scale_mul.op_type != "Mul"
+                || !matches!(constants.get(w_scale), Some(Constant::F32 { .. }))
+            {
+                return None;
+            }
+            let centred = centred_weights(
+                constants.get(w_q)?,
+                constants.get(w_zp)?,
+                kind == FUSED_QUANT_CONV,
+            )?;
+            Some((
+                dql.input[0].clone(),
+                centred,
+                w_scale.clone(),
+                cast,
+                mul,
+                format!("{w_q}:centred"),
+            ))
+        };
+        let Some((x, centred, w_scale, cast, mul, centred_name)) = chain() else {
+            continue;
+        };
+        constants.insert(centred_name.clone(), centred);
+        out[i] = Some(pb::NodeProto {
+            op_type: kind.into(),
+            input: vec![x, centred_name, w_scale],
+            output: vec![nodes[mul].output[0].clone()],
+            ..node.clone()
+        });
+        out[cast] = None;
+        out[mul] = None;
+        fused += 1;
+    }
+    // Drop what nothing reads now (the DynamicQuantizeLinear and scale Mul of each chain).
+    let mut needed: std::collections::HashSet<String> = [graph_output.to_string()].into();
+    let mut kept: Vec<pb::NodeProto> = Vec::new();
+    for node in out.into_iter().rev().flatten() {
+        if node.output.iter().any(|o| needed.contains(o)) {
+            needed.extend(node.input.iter().cloned());
+            kept.push(node);
+        }
+    }
+    kept.reverse();
+    (kept, fused)
+}
+
+/// `w_q - w_zp` as floats (exact: 8-bit integers), with the zero point one for all or one per
+/// output channel (dimension 0 of a Conv weight, 1 of a MatMul's `[k, m]`).
+fn centred_weights(w_q: &Constant, w_zp: &Constant, conv: bool) -> Option<Constant> {
+    let (Constant::Int8 { dims, values }, Constant::Int8 { values: zp, .. }) = (w_q, w_zp) else {
+        return None;
+    };
+    let channels = if conv { *dims.first()? } else { *dims.get(1)? };
+    if zp.len() != 1 && zp.len() != channels {
+        return None;
+    }
+    let per_channel = values.len() / channels.max(1);
+    let values = values
+        .iter()
+        .enumerate()
+        .map(|(j, &w)| {
+            let c = if conv { j / per_channel } else { j % channels };
+            (w - zp[if zp.len() == 1 { 0 } else { c }]) as f32
+        })
+        .collect();
+    Some(Constant::F32 {
+        dims: dims.clone(),
+        values,
+    })
+}
+
+/// A Reshape of a float constant (`quantize_dynamic` reshapes each Conv's bias to `[1, C, 1, 1]`),
+/// computed at load.
+fn constant_reshape(
+    node: &pb::NodeProto,
+    constants: &HashMap<String, Constant>,
+) -> Option<Constant> {
+    if node.op_type != "Reshape" {
+        return None;
+    }
+    let Some(Constant::F32 { dims, values }) = constants.get(node.input.first()?) else {
+        return None;
+    };
+    let Some(Constant::I64(shape)) = constants.get(node.input.get(1)?) else {
+        return None;
+    };
+    let allow_zero = int_attr(node, "allowzero", 0) != 0;
+    let mut new: Vec<usize> = Vec::with_capacity(shape.len());
+    let mut infer = None;
+    for (j, &d) in shape.iter().enumerate() {
+        match d {
+            -1 if infer.is_none() => {
+                infer = Some(j);
+                new.push(1);
+            }
+            0 if !allow_zero => new.push(*dims.get(j)?),
+            d => new.push(usize::try_from(d).ok()?),
+        }
+    }
+    let known: usize = new.iter().product();
+    if let Some(j) = infer {
+        if known == 0 || values.len() % known != 0 {
+            return None;
+        }
+        new[j] = values.len() / known;
+    }
+    (new.iter().product::<usize>() == values.len()).then(|| Constant::F32 {
+        dims: new,
+        values: values.clone(),
+    })
+}
+
+/// Each image of `x` quantised on its own as ONNX's DynamicQuantizeLinear does (uint8: the range
+/// widened to hold 0, `scale = (max - min) / 255`, `zp = round(-min / scale)`,
+/// `q = saturate(round(x / scale) + zp)`, rounding half to even), returned centred (`q - zp`,
+/// integers as floats) with each image's scale. onnxruntime runs a batch of one image this way.
+fn quantize_per_image(x: &Value) -> (Value, Vec<f32>) {
+    let (data, shape, device) = match x {
+        Value::Rows(r) => (r.clone().into_data(), r.dims().to_vec(), r.device()),
+        Value::Maps(m) => (m.clone().into_data(), m.dims().to_vec(), m.device()),
+    };
+    let mut values: Vec<f32> = data.try_into_vec().expect("the runner's values are f32");
+    let per_image = shape[1..].iter().product::<usize>().max(1);
+    let mut scales = Vec::with_capacity(shape[0]);
+    for image in values.chunks_mut(per_image) {
+        let (lo, hi) = image
+            .iter()
+            .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+        // onnxruntime's GetQuantizationParameter: a scale of 1 for an all-zero image.
+        let scale = if hi == lo { 1.0 } else { (hi - lo) / 255.0 };
+        let zero_point = (-lo / scale).clamp(0.0, 255.0).round_ties_even();
+        for v in image.iter_mut() {
+            *v = ((*v / scale).round_ties_even() + zero_point).clamp(0.0, 255.0) - zero_point;
+        }
+        scales.push(scale);
+    }
+    let centred = TensorData::new(values, shape.clone());
+    let value = match shape.len() {
+        2 => Value::Rows(Tensor::from_data(centred, &device)),
+        _ => Value::Maps(Tensor::from_data(centred, &device)),
+    };
+    (value, scales)
+}
+
+/// `y` (integer products) times `image_scales[n] x scale[c]`, the factor multiplied first in
+/// f32 as onnxruntime's scale Mul does.
+fn rescale(y: Value, image_scales: &[f32], scale: &[f32], device: &Device) -> Value {
+    let n = image_scales.len();
+    let channels = match &y {
+        Value::Rows(r) => r.dims()[1],
+        Value::Maps(m) => m.dims()[1],
+    };
+    let factors: Vec<f32> = image_scales
+        .iter()
+        .flat_map(|s| (0..channels).map(move |c| s * scale[if scale.len() == 1 { 0 } else { c }]))
+        .collect();
+    let factors = Tensor::<2>::from_data(TensorData::new(factors, [n, channels]), device);
+    match y {
+        Value::Rows(r) => Value::Rows(r * factors),
+        Value::Maps(m) => Value::Maps(m * factors.reshape([n, channels, 1, 1])),
     }
 }
 
@@ -961,6 +1319,14 @@ fn fold_affine(steps: Vec<HostStep>, graph_output: &str) -> Vec<HostStep> {
 }
 
 fn fold_into(op: &mut HostOp, scale: Option<&[f32]>, shift: Option<&[f32]>) -> bool {
+    // A shift after a quantised layer's rescale (its bias) joins that step.
+    if let (HostOp::DynamicQuant { shift: own, .. }, None, Some(t)) = (&mut *op, scale, shift) {
+        if own.is_none() {
+            *own = Some(t.to_vec());
+            return true;
+        }
+        return false;
+    }
     let channels = match op {
         HostOp::Conv { dims, .. } => dims[0],
         HostOp::Linear { m, .. } => *m,
