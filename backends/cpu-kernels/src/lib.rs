@@ -20,6 +20,7 @@ mod extension;
 mod flat;
 mod pointwise;
 mod prelu;
+mod quantize;
 pub mod simd;
 
 pub use dense::{
@@ -33,6 +34,7 @@ pub use prelu::{
     prelu_alpha_grad_host, prelu_backward_in_place_host, prelu_host, prelu_in_place_host,
     prelu_input_grad_host, prelu_input_grad_in_place_host,
 };
+pub use quantize::quantize_u8_per_image_in_place;
 
 use burn::backend::Dispatch;
 use burn::nn::conv::Conv2d;

@@ -1000,6 +1000,10 @@ fn every_simd_level_gives_the_same_bits() {
         }
         out.extend(batch_norm_add_gradients([2, 5, 9, 7], 13, true));
         out.extend(prelu_gradients([2, 5, 9, 7], 17, true));
+        let mut quantized = values(19, 3 * 1001);
+        let scales = quantize_u8_per_image_in_place(&mut quantized, 1001);
+        out.push(quantized);
+        out.push(scales);
         out
     };
     let levels: Vec<SimdLevel> = [SimdLevel::Portable, SimdLevel::Avx2, SimdLevel::Avx512]
@@ -1063,4 +1067,47 @@ fn the_kernels_can_be_switched_off() {
         "the child run with QUD_CPU_KERNELS=off failed:\n{text}{}",
         String::from_utf8_lossy(&child.stderr)
     );
+}
+
+/// The reference for [`quantize_u8_per_image_in_place`]: ONNX's DynamicQuantizeLinear as
+/// onnxruntime computes it (its `GetQuantizationParameter`, then `round(x / scale) + zp`
+/// saturated, half to even), one image at a time, centred.
+fn quantize_reference(image: &[f32]) -> (Vec<f32>, f32) {
+    let lo = image.iter().copied().fold(0f32, f32::min);
+    let hi = image.iter().copied().fold(0f32, f32::max);
+    let scale = if hi == lo { 1.0 } else { (hi - lo) / 255.0 };
+    let zp = (-lo / scale).clamp(0.0, 255.0).round_ties_even();
+    let q = image
+        .iter()
+        .map(|v| ((v / scale).round_ties_even() + zp).clamp(0.0, 255.0) - zp)
+        .collect();
+    (q, scale)
+}
+
+/// Per-image quantisation matches the operator value for value (at this CPU's level;
+/// `every_simd_level_gives_the_same_bits` holds the other levels to it): random images (odd
+/// lengths, the vector loop's remainder), all-positive, all-negative and all-zero ones, and one
+/// whose scale is exactly 1 with values on the halves (ties round to even).
+#[test]
+fn per_image_quantization_is_the_onnx_operator() {
+    let per_image = 1001;
+    let mut images = values(23, 2 * per_image);
+    images.extend(values(29, per_image).iter().map(|v| v.abs() + 0.25));
+    images.extend(values(31, per_image).iter().map(|v| -v.abs() - 3.0));
+    images.extend(vec![0.0; per_image]);
+    let mut ties: Vec<f32> = (0..per_image).map(|k| (k % 200) as f32 - 99.5).collect();
+    (ties[0], ties[1]) = (-127.5, 127.5);
+    images.extend(ties);
+    let mut got = images.clone();
+    let scales = quantize_u8_per_image_in_place(&mut got, per_image);
+    for (k, image) in images.chunks(per_image).enumerate() {
+        let (want, scale) = quantize_reference(image);
+        assert_eq!(scales[k].to_bits(), scale.to_bits(), "image {k}'s scale");
+        let got = &got[k * per_image..(k + 1) * per_image];
+        assert_eq!(got, want.as_slice(), "image {k}");
+    }
+    // The tie image: scale 1, zero point 128 (127.5 rounded to even), halves to even.
+    assert_eq!(scales[5], 1.0);
+    let ties = &got[5 * per_image..];
+    assert_eq!(&ties[2..6], &[-98.0, -96.0, -96.0, -94.0]);
 }

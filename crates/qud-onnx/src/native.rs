@@ -1221,30 +1221,17 @@ fn constant_reshape(
     })
 }
 
-/// Each image of `x` quantised on its own as ONNX's DynamicQuantizeLinear does (uint8: the range
-/// widened to hold 0, `scale = (max - min) / 255`, `zp = round(-min / scale)`,
-/// `q = saturate(round(x / scale) + zp)`, rounding half to even), returned centred (`q - zp`,
-/// integers as floats) with each image's scale. onnxruntime runs a batch of one image this way.
+/// Each image of `x` quantised on its own as ONNX's DynamicQuantizeLinear does
+/// ([`qud_cpu_kernels::quantize_u8_per_image_in_place`]), returned centred (`q - zp`, integers as
+/// floats) with each image's scale. onnxruntime runs a batch of one image this way.
 fn quantize_per_image(x: &Value) -> (Value, Vec<f32>) {
     let (data, shape, device) = match x {
         Value::Rows(r) => (r.clone().into_data(), r.dims().to_vec(), r.device()),
         Value::Maps(m) => (m.clone().into_data(), m.dims().to_vec(), m.device()),
     };
     let mut values: Vec<f32> = data.try_into_vec().expect("the runner's values are f32");
-    let per_image = shape[1..].iter().product::<usize>().max(1);
-    let mut scales = Vec::with_capacity(shape[0]);
-    for image in values.chunks_mut(per_image) {
-        let (lo, hi) = image
-            .iter()
-            .fold((0f32, 0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-        // onnxruntime's GetQuantizationParameter: a scale of 1 for an all-zero image.
-        let scale = if hi == lo { 1.0 } else { (hi - lo) / 255.0 };
-        let zero_point = (-lo / scale).clamp(0.0, 255.0).round_ties_even();
-        for v in image.iter_mut() {
-            *v = ((*v / scale).round_ties_even() + zero_point).clamp(0.0, 255.0) - zero_point;
-        }
-        scales.push(scale);
-    }
+    let per_image = shape[1..].iter().product::<usize>();
+    let scales = qud_cpu_kernels::quantize_u8_per_image_in_place(&mut values, per_image);
     let centred = TensorData::new(values, shape.clone());
     let value = match shape.len() {
         2 => Value::Rows(Tensor::from_data(centred, &device)),

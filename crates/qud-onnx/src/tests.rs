@@ -512,7 +512,7 @@ fn relative_difference(want: &[f32], got: &[f32]) -> f32 {
 
 /// qud's export of a student, run by tract and by the native runtime with the default contract
 /// (RGB, NCHW, [-1, 1]): the free batch dimension is detected, and the embeddings are qud's own
-/// (BatchNorms unfolded there, folded in the file) within 1e-5 of their scale, for MobileFaceNet
+/// (BatchNorms unfolded there, folded in the file) within 1e-5 of their scale (5e-5 for ShuffleMixFaceNet), for MobileFaceNet
 /// and for iResNet, whose pre-activation BatchNorms stay `BatchNormalization` nodes (the native
 /// runtime folds those that follow a convolution and runs the others as they are), and for
 /// ShuffleMixFaceNet (squeeze-excitation, Swish, mixed kernels, channel shuffle).
@@ -547,8 +547,15 @@ fn exported_students_run_in_both_engines_as_in_qud() {
             assert_eq!(onnx.output_dim(), model.embedding_dim());
             let got = rows(onnx.embed_faces(x.clone()));
             let difference = relative_difference(&want, &got);
+            // ShuffleMixFaceNet is drawn at random on each run (Burn's shared generator), and its
+            // squeeze-excitation gates and Swish carry rounding further: over six draws tract
+            // came within 2.6e-6..2.3e-5 of qud, the native engine within 6.1e-6.
+            let tolerance = match model.arch() {
+                "shufflemixfacenet-s" => 5e-5,
+                _ => 1e-5,
+            };
             assert!(
-                difference <= 1e-5,
+                difference <= tolerance,
                 "{}: {runtime:?} vs qud {difference}",
                 model.arch()
             );
