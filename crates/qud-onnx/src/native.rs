@@ -414,12 +414,19 @@ impl NativeGraph {
         let mut slots: Vec<Option<Value>> = (0..self.slots).map(|_| None).collect();
         slots[self.input] = Some(Value::Maps(input.to_device(&self.device)));
         for (i, step) in self.steps.iter().enumerate() {
+            // The last reader takes the value (a kernel may then overwrite it in place).
+            let first = step.inputs[0];
+            let x = if step.frees.contains(&first) && !step.inputs[1..].contains(&first) {
+                slots[first].take()
+            } else {
+                slots[first].as_ref().map(clone)
+            }
+            .ok_or_else(|| format!("step {i}: an input was freed early"))?;
             let value = |s: usize| -> Result<&Value, String> {
                 slots[s]
                     .as_ref()
                     .ok_or_else(|| format!("step {i}: an input was freed early"))
             };
-            let x = value(step.inputs[0])?;
             let second = step.inputs.get(1).map(|&s| value(s)).transpose()?;
             let out = self.apply(i, &step.op, x, second)?;
             for &s in &step.frees {
@@ -442,48 +449,43 @@ impl NativeGraph {
         }
     }
 
-    /// Step `i`'s op on its input `x` (and, for a binary op, `second`).
-    fn apply(&self, i: usize, op: &Op, x: &Value, second: Option<&Value>) -> Result<Value, String> {
+    /// Step `i`'s op on its input `x` (and, for a binary op, `second`). `x` is owned: where no
+    /// later step reads it, the kernels overwrite its buffer instead of allocating one.
+    fn apply(&self, i: usize, op: &Op, x: Value, second: Option<&Value>) -> Result<Value, String> {
         Ok(match (op, x) {
-            (Op::Conv(conv), Value::Maps(x)) => {
-                Value::Maps(qud_cpu_kernels::conv2d(conv, x.clone()))
-            }
+            (Op::Conv(conv), Value::Maps(x)) => Value::Maps(qud_cpu_kernels::conv2d(conv, x)),
             (Op::Affine { scale, shift }, x) => {
-                let mut x = clone(x);
+                let mut x = x;
                 if let Some(s) = scale {
-                    x = per_channel(x, s, |a, b| a.clone() * b, |a, b| a.clone() * b);
+                    x = per_channel(x, s, |a, b| a * b, |a, b| a * b);
                 }
                 if let Some(t) = shift {
-                    x = per_channel(x, t, |a, b| a.clone() + b, |a, b| a.clone() + b);
+                    x = per_channel(x, t, |a, b| a + b, |a, b| a + b);
                 }
                 x
             }
             (Op::PRelu(slope), Value::Maps(x)) => {
-                Value::Maps(qud_cpu_kernels::prelu(x.clone(), slope.clone()))
+                Value::Maps(qud_cpu_kernels::prelu(x, slope.clone()))
             }
             (Op::PRelu(slope), Value::Rows(x)) => {
-                Value::Rows(qud_cpu_kernels::prelu(x.clone(), slope.clone()))
+                Value::Rows(qud_cpu_kernels::prelu(x, slope.clone()))
             }
             (Op::Binary(kind), x) => {
                 let y = second.ok_or_else(|| format!("step {i}: {kind:?} of one value"))?;
                 binary(*kind, x, y)
                     .ok_or_else(|| format!("step {i}: {kind:?} of values of different ranks"))?
             }
-            (Op::Relu, Value::Maps(x)) => Value::Maps(burn::tensor::activation::relu(x.clone())),
-            (Op::Relu, Value::Rows(x)) => Value::Rows(burn::tensor::activation::relu(x.clone())),
-            (Op::Sigmoid, Value::Maps(x)) => {
-                Value::Maps(burn::tensor::activation::sigmoid(x.clone()))
-            }
-            (Op::Sigmoid, Value::Rows(x)) => {
-                Value::Rows(burn::tensor::activation::sigmoid(x.clone()))
-            }
+            (Op::Relu, Value::Maps(x)) => Value::Maps(burn::tensor::activation::relu(x)),
+            (Op::Relu, Value::Rows(x)) => Value::Rows(burn::tensor::activation::relu(x)),
+            (Op::Sigmoid, Value::Maps(x)) => Value::Maps(burn::tensor::activation::sigmoid(x)),
+            (Op::Sigmoid, Value::Rows(x)) => Value::Rows(burn::tensor::activation::sigmoid(x)),
             (Op::ToRows(width), x) => {
                 let rows = match x {
                     Value::Maps(m) => {
                         let [n, c, h, w] = m.dims();
-                        m.clone().reshape([n, c * h * w])
+                        m.reshape([n, c * h * w])
                     }
-                    Value::Rows(r) => r.clone(),
+                    Value::Rows(r) => r,
                 };
                 let [_, d] = rows.dims();
                 if width.is_some_and(|w| w != d) {
@@ -495,7 +497,7 @@ impl NativeGraph {
                 Value::Rows(rows)
             }
             (Op::ToMaps([c, h, w]), x) => {
-                let (n, d) = match x {
+                let (n, d) = match &x {
                     Value::Maps(m) => {
                         let [n, a, b, e] = m.dims();
                         (n, a * b * e)
@@ -511,21 +513,19 @@ impl NativeGraph {
                     ));
                 }
                 let flat = match x {
-                    Value::Maps(m) => m.clone().reshape([n, d]),
-                    Value::Rows(r) => r.clone(),
+                    Value::Maps(m) => m.reshape([n, d]),
+                    Value::Rows(r) => r,
                 };
                 Value::Maps(flat.reshape([n, *c, *h, *w]))
             }
-            (Op::Transpose(perm), Value::Maps(x)) => Value::Maps(x.clone().permute(*perm)),
-            (Op::Flip(axis), Value::Maps(x)) => Value::Maps(x.clone().flip([*axis])),
-            (Op::Flip(axis), Value::Rows(x)) if *axis == 1 => Value::Rows(x.clone().flip([1])),
-            (Op::GlobalAveragePool, Value::Maps(x)) => {
-                Value::Maps(x.clone().mean_dim(3).mean_dim(2))
-            }
-            (Op::Identity, x) => clone(x),
+            (Op::Transpose(perm), Value::Maps(x)) => Value::Maps(x.permute(*perm)),
+            (Op::Flip(axis), Value::Maps(x)) => Value::Maps(x.flip([*axis])),
+            (Op::Flip(axis), Value::Rows(x)) if *axis == 1 => Value::Rows(x.flip([1])),
+            (Op::GlobalAveragePool, Value::Maps(x)) => Value::Maps(x.mean_dim(3).mean_dim(2)),
+            (Op::Identity, x) => x,
             (Op::Linear { weight, bias }, x) => {
                 let rows = match x {
-                    Value::Rows(r) => r.clone(),
+                    Value::Rows(r) => r,
                     Value::Maps(_) => {
                         return Err(format!("step {i}: a matrix product of feature maps"))
                     }
@@ -552,10 +552,10 @@ impl NativeGraph {
                 x,
             ) => {
                 let (centred, image_scales) = quantize_per_image(x);
-                let y = self.apply(i, inner, &centred, None)?;
+                let y = self.apply(i, inner, centred, None)?;
                 let mut y = rescale(y, &image_scales, scale, &self.device);
                 if let Some(t) = shift {
-                    y = per_channel(y, t, |a, b| a.clone() + b, |a, b| a.clone() + b);
+                    y = per_channel(y, t, |a, b| a + b, |a, b| a + b);
                 }
                 y
             }
@@ -636,17 +636,17 @@ fn clone(x: &Value) -> Value {
 fn per_channel(
     x: Value,
     v: &Tensor<1>,
-    rows: impl Fn(&Tensor<2>, Tensor<2>) -> Tensor<2>,
-    maps: impl Fn(&Tensor<4>, Tensor<4>) -> Tensor<4>,
+    rows: impl Fn(Tensor<2>, Tensor<2>) -> Tensor<2>,
+    maps: impl Fn(Tensor<4>, Tensor<4>) -> Tensor<4>,
 ) -> Value {
     let n = v.dims()[0];
     match x {
-        Value::Rows(r) => Value::Rows(rows(&r, v.clone().reshape([1, n]))),
-        Value::Maps(m) => Value::Maps(maps(&m, v.clone().reshape([1, n, 1, 1]))),
+        Value::Rows(r) => Value::Rows(rows(r, v.clone().reshape([1, n]))),
+        Value::Maps(m) => Value::Maps(maps(m, v.clone().reshape([1, n, 1, 1]))),
     }
 }
 
-fn binary(kind: Binary, x: &Value, y: &Value) -> Option<Value> {
+fn binary(kind: Binary, x: Value, y: &Value) -> Option<Value> {
     fn apply<const D: usize>(kind: Binary, a: Tensor<D>, b: Tensor<D>) -> Tensor<D> {
         match kind {
             Binary::Add => a + b,
@@ -656,8 +656,8 @@ fn binary(kind: Binary, x: &Value, y: &Value) -> Option<Value> {
         }
     }
     match (x, y) {
-        (Value::Rows(a), Value::Rows(b)) => Some(Value::Rows(apply(kind, a.clone(), b.clone()))),
-        (Value::Maps(a), Value::Maps(b)) => Some(Value::Maps(apply(kind, a.clone(), b.clone()))),
+        (Value::Rows(a), Value::Rows(b)) => Some(Value::Rows(apply(kind, a, b.clone()))),
+        (Value::Maps(a), Value::Maps(b)) => Some(Value::Maps(apply(kind, a, b.clone()))),
         _ => None,
     }
 }
@@ -1224,10 +1224,10 @@ fn constant_reshape(
 /// Each image of `x` quantised on its own as ONNX's DynamicQuantizeLinear does
 /// ([`qud_cpu_kernels::quantize_u8_per_image_in_place`]), returned centred (`q - zp`, integers as
 /// floats) with each image's scale. onnxruntime runs a batch of one image this way.
-fn quantize_per_image(x: &Value) -> (Value, Vec<f32>) {
-    let (data, shape, device) = match x {
-        Value::Rows(r) => (r.clone().into_data(), r.dims().to_vec(), r.device()),
-        Value::Maps(m) => (m.clone().into_data(), m.dims().to_vec(), m.device()),
+fn quantize_per_image(x: Value) -> (Value, Vec<f32>) {
+    let (shape, device, data) = match x {
+        Value::Rows(r) => (r.dims().to_vec(), r.device(), r.into_data()),
+        Value::Maps(m) => (m.dims().to_vec(), m.device(), m.into_data()),
     };
     let mut values: Vec<f32> = data.try_into_vec().expect("the runner's values are f32");
     let per_image = shape[1..].iter().product::<usize>();
