@@ -31,11 +31,10 @@ pub fn random_backbone_and_faces(
     device: &Device,
     seed: u64,
     batch: usize,
-) -> Result<(AnyBackbone, Tensor<4>), String> {
+) -> Result<(AnyBackbone, Tensor<4>), qud_models::UnknownBackbone> {
     let model = seeded(device, seed, || {
         qud_models::create(arch, spec, device).map(initialize_now)
-    })
-    .map_err(|e| e.to_string())?;
+    })?;
     let faces = seeded(device, seed + 1, || {
         Tensor::<4>::random(
             [batch, 3, 112, 112],

@@ -1623,6 +1623,39 @@ fn wgpu_matches_flex() {
     }
 }
 
+/// The smallest reproduction of the iresnet18 gradient mismatch on lavapipe, Burn alone: a sum
+/// along long rows comes out wrong on wgpu. Measured on Mesa 22.3.6's lavapipe with values in
+/// [0, 1): 37,632 values agree within 1e-5, 65,536 are off by 1.1e-3, 75,264 by 0.52 and 100,352
+/// by 1.0 (relative), whatever `CUBECL_AUTOTUNE_LEVEL`. A training BatchNorm takes its
+/// statistics over `N x H x W` values per channel, so iresnet's stem BatchNorm (64 channels at
+/// 112 x 112) gets wrong statistics from a batch of 6 on, and every gradient follows (cosine
+/// 0.22 at batch 8); at batch 3 (37,632 values) it agrees.
+#[test]
+#[ignore = "needs a Vulkan adapter and the wgpu feature: cargo xtask test --wgpu"]
+fn wgpu_long_row_sums_match_flex() {
+    let name = std::env::var("QUD_WGPU_DEVICE").unwrap_or_else(|_| "wgpu".into());
+    let wgpu = qud_backends::device("wgpu", &name)
+        .unwrap_or_else(|e| panic!("QUD_WGPU_DEVICE={name}: {e} (build with the wgpu feature)"));
+    let flex = Device::flex();
+    let mut wrong = Vec::new();
+    for length in [37_632, 65_536, 75_264, 100_352] {
+        let rows = crate::seeded(&flex, 31, || {
+            Tensor::<2>::random(
+                [4, length],
+                burn::tensor::Distribution::Uniform(0.0, 1.0),
+                &flex,
+            )
+        });
+        let want = rows.clone().sum_dim(1);
+        let got = rows.to_device(&wgpu).sum_dim(1).to_device(&flex);
+        let error = ((want.clone() - got).abs().max() / want.abs().max()).into_scalar::<f32>();
+        if error > 1e-5 {
+            wrong.push(format!("{length} values: relative error {error:e}"));
+        }
+    }
+    assert!(wrong.is_empty(), "sum_dim on wgpu: {wrong:?}");
+}
+
 /// TransFace runs as a teacher only: as a student it would train without the reference's patch
 /// masking and drop path, so the run is refused before anything is built, naming the key.
 #[test]
