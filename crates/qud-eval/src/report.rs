@@ -4,8 +4,9 @@
 use crate::metrics::RocPoints;
 use crate::BinError;
 use plotters::prelude::{
-    BindKeyPoints, ChartBuilder, Color, IntoDrawingArea, IntoLogRange, LineSeries, PathElement,
-    RGBColor, SVGBackend, SeriesLabelPosition, BLACK, TRANSPARENT, WHITE,
+    BindKeyPoints, Cartesian2d, ChartBuilder, ChartContext, Color, IntoDrawingArea, IntoLogRange,
+    LineSeries, PathElement, RGBColor, Ranged, SVGBackend, SeriesLabelPosition, BLACK, TRANSPARENT,
+    WHITE,
 };
 use std::path::Path;
 
@@ -318,16 +319,9 @@ pub fn roc_svg(title: &str, curves: &[(&str, &RocPoints)]) -> String {
             chart
                 .draw_series(LineSeries::new(vertices, color.stroke_width(2)))?
                 .label(*name)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
-                });
+                .legend(legend_line(color));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .background_style(WHITE.mix(0.9))
-            .border_style(BLACK)
-            .draw()?;
+        draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         root.present()?;
         Ok(())
     };
@@ -379,23 +373,35 @@ pub fn line_chart_svg(title: &str, x_label: &str, series: &[(&str, Vec<(f64, f64
                     color.stroke_width(2),
                 ))?
                 .label(*name)
-                .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
-                });
+                .legend(legend_line(color));
         }
         // One line is named by the title.
         if series.len() > 1 {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
-                .background_style(WHITE.mix(0.9))
-                .border_style(BLACK)
-                .draw()?;
+            draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         }
         root.present()?;
         Ok(())
     };
     svg_or_error(title, draw)
+}
+
+/// A legend entry: a short thick line in the series' colour.
+fn legend_line(color: RGBColor) -> impl Fn((i32, i32)) -> PathElement<(i32, i32)> {
+    move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3))
+}
+
+/// The series' names in a framed box at `position`.
+fn draw_legend<'a, X: Ranged, Y: Ranged>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+    position: SeriesLabelPosition,
+) -> ChartResult {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .draw()?;
+    Ok(())
 }
 
 /// Tick labels for an axis spanning `span`: as many decimals as its ticks need (plotters puts them
