@@ -271,11 +271,18 @@ fn native_embeddings_do_not_depend_on_the_batch() {
 }
 
 /// A dynamically quantised graph (onnxruntime's `quantize_dynamic`: its scale is taken over the
-/// whole input) runs one image at a time whatever its batch dimension allows, so each face gets
-/// the embedding onnxruntime gives it alone, not one that depends on its batch (the fixture
-/// records that onnxruntime's batch of 3 moves the values by `batch_drift`).
+/// whole input) runs one image at a time on tract, and quantised per image in batches on the
+/// native engine, so each face gets the embedding onnxruntime gives it alone, not one that
+/// depends on its batch (the fixture records that onnxruntime's batch of 3 moves the values by
+/// `batch_drift`). Two fixtures: uint8 weights per tensor, and int8 weights per output channel.
 #[test]
 fn dynamically_quantised_graphs_run_one_image_at_a_time() {
+    for stem in ["tiny_dynamic_quant", "tiny_dynamic_quant_per_channel"] {
+        quantised_fixture_runs_as_onnxruntime_one_image_at_a_time(stem);
+    }
+}
+
+fn quantised_fixture_runs_as_onnxruntime_one_image_at_a_time(stem: &str) {
     #[derive(serde::Deserialize)]
     struct Io {
         faces: Vec<usize>,
@@ -283,8 +290,9 @@ fn dynamically_quantised_graphs_run_one_image_at_a_time() {
         batch_drift: f32,
     }
     let io: Io =
-        serde_json::from_slice(&std::fs::read(fixture("tiny_dynamic_quant_io.json")).unwrap())
+        serde_json::from_slice(&std::fs::read(fixture(&format!("{stem}_io.json"))).unwrap())
             .unwrap();
+    let model = fixture(&format!("{stem}.onnx"));
     // The fixture script's dim_face(i): face_pixels(i) at contrast 0.3 + 0.35 i.
     let dim_face = |i: usize| -> Vec<f32> {
         face(i)
@@ -304,7 +312,7 @@ fn dynamically_quantised_graphs_run_one_image_at_a_time() {
     let data: Vec<f32> = io.faces.iter().flat_map(|&i| dim_face(i)).collect();
     let want: Vec<f32> = io.outputs.concat();
     let tract = OnnxFaceModel::load(
-        &fixture("tiny_dynamic_quant.onnx"),
+        &model,
         &OnnxInput {
             runtime: OnnxRuntime::Tract,
             ..contract.clone()
@@ -316,21 +324,22 @@ fn dynamically_quantised_graphs_run_one_image_at_a_time() {
     let difference = nan_max(want.iter().zip(&got).map(|(a, b)| (a - b).abs()));
     assert!(
         difference < io.batch_drift / 4.0,
-        "tract one at a time vs onnxruntime one at a time: {difference} (a batch moves them by {})",
+        "{stem}: tract one at a time vs onnxruntime one at a time: {difference} (a batch moves \
+         them by {})",
         io.batch_drift
     );
 
     // The native engine fuses the quantised chains and quantises each image on its own, so it
     // runs whole batches and still gives onnxruntime's one-image-at-a-time embeddings (measured:
     // equal to the last bit here).
-    let native = OnnxFaceModel::load(&fixture("tiny_dynamic_quant.onnx"), &contract).unwrap();
+    let native = OnnxFaceModel::load(&model, &contract).unwrap();
     assert_eq!((native.runtime(), native.batch()), ("native", NATIVE_BATCH));
     let batched = native.embed_normalized(&data, io.faces.len()).unwrap();
     let difference = nan_max(want.iter().zip(&batched).map(|(a, b)| (a - b).abs()));
     assert!(
         difference < 1e-5,
-        "native, quantised per image, vs onnxruntime one at a time: {difference} (a batch moves \
-         them by {})",
+        "{stem}: native, quantised per image, vs onnxruntime one at a time: {difference} (a \
+         batch moves them by {})",
         io.batch_drift
     );
     let dim = want.len() / io.faces.len();
@@ -338,7 +347,10 @@ fn dynamically_quantised_graphs_run_one_image_at_a_time() {
         let alone = native.embed_normalized(face, 1).unwrap();
         let in_batch = &batched[k * dim..(k + 1) * dim];
         let moved = nan_max(alone.iter().zip(in_batch).map(|(a, b)| (a - b).abs()));
-        assert!(moved <= 1e-6, "face {k}: alone vs in its batch: {moved}");
+        assert!(
+            moved <= 1e-6,
+            "{stem}: face {k} alone vs in its batch: {moved}"
+        );
     }
 }
 
