@@ -31,8 +31,8 @@ pub use extension::{
     DenseConvBackend, DepthwiseBackend, PreluBackend,
 };
 pub use prelu::{
-    prelu_alpha_grad_host, prelu_backward_in_place_host, prelu_host, prelu_in_place_host,
-    prelu_input_grad_host, prelu_input_grad_in_place_host,
+    bias_prelu_in_place_host, prelu_alpha_grad_host, prelu_backward_in_place_host, prelu_host,
+    prelu_in_place_host, prelu_input_grad_host, prelu_input_grad_in_place_host,
 };
 pub use quantize::quantize_u8_per_image_in_place;
 

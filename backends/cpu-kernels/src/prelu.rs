@@ -66,6 +66,41 @@ simd::multiversion! {
     }
 }
 
+/// `x <- prelu(x + bias[c])` with one bias and one slope per channel, overwriting `x`
+/// (`[N, C, plane]` row-major): a convolution's bias and the PReLU after it in one pass over the
+/// activation instead of two, with the same bits as the two ops.
+pub fn bias_prelu_in_place_host(x: &mut [f32], bias: &[f32], alpha: &[f32], plane: usize) {
+    assert_eq!(
+        bias.len(),
+        alpha.len(),
+        "one bias and one slope per channel"
+    );
+    let per = planes_per_task(plane);
+    x.par_chunks_mut(plane * per)
+        .enumerate()
+        .for_each(|(task, x)| bias_prelu_planes_in_place(x, bias, alpha, task * per, plane));
+}
+
+simd::multiversion! {
+    /// [`bias_prelu_in_place_host`] on the planes `first..` of one task.
+    fn bias_prelu_planes_in_place(
+        x: &mut [f32],
+        bias: &[f32],
+        alpha: &[f32],
+        first: usize,
+        plane: usize,
+    ) {
+        for (k, x) in x.chunks_mut(plane).enumerate() {
+            let c = (first + k) % alpha.len();
+            let (b, a) = (bias[c], alpha[c]);
+            for v in x {
+                let y = *v + b;
+                *v = if y >= 0.0 { y } else { a * y };
+            }
+        }
+    }
+}
+
 /// The input gradient: `grad` where `x >= 0`, `alpha[c] * grad` elsewhere.
 pub fn prelu_input_grad_host(x: &[f32], alpha: &[f32], grad: &[f32], plane: usize) -> Vec<f32> {
     assert_eq!(x.len(), grad.len(), "gradient size");

@@ -1000,6 +1000,9 @@ fn every_simd_level_gives_the_same_bits() {
         }
         out.extend(batch_norm_add_gradients([2, 5, 9, 7], 13, true));
         out.extend(prelu_gradients([2, 5, 9, 7], 17, true));
+        let mut biased = values(37, 2 * 5 * 99);
+        bias_prelu_in_place_host(&mut biased, &values(41, 5), &values(43, 5), 99);
+        out.push(biased);
         let mut quantized = values(19, 3 * 1001);
         let scales = quantize_u8_per_image_in_place(&mut quantized, 1001);
         out.push(quantized);
@@ -1110,4 +1113,25 @@ fn per_image_quantization_is_the_onnx_operator() {
     assert_eq!(scales[5], 1.0);
     let ties = &got[5 * per_image..];
     assert_eq!(&ties[2..6], &[-98.0, -96.0, -96.0, -94.0]);
+}
+
+/// The fused bias + PReLU pass gives the bits of the two ops it replaces (Burn's broadcast add,
+/// then qud's PReLU), on planes of odd size.
+#[test]
+fn bias_and_prelu_in_one_pass_are_the_two_ops() {
+    let device = qud_backend_flex::device();
+    let (n, c, h, w) = (3, 5, 7, 9);
+    let x = values(47, n * c * h * w);
+    let bias = values(53, c);
+    let alpha = values(59, c);
+    let tensor = |v: &[f32], shape: Vec<usize>| {
+        Tensor::<4>::from_data(TensorData::new(v.to_vec(), shape), &device)
+    };
+    let two_ops = prelu(
+        tensor(&x, vec![n, c, h, w]) + tensor(&bias, vec![1, c, 1, 1]),
+        Tensor::<1>::from_data(TensorData::new(alpha.clone(), [c]), &device),
+    );
+    let mut fused = x.clone();
+    bias_prelu_in_place_host(&mut fused, &bias, &alpha, h * w);
+    assert_eq!(fused, flat(two_ops));
 }

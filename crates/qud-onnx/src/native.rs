@@ -161,6 +161,9 @@ enum HostOp {
         pads: [usize; 4],
         dilation: [usize; 2],
         groups: usize,
+        /// The slopes of a PReLU that reads only this layer's output, one per output channel,
+        /// fused in by [`fuse_prelu`].
+        prelu: Option<Vec<f32>>,
     },
     /// `x * scale + shift` with one value per channel, or one for all (length 1).
     Affine {
@@ -211,6 +214,12 @@ enum Value {
 
 enum Op {
     Conv(Conv2d),
+    /// A bias-free convolution, then `prelu(y + bias[c])` in one pass.
+    ConvPrelu {
+        conv: Conv2d,
+        bias: Vec<f32>,
+        slope: Vec<f32>,
+    },
     Affine {
         scale: Option<Tensor<1>>,
         shift: Option<Tensor<1>>,
@@ -350,7 +359,7 @@ impl NativeGraph {
                 output.name
             )));
         }
-        let steps = fold_affine(steps, &output.name);
+        let steps = fuse_prelu(fold_affine(steps, &output.name), &output.name);
         let mut graph = Self::upload(steps, &input.name, &output.name, device);
         graph.quantized_layers = quantized_layers;
         Ok(graph)
@@ -454,6 +463,22 @@ impl NativeGraph {
     fn apply(&self, i: usize, op: &Op, x: Value, second: Option<&Value>) -> Result<Value, String> {
         Ok(match (op, x) {
             (Op::Conv(conv), Value::Maps(x)) => Value::Maps(qud_cpu_kernels::conv2d(conv, x)),
+            (Op::ConvPrelu { conv, bias, slope }, Value::Maps(x)) => {
+                let y = qud_cpu_kernels::conv2d(conv, x);
+                let (dims, device) = (y.dims(), y.device());
+                // The convolution's fresh output is moved out, not copied, and back in.
+                let mut values: Vec<f32> = y
+                    .into_data()
+                    .try_into_vec()
+                    .expect("the runner's values are f32");
+                qud_cpu_kernels::bias_prelu_in_place_host(
+                    &mut values,
+                    bias,
+                    slope,
+                    dims[2] * dims[3],
+                );
+                Value::Maps(Tensor::from_data(TensorData::new(values, dims), &device))
+            }
             (Op::Affine { scale, shift }, x) => {
                 let mut x = x;
                 if let Some(s) = scale {
@@ -575,20 +600,31 @@ fn upload_op(op: HostOp, device: &Device) -> Op {
             pads,
             dilation,
             groups,
+            prelu,
         } => {
             let [out, per_group, kh, kw] = dims;
             let [top, left, bottom, right] = pads;
+            let separate_bias = bias.is_some() && prelu.is_none();
             let mut conv = Conv2dConfig::new([per_group * groups, out], [kh, kw])
                 .with_stride(stride)
                 .with_dilation(dilation)
                 .with_groups(groups)
                 .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
-                .with_bias(bias.is_some())
+                .with_bias(separate_bias)
                 .init(device);
             conv.weight =
                 Param::from_tensor(Tensor::from_data(TensorData::new(weight, dims), device));
-            conv.bias = bias.map(|b| Param::from_tensor(vector(b, device)));
-            Op::Conv(conv)
+            match prelu {
+                Some(slope) => Op::ConvPrelu {
+                    conv,
+                    bias: bias.unwrap_or_else(|| vec![0.0; out]),
+                    slope,
+                },
+                None => {
+                    conv.bias = bias.map(|b| Param::from_tensor(vector(b, device)));
+                    Op::Conv(conv)
+                }
+            }
         }
         HostOp::Affine { scale, shift } => Op::Affine {
             scale: scale.map(|v| vector(v, device)),
@@ -763,6 +799,7 @@ fn map_node(
                     pads,
                     dilation: pair("dilations")?,
                     groups: groups as usize,
+                    prelu: None,
                 },
                 vec![x()?],
             ))
@@ -1273,6 +1310,40 @@ fn per_channel_shape(dims: &[usize], rank: usize) -> bool {
         && dims.len() >= trailing
         && dims[..dims.len() - trailing].iter().all(|&d| d == 1)
         && dims[dims.len() - trailing + 1..].iter().all(|&d| d == 1)
+}
+
+/// Fuses every PReLU into the convolution that feeds it when nothing else reads that layer's
+/// output: the bias and the PReLU then take one pass over the activation (run after
+/// [`fold_affine`], whose folds must come first).
+fn fuse_prelu(steps: Vec<HostStep>, graph_output: &str) -> Vec<HostStep> {
+    let mut readers: HashMap<String, usize> = HashMap::new();
+    for step in &steps {
+        for name in &step.inputs {
+            *readers.entry(name.clone()).or_default() += 1;
+        }
+    }
+    let mut out: Vec<HostStep> = Vec::with_capacity(steps.len());
+    for step in steps {
+        if let HostOp::PRelu(slope) = &step.op {
+            let source = &step.inputs[0];
+            let alone = readers.get(source) == Some(&1) && source != graph_output;
+            if let Some(producer) = out.iter_mut().rev().find(|s| &s.output == source) {
+                if let HostOp::Conv { dims, prelu, .. } = &mut producer.op {
+                    let channels = dims[0];
+                    if alone && prelu.is_none() && (slope.len() == 1 || slope.len() == channels) {
+                        *prelu = Some(match slope.as_slice() {
+                            [one] => vec![*one; channels],
+                            all => all.to_vec(),
+                        });
+                        producer.output = step.output.clone();
+                        continue;
+                    }
+                }
+            }
+        }
+        out.push(step);
+    }
+    out
 }
 
 /// Folds every `Affine` step into the Conv or Linear step that feeds it when nothing else reads
