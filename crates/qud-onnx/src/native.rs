@@ -214,7 +214,9 @@ enum Value {
 
 enum Op {
     Conv(Conv2d),
-    /// A bias-free convolution, then `prelu(y + bias[c])` in one pass.
+    /// A bias-free convolution, then `prelu(y + bias[c])` in one pass over its output; slope 1
+    /// (exactly `y + bias`) where no PReLU was fused in. flex adds a convolution's bias as a
+    /// separate broadcast pass.
     ConvPrelu {
         conv: Conv2d,
         bias: Vec<f32>,
@@ -604,26 +606,22 @@ fn upload_op(op: HostOp, device: &Device) -> Op {
         } => {
             let [out, per_group, kh, kw] = dims;
             let [top, left, bottom, right] = pads;
-            let separate_bias = bias.is_some() && prelu.is_none();
             let mut conv = Conv2dConfig::new([per_group * groups, out], [kh, kw])
                 .with_stride(stride)
                 .with_dilation(dilation)
                 .with_groups(groups)
                 .with_padding(PaddingConfig2d::Explicit(top, left, bottom, right))
-                .with_bias(separate_bias)
+                .with_bias(false)
                 .init(device);
             conv.weight =
                 Param::from_tensor(Tensor::from_data(TensorData::new(weight, dims), device));
-            match prelu {
-                Some(slope) => Op::ConvPrelu {
+            match (bias, prelu) {
+                (None, None) => Op::Conv(conv),
+                (bias, slope) => Op::ConvPrelu {
                     conv,
                     bias: bias.unwrap_or_else(|| vec![0.0; out]),
-                    slope,
+                    slope: slope.unwrap_or_else(|| vec![1.0; out]),
                 },
-                None => {
-                    conv.bias = bias.map(|b| Param::from_tensor(vector(b, device)));
-                    Op::Conv(conv)
-                }
             }
         }
         HostOp::Affine { scale, shift } => Op::Affine {
