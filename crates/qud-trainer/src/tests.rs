@@ -1554,15 +1554,21 @@ fn low_precision_gradients_point_as_f32() {
     }
 }
 
+/// The wgpu device the `--wgpu` tests run on: `QUD_WGPU_DEVICE` (default `wgpu`), with its name.
+fn wgpu_device() -> (String, Device) {
+    let name = std::env::var("QUD_WGPU_DEVICE").unwrap_or_else(|_| "wgpu".into());
+    let device = qud_backends::device("wgpu", &name)
+        .unwrap_or_else(|e| panic!("QUD_WGPU_DEVICE={name}: {e} (build with the wgpu feature)"));
+    (name, device)
+}
+
 /// On a wgpu adapter (`QUD_WGPU_DEVICE`, default `wgpu`; without a GPU, Mesa's lavapipe is
 /// one): the same weights embed the same faces as on flex (1e-4 relative), and five QUD steps
 /// from the same weights on the same batches give flex's losses.
 #[test]
 #[ignore = "needs a Vulkan adapter and the wgpu feature: cargo xtask test --wgpu"]
 fn wgpu_matches_flex() {
-    let name = std::env::var("QUD_WGPU_DEVICE").unwrap_or_else(|_| "wgpu".into());
-    let wgpu = qud_backends::device("wgpu", &name)
-        .unwrap_or_else(|e| panic!("QUD_WGPU_DEVICE={name}: {e} (build with the wgpu feature)"));
+    let (name, wgpu) = wgpu_device();
     let flex = Device::flex();
     let spec = qud_models::BackboneSpec {
         embedding_dim: 32,
@@ -1633,9 +1639,7 @@ fn wgpu_matches_flex() {
 #[test]
 #[ignore = "needs a Vulkan adapter and the wgpu feature: cargo xtask test --wgpu"]
 fn wgpu_long_row_sums_match_flex() {
-    let name = std::env::var("QUD_WGPU_DEVICE").unwrap_or_else(|_| "wgpu".into());
-    let wgpu = qud_backends::device("wgpu", &name)
-        .unwrap_or_else(|e| panic!("QUD_WGPU_DEVICE={name}: {e} (build with the wgpu feature)"));
+    let (_, wgpu) = wgpu_device();
     let flex = Device::flex();
     let mut wrong = Vec::new();
     for length in [37_632, 65_536, 75_264, 100_352] {
