@@ -103,6 +103,8 @@ pub struct BackendPlugin {
     device: fn(&DeviceSpec) -> Option<Device>,
     /// What the backend needs at run time, checked before a device is handed out.
     available: fn() -> Result<(), String>,
+    /// What an opened device is known to get wrong, for the log.
+    caveat: fn(&Device) -> Option<String>,
 }
 
 impl BackendPlugin {
@@ -121,6 +123,7 @@ impl BackendPlugin {
             capabilities,
             device,
             available: || Ok(()),
+            caveat: |_| None,
         }
     }
 
@@ -130,6 +133,19 @@ impl BackendPlugin {
     pub const fn with_run_time_check(mut self, available: fn() -> Result<(), String>) -> Self {
         self.available = available;
         self
+    }
+
+    /// Name what `caveat` says a device gets wrong (a driver that computes some kernels
+    /// wrongly), so that a run on it can say so before it starts; `None` for a sound device.
+    pub const fn with_caveat(mut self, caveat: fn(&Device) -> Option<String>) -> Self {
+        self.caveat = caveat;
+        self
+    }
+
+    /// What `device` (one of this backend's) is known to get wrong, if anything. May open the
+    /// device.
+    pub fn caveat(&self, device: &Device) -> Option<String> {
+        (self.caveat)(device)
     }
 
     /// Parse `text` (`cpu`, `cuda:1`, ...) into a device of this backend.

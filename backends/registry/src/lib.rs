@@ -44,6 +44,12 @@ pub fn device(backend: &str, device: &str) -> Result<Device, BackendError> {
     find(backend)?.device(device)
 }
 
+/// What `device` of `backend` is known to get wrong (see [`BackendPlugin::with_caveat`]), for a
+/// warning before a run; `None` for a sound device or an unknown backend.
+pub fn caveat(backend: &str, device: &Device) -> Option<String> {
+    find(backend).ok()?.caveat(device)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +64,7 @@ mod tests {
         assert_eq!(find("FLEX").unwrap().name, "flex");
         let dev = device("flex", "cpu").unwrap();
         qud_backend_core::smoke_test(&dev).unwrap();
+        assert_eq!(caveat("flex", &dev), None);
     }
 
     #[test]

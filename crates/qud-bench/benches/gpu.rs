@@ -43,6 +43,9 @@ fn main() {
     let flex = qud_backends::device("flex", "cpu").expect("the flex backend");
     let mut failures = Vec::new();
     println!("gpu-check on {backend} device {name:?}");
+    if let Some(caveat) = qud_backends::caveat(&backend, &device) {
+        println!("caveat: {caveat}");
+    }
 
     println!("\n1. parity with flex (same weights, 8 faces)");
     let spec = qud_models::BackboneSpec::default();

@@ -355,7 +355,17 @@ pub(crate) fn teacher_cache(
 /// The device a run computes on: the first of `run.devices` (default `cpu`) on `run.backend`.
 pub(crate) fn run_device(config: &Config) -> Result<Device, TrainError> {
     let name = config.run.devices.first().map_or("cpu", String::as_str);
-    Ok(qud_backends::device(&config.run.backend, name)?)
+    open_device(&config.run.backend, name)
+}
+
+/// The device `name` of `backend`, with a warning in the log where the backend knows the device
+/// to compute some kernels wrongly (lavapipe's loop limit).
+fn open_device(backend: &str, name: &str) -> Result<Device, TrainError> {
+    let device = qud_backends::device(backend, name)?;
+    if let Some(caveat) = qud_backends::caveat(backend, &device) {
+        tracing::warn!("run.backend={backend:?}, device {name}: {caveat}");
+    }
+    Ok(device)
 }
 
 /// How the run draws its batches: the global batch, shuffled and flipped from the seed; data
@@ -396,7 +406,7 @@ pub(crate) fn run_devices(config: &Config) -> Result<Vec<Device>, TrainError> {
         .run
         .devices
         .iter()
-        .map(|name| Ok(qud_backends::device(&config.run.backend, name)?))
+        .map(|name| open_device(&config.run.backend, name))
         .collect()
 }
 
