@@ -2,8 +2,8 @@
 //!
 //! - `test [--wgpu]`: the workspace tests on the CPU backends, qud-backbone's tests on Burn's ops
 //!   (without its `cpu-kernels` feature), then a type-check of the GPU backend plugins (wgpu and
-//!   cuda). `--wgpu` also runs the wgpu smoke test on a Vulkan adapter
-//!   (see README).
+//!   cuda). `--wgpu` also runs the wgpu plugin's tests and the wgpu tests of the trainer (parity
+//!   with flex, five QUD steps, long sums) on a Vulkan adapter (see README).
 //! - `gpu-build`: the CLI built with both GPU plugins (offline: CUDA kernels compile through
 //!   NVRTC, `backends/cuda/README.md`), then run on flex.
 //! - `lint`: `cargo fmt --check` and clippy with `-D warnings` over every crate, GPU ones included.
@@ -56,7 +56,7 @@ const HELP: &str = "\
 usage: cargo xtask <command>
 
   test [--wgpu]   workspace tests on the CPU backends + type-check of the GPU plugins
-                  (--wgpu: also the wgpu smoke test; needs a Vulkan driver, see README)
+                  (--wgpu: also the wgpu tests; needs a Vulkan driver, see README)
   lint            cargo fmt --check, clippy -D warnings on every crate
   ci              lint, then test (what .ci/run runs)
   bench NAME      backbones | data | eval: criterion benchmark, then the PyTorch/NumPy
@@ -148,8 +148,11 @@ fn test(args: &[String]) -> Result<()> {
             "--features",
             "qud-backends/wgpu",
             "--",
-            "--ignored",
+            // The wgpu plugin's own tests too: CI only type-checks that crate.
+            "--include-ignored",
             "smoke",
+            "parses_devices_without_touching_hardware",
+            "only_lavapipe_has_a_caveat",
             "wgpu_matches_flex",
             "wgpu_long_row_sums_match_flex",
         ]);
@@ -158,7 +161,7 @@ fn test(args: &[String]) -> Result<()> {
             std::env::var("QUD_WGPU_DEVICE").unwrap_or_else(|_| "wgpu".into()),
         );
         run(
-            "wgpu smoke test, parity with flex and five QUD steps",
+            "wgpu plugin tests, parity with flex, five QUD steps and long sums",
             smoke,
         )?;
     }
