@@ -55,49 +55,42 @@ fn relative_l2(a: &[f32], b: &[f32]) -> f64 {
 
 /// The script's `formula(key, shape)`, value for value.
 fn formula(key: &str, shape: &[usize]) -> Vec<f32> {
-    let n: usize = shape.iter().product();
     let phase = crc32fast::hash(key.as_bytes()) as f64 / 2f64.powi(32) * 2.0 * std::f64::consts::PI;
-    let leaf = key.rsplit('.').next().unwrap();
-    let is_prelu = key.contains(".prelu.") || key.starts_with("prelu");
-    (0..n)
-        .map(|i| {
-            let v = (0.7 * i as f64 + phase).sin();
-            let v = if leaf == "running_var" {
-                1.0 + 0.5 * v * v
-            } else if shape.len() == 1 {
-                0.2 * v
-                    + if leaf == "weight" && !is_prelu {
-                        1.0
-                    } else {
-                        0.0
-                    }
-            } else if key != "input" {
-                v * (1.0 / (n / shape[0]) as f64).sqrt()
-            } else {
-                v
-            };
-            v as f32
-        })
-        .collect()
+    scaled_like_the_script(key, shape, &["input"], |i| (0.7 * i as f64 + phase).sin())
 }
 
 /// The script's `hashed(key, shape)`: `formula`'s kinds of tensor, filled with splitmix64 noise
 /// of unit variance instead of a sine (whose weight matrices are of rank 2).
 fn hashed(key: &str, shape: &[usize]) -> Vec<f32> {
     const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
-    let n: usize = shape.iter().product();
     let start = (crc32fast::hash(key.as_bytes()) as u64)
         .wrapping_mul(GOLDEN)
         .wrapping_add(GOLDEN);
+    scaled_like_the_script(key, shape, &["input", "probe"], |i| {
+        let mut z = start.wrapping_add(i as u64);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 / 2f64.powi(53) * 2.0 - 1.0) * 3f64.sqrt()
+    })
+}
+
+/// What both of the script's generators make of raw values `v(i)` for the tensor `key`: running
+/// variances `1 + v^2 / 2`, other vectors near their identity (`1 + 0.2 v` for a BatchNorm
+/// weight, `0.2 v` for biases and PReLU slopes), weight tensors `v / sqrt(fan-in)`, and the
+/// `unscaled` keys (the faces) `v` itself.
+fn scaled_like_the_script(
+    key: &str,
+    shape: &[usize],
+    unscaled: &[&str],
+    v: impl Fn(usize) -> f64,
+) -> Vec<f32> {
+    let n: usize = shape.iter().product();
     let leaf = key.rsplit('.').next().unwrap();
     let is_prelu = key.contains(".prelu.") || key.starts_with("prelu");
-    (0..n as u64)
+    (0..n)
         .map(|i| {
-            let mut z = start.wrapping_add(i);
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^= z >> 31;
-            let v = ((z >> 11) as f64 / 2f64.powi(53) * 2.0 - 1.0) * 3f64.sqrt();
+            let v = v(i);
             let v = if leaf == "running_var" {
                 1.0 + 0.5 * v * v
             } else if shape.len() == 1 {
@@ -107,7 +100,7 @@ fn hashed(key: &str, shape: &[usize]) -> Vec<f32> {
                     } else {
                         0.0
                     }
-            } else if key != "input" && key != "probe" {
+            } else if !unscaled.contains(&key) {
                 v * (1.0 / (n / shape[0]) as f64).sqrt()
             } else {
                 v
